@@ -1,0 +1,71 @@
+# nbdkit-qed: plain GNU make.
+#   make            build the plugin and the filter
+#   make check      run the test suite (ends with "N passed, M failed")
+#   make run        build, create a demo image and serve it
+#   make install    install into nbdkit's plugin and filter directories
+
+CC       ?= cc
+CFLAGS   ?= -O2 -g
+WARNINGS  = -Wall -Wextra -Wno-unused-parameter -Wshadow -Wvla \
+            -Wno-missing-field-initializers
+# -fvisibility=hidden: nbdkit loads the plugin and filters RTLD_GLOBAL,
+# so each object must keep its own copy of the core to itself.
+QED_CFLAGS = -std=gnu11 -D_GNU_SOURCE -fPIC -fvisibility=hidden -pthread \
+             -Icommon $(WARNINGS)
+PKG_CONFIG ?= pkg-config
+NBDKIT_CFLAGS := $(shell $(PKG_CONFIG) --cflags nbdkit 2>/dev/null)
+PLUGINDIR := $(shell $(PKG_CONFIG) --variable=plugindir nbdkit 2>/dev/null)
+FILTERDIR := $(shell $(PKG_CONFIG) --variable=filterdir nbdkit 2>/dev/null)
+MANDIR   ?= /usr/share/man
+
+CORE_SRCS = common/header.c common/table.c common/alloc.c common/map.c \
+            common/check.c common/image.c common/backing.c
+CORE_HDRS = common/qed.h common/qed-internal.h common/seam.h common/util.h
+
+PLUGIN = plugin/nbdkit-qed-plugin.so
+FILTER = filter/nbdkit-qed-filter.so
+
+all: $(PLUGIN) $(FILTER) nbdkit-qed.1
+
+$(PLUGIN): plugin/qed-plugin.c $(CORE_SRCS) $(CORE_HDRS)
+	$(CC) $(CFLAGS) $(QED_CFLAGS) $(NBDKIT_CFLAGS) -shared \
+	  -o $@ plugin/qed-plugin.c $(CORE_SRCS)
+
+$(FILTER): filter/qed-filter.c $(CORE_SRCS) $(CORE_HDRS)
+	$(CC) $(CFLAGS) $(QED_CFLAGS) $(NBDKIT_CFLAGS) -shared \
+	  -o $@ filter/qed-filter.c $(CORE_SRCS)
+
+nbdkit-qed.1: nbdkit-qed.pod
+	pod2man --section=1 --center="nbdkit-qed" --release="nbdkit-qed" \
+	  --name=nbdkit-qed $< > $@
+
+# Unit tests of the core: a normal build and a sanitizer build.
+tests/unit-tests: tests/unit-tests.c $(CORE_SRCS) $(CORE_HDRS)
+	$(CC) $(CFLAGS) $(QED_CFLAGS) -o $@ tests/unit-tests.c $(CORE_SRCS)
+
+tests/unit-tests-asan: tests/unit-tests.c $(CORE_SRCS) $(CORE_HDRS)
+	$(CC) -O1 -g $(QED_CFLAGS) -fsanitize=address,undefined \
+	  -fno-omit-frame-pointer -fno-sanitize-recover=undefined \
+	  -o $@ tests/unit-tests.c $(CORE_SRCS)
+
+check: all tests/unit-tests tests/unit-tests-asan
+	@bash tests/run-tests.sh
+
+install: all
+	install -d $(DESTDIR)$(PLUGINDIR) $(DESTDIR)$(FILTERDIR) \
+	  $(DESTDIR)$(MANDIR)/man1
+	install -m 755 $(PLUGIN) $(DESTDIR)$(PLUGINDIR)/
+	install -m 755 $(FILTER) $(DESTDIR)$(FILTERDIR)/
+	install -m 644 nbdkit-qed.1 $(DESTDIR)$(MANDIR)/man1/
+
+run: all
+	@bash tests/demo.sh
+
+deps:
+	@bash tests/install-deps.sh
+
+clean:
+	rm -f $(PLUGIN) $(FILTER) nbdkit-qed.1 tests/unit-tests \
+	  tests/unit-tests-asan
+
+.PHONY: all check install run deps clean

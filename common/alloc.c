@@ -1,0 +1,669 @@
+/* nbdkit-qed: cluster allocation and the write path (write, zero, trim
+ * and copy-on-read fills).
+ *
+ * An allocating write reserves its run of clusters, allocates new
+ * clusters (always holes: freshly extended file space or punched free
+ * clusters), writes head fill + data + tail fill with one pwritev, and
+ * then commits the new L2 entries in memory.  Fill comes from the layer
+ * beneath only when the cluster was unallocated; a zero cluster or an
+ * image without a backing file needs no fill at all, because the new
+ * cluster already reads as zeros.  (QEMU writes explicit zeros, and
+ * copies backing data into zero clusters: shared/qed-notes.md §9.)
+ *
+ * Whole-cluster zero and trim are metadata changes: the entry becomes a
+ * zero cluster (if there is a layer beneath whose data must stay
+ * hidden) or unallocated (if not), and a data cluster's space is given
+ * back to the host with FALLOC_FL_PUNCH_HOLE.
+ */
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <stdint.h>
+#include <string.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <unistd.h>
+#include <sys/uio.h>
+#include <linux/falloc.h>
+
+#include "qed-internal.h"
+#include "seam.h"
+#include "util.h"
+
+/* At most this many clusters are reserved and looked up at once by a
+ * zero, trim or fill (bounded stack use and lock hold time). */
+#define MAX_RUN 512
+
+static bool
+is_reserved (const struct qed_image *img, uint64_t c)
+{
+  for (const struct reservation *r = img->reservations; r; r = r->next)
+    if (c >= r->first && c <= r->last)
+      return true;
+  return false;
+}
+
+static void
+reserve (struct qed_image *img, struct reservation *r,
+         uint64_t first, uint64_t last)
+{
+  r->first = first;
+  r->last = last;
+  r->next = img->reservations;
+  img->reservations = r;
+}
+
+static void
+unreserve (struct qed_image *img, struct reservation *r)
+{
+  struct reservation **rp = &img->reservations;
+
+  while (*rp != r)
+    rp = &(*rp)->next;
+  *rp = r->next;
+  pthread_cond_broadcast (&img->cond);
+}
+
+/* Unreserved clusters from c on, stopping at the end of c's table, at
+ * limit clusters, or at the first cluster that stop() rejects.  c itself
+ * must be unreserved.
+ */
+static uint64_t
+run_length (struct qed_image *img, uint64_t c, uint64_t limit)
+{
+  uint64_t k = 1;
+
+  limit = MIN (limit, clusters_left_in_table (img, c));
+  while (k < limit && !is_reserved (img, c + k))
+    k++;
+  return k;
+}
+
+/* The end of guest cluster c, clipped to the image size. */
+static uint64_t
+cluster_end (const struct qed_image *img, uint64_t c)
+{
+  return MIN ((c + 1) << img->cs_bits, img->h.image_size);
+}
+
+void
+qed_recycle_free (struct qed_image *img)
+{
+  for (size_t i = 0; i < img->flushed_free.len; ++i)
+    offset_list_append (&img->free_list, img->flushed_free.ptr[i]);
+  img->flushed_free.len = 0;
+}
+
+int
+qed_alloc_clusters (struct qed_image *img, uint64_t n, uint64_t *offset)
+{
+  uint64_t bytes = n << img->cs_bits, new_end;
+
+  if (qed_mark_need_check (img) == -1)
+    return -1;
+  if (n == 1 && img->free_list.len > 0) {
+    *offset = img->free_list.ptr[--img->free_list.len];
+    return 0;
+  }
+  /* Bytes after the last whole cluster are garbage that must not show
+   * through in a new cluster (QEMU overwrites them; we cut them). */
+  if (img->tail_garbage) {
+    if (ftruncate (img->fd, img->file_end) == -1) {
+      qed_error ("%s: ftruncate: %m", img->filename);
+      return -1;
+    }
+    img->tail_garbage = false;
+  }
+  if (img->file_end > INT64_MAX - bytes) {
+    qed_error ("%s: the file would be too large", img->filename);
+    errno = EFBIG;
+    return -1;
+  }
+  new_end = img->file_end + bytes;
+  /* Growing the file first keeps every cluster we hand out below EOF,
+   * even while its data is still being written. */
+  if (ftruncate (img->fd, new_end) == -1) {
+    qed_error ("%s: cannot grow the file to %" PRIu64 ": %m",
+               img->filename, new_end);
+    return -1;
+  }
+  *offset = img->file_end;
+  img->file_end = new_end;
+  return 0;
+}
+
+static int
+pwritev_full (int fd, struct iovec *iov, int iovcnt, uint64_t off)
+{
+  while (iovcnt > 0) {
+    ssize_t r = pwritev (fd, iov, iovcnt, off);
+    if (r == -1) {
+      if (errno == EINTR)
+        continue;
+      return -1;
+    }
+    off += r;
+    while (iovcnt > 0 && (size_t) r >= iov->iov_len) {
+      r -= iov->iov_len;
+      iov++;
+      iovcnt--;
+    }
+    if (iovcnt > 0) {
+      iov->iov_base = (char *) iov->iov_base + r;
+      iov->iov_len -= r;
+    }
+  }
+  return 0;
+}
+
+static int
+read_below (struct qed_image *img, const struct qed_below *below,
+            void *buf, uint64_t count, uint64_t offset)
+{
+  if (below->read (below->opaque, buf, count, offset) == -1) {
+    if (errno == 0)
+      errno = EIO;
+    return -1;
+  }
+  return 0;
+}
+
+/* Write data with no zero detection.  Lock not held. */
+static int
+write_data (struct qed_image *img, const struct qed_below *below,
+            const char *buf, uint64_t count, uint64_t offset)
+{
+  while (count > 0) {
+    uint64_t c = offset >> img->cs_bits;
+    uint64_t in = offset & (img->cs - 1);
+    uint64_t e, last_e, k, len, head, tail, last_c, newoff, start;
+    struct reservation res;
+    CLEANUP_FREE char *hb = NULL, *tb = NULL;
+    struct iovec iov[3];
+    int n = 0;
+
+    pthread_mutex_lock (&img->lock);
+    if (qed_get_entry (img, c, &e) == -1)
+      goto err_unlock;
+
+    if (e > QED_ENTRY_ZERO) {
+      /* In place, over as many contiguous clusters as possible. */
+      uint64_t fo = e + in, done = MIN (count, img->cs - in);
+      while (done < count) {
+        uint64_t e2;
+        if (qed_get_entry (img, (offset + done) >> img->cs_bits, &e2) == -1)
+          goto err_unlock;
+        if (e2 != fo + done)
+          break;
+        done += MIN (count - done, (uint64_t) img->cs);
+      }
+      pthread_mutex_unlock (&img->lock);
+      if (pwrite_full (img->fd, buf, done, fo) == -1) {
+        qed_error ("%s: write at 0x%" PRIx64 ": %m", img->filename, fo);
+        return -1;
+      }
+      buf += done;
+      offset += done;
+      count -= done;
+      continue;
+    }
+
+    if (is_reserved (img, c)) {
+      pthread_cond_wait (&img->cond, &img->lock);
+      pthread_mutex_unlock (&img->lock);
+      continue;
+    }
+
+    /* An allocating run: clusters that are unallocated or zero. */
+    last_c = (offset + count - 1) >> img->cs_bits;
+    k = run_length (img, c, last_c - c + 1);
+    last_e = e;
+    for (uint64_t i = 1; i < k; ++i) {
+      uint64_t e2;
+      if (qed_get_entry (img, c + i, &e2) == -1)
+        goto err_unlock;
+      if (e2 > QED_ENTRY_ZERO) {
+        k = i;
+        break;
+      }
+      last_e = e2;
+    }
+    len = MIN (count, (k << img->cs_bits) - in);
+    head = in;
+    tail = (k << img->cs_bits) - in - len;
+    reserve (img, &res, c, c + k - 1);
+    if (qed_alloc_clusters (img, k, &newoff) == -1) {
+      unreserve (img, &res);
+      goto err_unlock;
+    }
+    pthread_mutex_unlock (&img->lock);
+
+    /* The new clusters read as zeros: only backing data needs copying. */
+    start = newoff + head;
+    if (head > 0 && e == QED_ENTRY_UNALLOCATED && below) {
+      hb = malloc (head);
+      if (hb == NULL || read_below (img, below, hb, head, c << img->cs_bits))
+        goto err_unreserve;
+      iov[n++] = (struct iovec) { hb, head };
+      start = newoff;
+    }
+    iov[n++] = (struct iovec) { (void *) buf, len };
+    if (tail > 0 && last_e == QED_ENTRY_UNALLOCATED && below) {
+      uint64_t tail_len = MIN (tail, img->h.image_size - (offset + len));
+      if (tail_len > 0) {
+        tb = malloc (tail_len);
+        if (tb == NULL ||
+            read_below (img, below, tb, tail_len, offset + len) == -1)
+          goto err_unreserve;
+        iov[n++] = (struct iovec) { tb, tail_len };
+      }
+    }
+    if (pwritev_full (img->fd, iov, n, start) == -1) {
+      qed_error ("%s: write at 0x%" PRIx64 ": %m", img->filename, start);
+      goto err_unreserve;
+    }
+
+    pthread_mutex_lock (&img->lock);
+    for (uint64_t i = 0; i < k; ++i) {
+      if (qed_set_entry (img, c + i, newoff + (i << img->cs_bits)) == -1) {
+        unreserve (img, &res);
+        goto err_unlock;
+      }
+    }
+    unreserve (img, &res);
+    pthread_mutex_unlock (&img->lock);
+    buf += len;
+    offset += len;
+    count -= len;
+    continue;
+
+  err_unreserve:
+    {
+      int err = errno ? errno : EIO;
+      pthread_mutex_lock (&img->lock);
+      unreserve (img, &res);
+      pthread_mutex_unlock (&img->lock);
+      errno = err;
+      return -1;
+    }
+  err_unlock:
+    pthread_mutex_unlock (&img->lock);
+    return -1;
+  }
+  return 0;
+}
+
+/* Zero bytes inside one allocated cluster, in place. */
+static int
+zero_in_place (struct qed_image *img, uint64_t fo, uint64_t len, bool fast)
+{
+  if (fallocate (img->fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+                 fo, len) == 0)
+    return 0;
+  if (errno != EOPNOTSUPP && errno != ENOSYS) {
+    qed_error ("%s: fallocate: %m", img->filename);
+    return -1;
+  }
+  if (fast) {
+    errno = ENOTSUP;
+    return -1;
+  }
+  for (uint64_t done = 0; done < len; ) {
+    uint64_t n = MIN (len - done, (uint64_t) img->cs);
+    if (pwrite_full (img->fd, img->zero_buf, n, fo + done) == -1) {
+      qed_error ("%s: write at 0x%" PRIx64 ": %m", img->filename, fo + done);
+      return -1;
+    }
+    done += n;
+  }
+  return 0;
+}
+
+/* Give a data cluster's space back to the host.  Returns 1 if freed, 0
+ * if the filesystem cannot punch holes (the caller zeroes instead). */
+static int
+punch (struct qed_image *img, uint64_t fo, uint64_t len)
+{
+  if (img->can_punch &&
+      fallocate (img->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                 fo, len) == 0)
+    return 1;
+  if (img->can_punch && errno != EOPNOTSUPP && errno != ENOSYS) {
+    qed_error ("%s: fallocate: %m", img->filename);
+    return -1;
+  }
+  img->can_punch = false;
+  return 0;
+}
+
+/* Zero (or trim) whole clusters [c, c+k).  Processes a prefix and
+ * returns the number of clusters done (0 after waiting for a
+ * reservation), or -1.  Lock not held.
+ */
+static int64_t
+zero_whole (struct qed_image *img, const struct qed_below *below,
+            uint64_t c, uint64_t k, unsigned flags, bool trim)
+{
+  uint64_t entries[MAX_RUN];
+  bool freed[MAX_RUN];
+  struct reservation res;
+  bool unmap = trim || (flags & QED_ZERO_MAY_UNMAP);
+  bool fast = flags & QED_ZERO_FAST;
+  int64_t r = -1;
+
+  pthread_mutex_lock (&img->lock);
+  if (is_reserved (img, c)) {
+    pthread_cond_wait (&img->cond, &img->lock);
+    pthread_mutex_unlock (&img->lock);
+    return 0;
+  }
+  k = run_length (img, c, MIN (k, (uint64_t) MAX_RUN));
+  for (uint64_t i = 0; i < k; ++i) {
+    if (qed_get_entry (img, c + i, &entries[i]) == -1) {
+      pthread_mutex_unlock (&img->lock);
+      return -1;
+    }
+  }
+  reserve (img, &res, c, c + k - 1);
+  pthread_mutex_unlock (&img->lock);
+
+  /* Data clusters: punch (unmap) or zero in place, outside the lock. */
+  for (uint64_t i = 0; i < k; ++i) {
+    uint64_t len = cluster_end (img, c + i) - ((c + i) << img->cs_bits);
+    freed[i] = false;
+    if (entries[i] <= QED_ENTRY_ZERO)
+      continue;
+    if (unmap) {
+      int p = punch (img, entries[i], img->cs);
+      if (p == -1)
+        goto out;
+      if (p == 1) {
+        freed[i] = true;
+        continue;
+      }
+    }
+    if (trim)
+      continue;                 /* advisory: keep the data */
+    if (zero_in_place (img, entries[i], len, fast) == -1)
+      goto out;
+  }
+
+  pthread_mutex_lock (&img->lock);
+  for (uint64_t i = 0; i < k; ++i) {
+    uint64_t e = entries[i], ne = e;
+    if (e > QED_ENTRY_ZERO && freed[i]) {
+      ne = below ? QED_ENTRY_ZERO : QED_ENTRY_UNALLOCATED;
+      if (offset_list_append (&img->pending_free, e) == -1) {
+        pthread_mutex_unlock (&img->lock);
+        goto out;
+      }
+    }
+    else if (e == QED_ENTRY_UNALLOCATED && below)
+      ne = QED_ENTRY_ZERO;
+    if (ne != e && qed_set_entry (img, c + i, ne) == -1) {
+      pthread_mutex_unlock (&img->lock);
+      goto out;
+    }
+  }
+  pthread_mutex_unlock (&img->lock);
+  r = k;
+
+ out:
+  {
+    int err = errno;
+    pthread_mutex_lock (&img->lock);
+    unreserve (img, &res);
+    pthread_mutex_unlock (&img->lock);
+    errno = err;
+  }
+  return r;
+}
+
+/* Zero or trim part of one cluster. */
+static int
+zero_partial (struct qed_image *img, const struct qed_below *below,
+              uint64_t count, uint64_t offset, unsigned flags, bool trim)
+{
+  uint64_t c = offset >> img->cs_bits, e;
+
+  pthread_mutex_lock (&img->lock);
+  if (qed_get_entry (img, c, &e) == -1) {
+    pthread_mutex_unlock (&img->lock);
+    return -1;
+  }
+  pthread_mutex_unlock (&img->lock);
+
+  if (e > QED_ENTRY_ZERO) {
+    uint64_t fo = e + (offset & (img->cs - 1));
+    if (trim)                   /* reads as zeros afterwards: allowed */
+      return punch (img, fo, count) == -1 ? -1 : 0;
+    return zero_in_place (img, fo, count, flags & QED_ZERO_FAST);
+  }
+  /* Already reads as zeros, or a trim (advisory) over backing data. */
+  if (e == QED_ENTRY_ZERO || !below || trim)
+    return 0;
+  if (flags & QED_ZERO_FAST) {
+    errno = ENOTSUP;
+    return -1;
+  }
+  /* Hide the backing data: allocate, copying the rest of the cluster. */
+  return write_data (img, below, img->zero_buf, count, offset);
+}
+
+static int
+zero_range (struct qed_image *img, const struct qed_below *below,
+            uint64_t count, uint64_t offset, unsigned flags, bool trim)
+{
+  while (count > 0) {
+    uint64_t c = offset >> img->cs_bits;
+    uint64_t cend = cluster_end (img, c);
+    uint64_t n = MIN (count, cend - offset);
+
+    if ((offset & (img->cs - 1)) == 0 && n == cend - offset) {
+      /* Whole clusters. */
+      uint64_t k = 1;
+      int64_t done;
+      while (((c + k) << img->cs_bits) < offset + count &&
+             cluster_end (img, c + k) <= offset + count)
+        k++;
+      done = zero_whole (img, below, c, k, flags, trim);
+      if (done == -1)
+        return -1;
+      n = done > 0 ? cluster_end (img, c + done - 1) - offset : 0;
+    }
+    else if (zero_partial (img, below, n, offset, flags, trim) == -1)
+      return -1;
+    offset += n;
+    count -= n;
+  }
+  return 0;
+}
+
+/* Write with zero detection: whole zero clusters become zero (or
+ * unallocated) clusters, the rest is written as data. */
+static int
+write_detect_zero (struct qed_image *img, const struct qed_below *below,
+                   const char *buf, uint64_t count, uint64_t offset)
+{
+  uint64_t end = offset + count, seg = offset;
+  uint64_t c = (offset + img->cs - 1) >> img->cs_bits;
+
+  for (;; c++) {
+    uint64_t cs_start = c << img->cs_bits, cend;
+    if (cs_start >= end)
+      break;
+    cend = cluster_end (img, c);
+    if (cend > end)
+      break;
+    if (!is_zero (buf + (cs_start - offset), cend - cs_start))
+      continue;
+    if (cs_start > seg &&
+        write_data (img, below, buf + (seg - offset), cs_start - seg, seg))
+      return -1;
+    if (zero_range (img, below, cend - cs_start, cs_start,
+                    QED_ZERO_MAY_UNMAP, false) == -1)
+      return -1;
+    seg = cend;
+  }
+  if (seg < end)
+    return write_data (img, below, buf + (seg - offset), end - seg, seg);
+  return 0;
+}
+
+static void
+op_begin (struct qed_image *img)
+{
+  pthread_mutex_lock (&img->lock);
+  qed_op_begin (img);
+  pthread_mutex_unlock (&img->lock);
+}
+
+static void
+op_end (struct qed_image *img)
+{
+  int err = errno;
+  pthread_mutex_lock (&img->lock);
+  qed_op_end (img);
+  pthread_mutex_unlock (&img->lock);
+  errno = err;
+}
+
+int
+qed_write (struct qed_image *img, const struct qed_below *below,
+           const void *buf, uint64_t count, uint64_t offset, unsigned flags)
+{
+  int r;
+
+  if (img->readonly) {
+    errno = EROFS;
+    return -1;
+  }
+  op_begin (img);
+  if (flags & QED_WRITE_DETECT_ZERO)
+    r = write_detect_zero (img, below, buf, count, offset);
+  else
+    r = write_data (img, below, buf, count, offset);
+  op_end (img);
+  if (r == 0 && (flags & QED_WRITE_FUA))
+    r = qed_flush (img);
+  return r;
+}
+
+int
+qed_zero (struct qed_image *img, const struct qed_below *below,
+          uint64_t count, uint64_t offset, unsigned flags)
+{
+  int r;
+
+  if (img->readonly) {
+    errno = EROFS;
+    return -1;
+  }
+  op_begin (img);
+  r = zero_range (img, below, count, offset, flags, false);
+  op_end (img);
+  if (r == 0 && (flags & QED_WRITE_FUA))
+    r = qed_flush (img);
+  return r;
+}
+
+int
+qed_trim (struct qed_image *img, const struct qed_below *below,
+          uint64_t count, uint64_t offset, unsigned flags)
+{
+  int r;
+
+  if (img->readonly) {
+    errno = EROFS;
+    return -1;
+  }
+  op_begin (img);
+  r = zero_range (img, below, count, offset, flags, true);
+  op_end (img);
+  if (r == 0 && (flags & QED_WRITE_FUA))
+    r = qed_flush (img);
+  return r;
+}
+
+int
+qed_fill (struct qed_image *img, const void *buf, uint64_t count,
+          uint64_t offset, bool detect_zero, bool known_zero)
+{
+  uint64_t c = offset >> img->cs_bits;
+  uint64_t end_c = (offset + count + img->cs - 1) >> img->cs_bits;
+  const char *base = buf;
+  int r = 0;
+
+  if (img->readonly)
+    return 0;
+  op_begin (img);
+  while (c < end_c && r == 0) {
+    uint64_t e, k, i;
+    bool zero[MAX_RUN];
+    struct reservation res;
+
+    pthread_mutex_lock (&img->lock);
+    /* A cluster being changed, or already changed, keeps its new
+     * contents: the fill's data would be stale. */
+    if (is_reserved (img, c) || qed_get_entry (img, c, &e) == -1 ||
+        e != QED_ENTRY_UNALLOCATED) {
+      pthread_mutex_unlock (&img->lock);
+      c++;
+      continue;
+    }
+    k = run_length (img, c, MIN (end_c - c, (uint64_t) MAX_RUN));
+    for (i = 1; i < k; ++i) {
+      if (qed_get_entry (img, c + i, &e) == -1 || e != QED_ENTRY_UNALLOCATED)
+        break;
+    }
+    k = i;
+    reserve (img, &res, c, c + k - 1);
+    pthread_mutex_unlock (&img->lock);
+
+    for (i = 0; i < k; ++i) {
+      uint64_t s = (c + i) << img->cs_bits;
+      zero[i] = known_zero ||
+        (detect_zero && is_zero (base + (s - offset),
+                                 MIN (cluster_end (img, c + i), offset + count)
+                                 - s));
+    }
+
+    /* Allocate and write each run of data clusters, then commit. */
+    for (i = 0; i < k && r == 0; ) {
+      uint64_t j = i, newoff, s, len;
+      if (zero[i]) {
+        i++;
+        continue;
+      }
+      while (j < k && !zero[j])
+        j++;
+      pthread_mutex_lock (&img->lock);
+      r = qed_alloc_clusters (img, j - i, &newoff);
+      pthread_mutex_unlock (&img->lock);
+      if (r == -1)
+        break;
+      s = (c + i) << img->cs_bits;
+      len = MIN ((c + j) << img->cs_bits, offset + count) - s;
+      if (pwrite_full (img->fd, base + (s - offset), len, newoff) == -1) {
+        qed_error ("%s: write at 0x%" PRIx64 ": %m", img->filename, newoff);
+        r = -1;
+        break;
+      }
+      pthread_mutex_lock (&img->lock);
+      for (uint64_t m = i; m < j && r == 0; ++m)
+        r = qed_set_entry (img, c + m, newoff + ((m - i) << img->cs_bits));
+      pthread_mutex_unlock (&img->lock);
+      i = j;
+    }
+    pthread_mutex_lock (&img->lock);
+    for (i = 0; i < k && r == 0; ++i)
+      if (zero[i])
+        r = qed_set_entry (img, c + i, QED_ENTRY_ZERO);
+    unreserve (img, &res);
+    pthread_mutex_unlock (&img->lock);
+    c += k;
+  }
+  op_end (img);
+  return r;
+}

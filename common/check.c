@@ -1,0 +1,463 @@
+/* nbdkit-qed: consistency check, repair and compaction.
+ *
+ * The check walks the L1 and every L2 table, marking the clusters in
+ * use.  Compared with QEMU's qed-check.c (shared/qed-notes.md §6):
+ *
+ * - A bad L2 entry is replaced by a zero cluster when the image has a
+ *   backing file (QEMU unlinks it, silently exposing backing data), and
+ *   a bad L1 entry by a table of zero clusters.
+ * - A cluster referenced twice is repaired by giving the second user a
+ *   copy (QEMU cannot repair duplicates).
+ * - Leaked clusters are reclaimed: trailing ones by truncating the
+ *   file, others by moving the last data clusters into them
+ *   (compaction).  QEMU only counts leaks.
+ * - Cluster counts are exact (QEMU divides by cluster_size - 1).
+ *
+ * Repairs follow the writeback order: copies are made durable before
+ * any table points at them, and the file is truncated last.  The check
+ * runs with no request in flight: at open, or at close (compaction).
+ */
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <stdint.h>
+#include <string.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <endian.h>
+#include <unistd.h>
+
+#include "qed-internal.h"
+#include "seam.h"
+#include "util.h"
+
+struct bitmap {
+  uint64_t *bits;
+  uint64_t n;
+};
+
+static bool
+bm_get (const struct bitmap *b, uint64_t i)
+{
+  return i < b->n && (b->bits[i / 64] >> (i % 64)) & 1;
+}
+
+static void
+bm_set (struct bitmap *b, uint64_t i)
+{
+  if (i < b->n)
+    b->bits[i / 64] |= UINT64_C (1) << (i % 64);
+}
+
+struct checker {
+  struct qed_image *img;
+  bool repair;
+  struct qed_check_result *res;
+  struct bitmap used;           /* clusters referenced */
+  struct bitmap table;          /* clusters holding L1/L2 tables */
+  uint64_t *buf;                /* one L2 table */
+  bool wrote;                   /* repairs were written */
+};
+
+static uint64_t
+hide_entry (const struct qed_image *img)
+{
+  return img->has_backing ? QED_ENTRY_ZERO : QED_ENTRY_UNALLOCATED;
+}
+
+static int
+write_table (struct checker *ck, const uint64_t *t, uint64_t offset)
+{
+  struct qed_image *img = ck->img;
+  CLEANUP_FREE uint64_t *le = malloc (img->table_bytes);
+
+  if (le == NULL) {
+    qed_error ("malloc: %m");
+    return -1;
+  }
+  for (uint64_t i = 0; i < img->table_entries; ++i)
+    le[i] = htole64 (t[i]);
+  if (pwrite_full (img->fd, le, img->table_bytes, offset) == -1) {
+    qed_error ("%s: cannot write table at 0x%" PRIx64 ": %m",
+               img->filename, offset);
+    return -1;
+  }
+  ck->wrote = true;
+  return 0;
+}
+
+static bool
+range_used (const struct checker *ck, uint64_t off, uint64_t n)
+{
+  for (uint64_t i = 0; i < n; ++i)
+    if (bm_get (&ck->used, (off >> ck->img->cs_bits) + i))
+      return true;
+  return false;
+}
+
+static void
+mark (struct checker *ck, uint64_t off, uint64_t n, bool is_table)
+{
+  for (uint64_t i = 0; i < n; ++i) {
+    bm_set (&ck->used, (off >> ck->img->cs_bits) + i);
+    if (is_table)
+      bm_set (&ck->table, (off >> ck->img->cs_bits) + i);
+  }
+}
+
+/* Allocate n clusters at the end of the file for a repair. */
+static int
+grow (struct checker *ck, uint64_t n, uint64_t *off)
+{
+  struct qed_image *img = ck->img;
+  uint64_t new_end = img->file_end + (n << img->cs_bits);
+
+  if (ftruncate (img->fd, new_end) == -1) {
+    qed_error ("%s: ftruncate: %m", img->filename);
+    return -1;
+  }
+  *off = img->file_end;
+  img->file_end = new_end;
+  img->tail_garbage = false;
+  return 0;
+}
+
+static int
+copy_cluster (struct qed_image *img, uint64_t from, uint64_t to, void *tmp)
+{
+  if (pread_full (img->fd, tmp, img->cs, from) == -1 ||
+      pwrite_full (img->fd, tmp, img->cs, to) == -1) {
+    qed_error ("%s: cannot copy cluster 0x%" PRIx64 " to 0x%" PRIx64 ": %m",
+               img->filename, from, to);
+    return -1;
+  }
+  return 0;
+}
+
+/* Check (and repair) one L2 table, already marked and read into
+ * ck->buf.  Returns -1 only on a repair write error. */
+static int
+check_table (struct checker *ck, uint64_t l1i, uint64_t t)
+{
+  struct qed_image *img = ck->img;
+  uint64_t fixed = 0;
+  CLEANUP_FREE void *tmp = NULL;
+
+  for (uint64_t j = 0; j < img->table_entries; ++j) {
+    uint64_t e = ck->buf[j];
+    uint64_t guest = ((l1i << img->table_bits) + j) << img->cs_bits;
+
+    if (e <= QED_ENTRY_ZERO)
+      continue;
+    if (!valid_cluster_offset (img, e, img->cs)) {
+      ck->res->corruptions++;
+      qed_error ("%s: guest offset 0x%" PRIx64 ": invalid L2 entry 0x%"
+                 PRIx64 "%s", img->filename, guest, e,
+                 ck->repair ? (img->has_backing
+                               ? ": repaired (now a zero cluster)"
+                               : ": repaired (now unallocated)") : "");
+      if (ck->repair) {
+        ck->buf[j] = hide_entry (img);
+        fixed++;
+      }
+      continue;
+    }
+    if (range_used (ck, e, 1)) {
+      uint64_t copy;
+      ck->res->corruptions++;
+      qed_error ("%s: guest offset 0x%" PRIx64 ": cluster 0x%" PRIx64
+                 " is referenced twice%s", img->filename, guest, e,
+                 ck->repair ? ": repaired (given its own copy)" : "");
+      if (!ck->repair)
+        continue;
+      if (tmp == NULL && (tmp = malloc (img->cs)) == NULL) {
+        qed_error ("malloc: %m");
+        return -1;
+      }
+      if (grow (ck, 1, &copy) == -1 || copy_cluster (img, e, copy, tmp) == -1)
+        return -1;
+      ck->buf[j] = e = copy;
+      fixed++;
+    }
+    mark (ck, e, 1, false);
+    ck->res->allocated_clusters++;
+  }
+  if (fixed > 0) {
+    /* Copies must be durable before the table points at them. */
+    if (fdatasync (img->fd) == -1) {
+      qed_error ("%s: fdatasync: %m", img->filename);
+      return -1;
+    }
+    if (write_table (ck, ck->buf, t) == -1)
+      return -1;
+    ck->res->corruptions_fixed += fixed;
+  }
+  return 0;
+}
+
+static int
+walk (struct checker *ck)
+{
+  struct qed_image *img = ck->img;
+  bool l1_changed = false;
+
+  for (uint64_t i = 0; i < img->table_entries; ++i) {
+    uint64_t t = img->l1[i];
+    uint64_t guest = (i << img->table_bits) << img->cs_bits;
+
+    if (t == 0)
+      continue;
+    if (!valid_cluster_offset (img, t, img->table_bytes) ||
+        range_used (ck, t, img->h.table_size)) {
+      bool valid = valid_cluster_offset (img, t, img->table_bytes);
+      ck->res->corruptions++;
+      qed_error ("%s: guest offset 0x%" PRIx64 ": L1 entry %" PRIu64
+                 " (0x%" PRIx64 ") %s%s", img->filename, guest, i, t,
+                 valid ? "overlaps other metadata or data"
+                 : "is not an aligned table inside the file",
+                 !ck->repair ? ""
+                 : valid ? ": repaired (table copied)"
+                 : img->has_backing ? ": repaired (a table of zero clusters)"
+                 : ": repaired (unallocated)");
+      if (!ck->repair)
+        continue;
+      if (valid) {
+        /* Keep what the table says, in a copy of its own. */
+        if (pread_full (img->fd, ck->buf, img->table_bytes, t) == -1) {
+          ck->res->check_errors++;
+          continue;
+        }
+        for (uint64_t j = 0; j < img->table_entries; ++j)
+          ck->buf[j] = le64toh (ck->buf[j]);
+      }
+      else {
+        for (uint64_t j = 0; j < img->table_entries; ++j)
+          ck->buf[j] = hide_entry (img);
+      }
+      if (!valid && !img->has_backing)
+        t = 0;
+      else if (grow (ck, img->h.table_size, &t) == -1 ||
+               write_table (ck, ck->buf, t) == -1 ||
+               fdatasync (img->fd) == -1)
+        return -1;
+      img->l1[i] = t;
+      l1_changed = true;
+      ck->res->corruptions_fixed++;
+      if (t == 0)
+        continue;
+    }
+    else if (pread_full (img->fd, ck->buf, img->table_bytes, t) == -1) {
+      qed_error ("%s: cannot read L2 table at 0x%" PRIx64 ": %m",
+                 img->filename, t);
+      ck->res->check_errors++;
+      continue;
+    }
+    else {
+      for (uint64_t j = 0; j < img->table_entries; ++j)
+        ck->buf[j] = le64toh (ck->buf[j]);
+    }
+    mark (ck, t, img->h.table_size, true);
+    if (check_table (ck, i, t) == -1)
+      return -1;
+  }
+
+  if (l1_changed && write_table (ck, img->l1, img->l1_start) == -1)
+    return -1;
+  return 0;
+}
+
+/* Move the last data clusters into the leaked holes below them, then
+ * truncate the file.  Tables are not moved: compaction stops at the
+ * last table.  Returns the number of leaked clusters reclaimed.
+ */
+struct move {
+  uint64_t src, dst;            /* file offsets */
+};
+
+static int
+move_cmp (const void *a, const void *b)
+{
+  const struct move *x = a, *y = b;
+  return x->src < y->src ? -1 : x->src > y->src;
+}
+
+static int64_t
+reclaim (struct checker *ck)
+{
+  struct qed_image *img = ck->img;
+  uint64_t first = img->header_end >> img->cs_bits;
+  uint64_t top = img->file_end >> img->cs_bits, lo = first;
+  uint64_t nmoves = 0, new_end, removed;
+  CLEANUP_FREE struct move *moves = NULL;
+  CLEANUP_FREE void *tmp = NULL;
+  size_t cap = 0;
+
+  /* Pair the highest data clusters with the lowest holes. */
+  for (;;) {
+    while (top > first && !bm_get (&ck->used, top - 1))
+      top--;                    /* trailing leak: truncated below */
+    while (lo < top && bm_get (&ck->used, lo))
+      lo++;
+    if (lo >= top || bm_get (&ck->table, top - 1))
+      break;
+    if (nmoves == cap) {
+      struct move *m;
+      cap = cap ? cap * 2 : 64;
+      m = realloc (moves, cap * sizeof *m);
+      if (m == NULL) {
+        qed_error ("realloc: %m");
+        return -1;
+      }
+      moves = m;
+    }
+    moves[nmoves].src = (top - 1) << img->cs_bits;
+    moves[nmoves].dst = lo << img->cs_bits;
+    nmoves++;
+    lo++;
+    top--;
+  }
+  new_end = top << img->cs_bits;
+  if (new_end == img->file_end)
+    return 0;
+
+  if (nmoves > 0) {
+    /* 1. Copy, and make the copies durable. */
+    tmp = malloc (img->cs);
+    if (tmp == NULL) {
+      qed_error ("malloc: %m");
+      return -1;
+    }
+    for (uint64_t k = 0; k < nmoves; ++k)
+      if (copy_cluster (img, moves[k].src, moves[k].dst, tmp) == -1)
+        return -1;
+    if (fdatasync (img->fd) == -1) {
+      qed_error ("%s: fdatasync: %m", img->filename);
+      return -1;
+    }
+    /* 2. Point the tables at the copies. */
+    qsort (moves, nmoves, sizeof *moves, move_cmp);
+    for (uint64_t i = 0; i < img->table_entries; ++i) {
+      uint64_t t = img->l1[i];
+      bool changed = false;
+      if (t == 0)
+        continue;
+      if (pread_full (img->fd, ck->buf, img->table_bytes, t) == -1) {
+        qed_error ("%s: cannot read L2 table at 0x%" PRIx64 ": %m",
+                   img->filename, t);
+        return -1;
+      }
+      for (uint64_t j = 0; j < img->table_entries; ++j) {
+        struct move key = { .src = le64toh (ck->buf[j]) }, *m;
+        if (key.src < new_end)
+          continue;
+        m = bsearch (&key, moves, nmoves, sizeof *moves, move_cmp);
+        if (m) {
+          ck->buf[j] = htole64 (m->dst);
+          changed = true;
+        }
+      }
+      if (changed &&
+          pwrite_full (img->fd, ck->buf, img->table_bytes, t) == -1) {
+        qed_error ("%s: cannot write L2 table at 0x%" PRIx64 ": %m",
+                   img->filename, t);
+        return -1;
+      }
+    }
+  }
+
+  /* 3. Cut the file. */
+  if (fdatasync (img->fd) == -1 || ftruncate (img->fd, new_end) == -1 ||
+      fdatasync (img->fd) == -1) {
+    qed_error ("%s: cannot truncate leaked clusters: %m", img->filename);
+    return -1;
+  }
+  removed = (img->file_end - new_end) >> img->cs_bits;
+  qed_debug ("%s: reclaimed %" PRIu64 " leaked clusters (%" PRIu64
+             " moved), file now %" PRIu64 " bytes", img->filename,
+             removed, nmoves, new_end);
+  img->file_end = new_end;
+  img->tail_garbage = false;
+  ck->wrote = true;
+  return removed;
+}
+
+int
+qed_check (struct qed_image *img, bool repair, struct qed_check_result *res)
+{
+  struct checker ck = { .img = img, .repair = repair && !img->readonly,
+                        .res = res };
+  uint64_t n = img->file_end >> img->cs_bits;
+  int r = -1;
+
+  memset (res, 0, sizeof *res);
+  ck.used.n = ck.table.n = n;
+  ck.used.bits = calloc ((n + 63) / 64 + 1, 8);
+  ck.table.bits = calloc ((n + 63) / 64 + 1, 8);
+  ck.buf = malloc (img->table_bytes);
+  if (!ck.used.bits || !ck.table.bits || !ck.buf) {
+    qed_error ("cannot allocate memory for the check: %m");
+    goto out;
+  }
+  /* The header and the L1 table are in use. */
+  mark (&ck, 0, img->h.header_size, true);
+  mark (&ck, img->l1_start, img->h.table_size, true);
+
+  if (walk (&ck) == -1)
+    goto out;
+
+  if (res->check_errors == 0) {
+    for (uint64_t i = img->header_end >> img->cs_bits; i < n; ++i)
+      if (!bm_get (&ck.used, i))
+        res->leaks++;
+    if (res->leaks > 0)
+      qed_debug ("%s: %" PRIu64 " leaked clusters", img->filename,
+                 res->leaks);
+    if (ck.repair && res->leaks > 0) {
+      int64_t k = reclaim (&ck);
+      if (k == -1)
+        goto out;
+      res->leaks_fixed = k;
+    }
+  }
+  /* The free lists described leaks, which are now accounted for. */
+  img->pending_free.len = img->flushed_free.len = img->free_list.len = 0;
+
+  if (ck.repair && ck.wrote && fdatasync (img->fd) == -1) {
+    qed_error ("%s: fdatasync: %m", img->filename);
+    goto out;
+  }
+  if (ck.repair && res->check_errors == 0 &&
+      res->corruptions == res->corruptions_fixed && img->need_check) {
+    uint64_t f = htole64 (img->h.features & ~(uint64_t) QED_F_NEED_CHECK);
+    if (pwrite_full (img->fd, &f, 8, 16) == -1 || fdatasync (img->fd) == -1) {
+      qed_error ("%s: cannot update the header: %m", img->filename);
+      goto out;
+    }
+    img->h.features &= ~(uint64_t) QED_F_NEED_CHECK;
+    img->need_check = false;
+  }
+  if (res->corruptions_fixed > 0 || res->leaks_fixed > 0)
+    qed_error ("%s: repaired %" PRIu64 " corruptions and reclaimed %"
+               PRIu64 " leaked clusters", img->filename,
+               res->corruptions_fixed, res->leaks_fixed);
+  r = 0;
+ out:
+  free (ck.used.bits);
+  free (ck.table.bits);
+  free (ck.buf);
+  return r;
+}
+
+/* At close: everything is written back and no request runs.  The
+ * clusters freed by zero and trim are leaks now; reclaim them. */
+int
+qed_compact (struct qed_image *img)
+{
+  struct qed_check_result res;
+
+  qed_cache_drop (img);
+  if (qed_check (img, true, &res) == -1)
+    return -1;
+  qed_cache_drop (img);
+  return 0;
+}

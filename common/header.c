@@ -1,0 +1,180 @@
+/* nbdkit-qed: the on-disk header.
+ *
+ * The header is 64 little-endian bytes at offset 0.  We decode it once
+ * into host order and validate every field before anything else looks
+ * at the file.  Our checks are a superset of QEMU's (shared/qed-notes.md
+ * §1): we also refuse header_size 0 (the L1 would overlap the header)
+ * and backing names that overlap the 64-byte header, and we compute the
+ * maximum image size without QEMU's 64-bit overflow.
+ */
+
+#include <stdio.h>
+#include <stdint.h>
+#include <string.h>
+#include <errno.h>
+#include <endian.h>
+#include <inttypes.h>
+
+#include "qed.h"
+#include "util.h"
+
+static uint32_t
+get32 (const unsigned char *p)
+{
+  uint32_t v;
+  memcpy (&v, p, 4);
+  return le32toh (v);
+}
+
+static uint64_t
+get64 (const unsigned char *p)
+{
+  uint64_t v;
+  memcpy (&v, p, 8);
+  return le64toh (v);
+}
+
+static void
+put32 (unsigned char *p, uint32_t v)
+{
+  v = htole32 (v);
+  memcpy (p, &v, 4);
+}
+
+static void
+put64 (unsigned char *p, uint64_t v)
+{
+  v = htole64 (v);
+  memcpy (p, &v, 8);
+}
+
+void
+qed_header_decode (struct qed_header *h, const unsigned char raw[64])
+{
+  h->magic = get32 (raw + 0);
+  h->cluster_size = get32 (raw + 4);
+  h->table_size = get32 (raw + 8);
+  h->header_size = get32 (raw + 12);
+  h->features = get64 (raw + 16);
+  h->compat_features = get64 (raw + 24);
+  h->autoclear_features = get64 (raw + 32);
+  h->l1_table_offset = get64 (raw + 40);
+  h->image_size = get64 (raw + 48);
+  h->backing_filename_offset = get32 (raw + 56);
+  h->backing_filename_size = get32 (raw + 60);
+}
+
+void
+qed_header_encode (unsigned char raw[64], const struct qed_header *h)
+{
+  put32 (raw + 0, h->magic);
+  put32 (raw + 4, h->cluster_size);
+  put32 (raw + 8, h->table_size);
+  put32 (raw + 12, h->header_size);
+  put64 (raw + 16, h->features);
+  put64 (raw + 24, h->compat_features);
+  put64 (raw + 32, h->autoclear_features);
+  put64 (raw + 40, h->l1_table_offset);
+  put64 (raw + 48, h->image_size);
+  put32 (raw + 56, h->backing_filename_offset);
+  put32 (raw + 60, h->backing_filename_size);
+}
+
+/* Each L1 entry covers (entries per table) clusters, and there are as
+ * many L1 entries as L2 entries: max = (ts*cs/8)^2 * cs.  Work in
+ * log2 so that no geometry can overflow.
+ */
+uint64_t
+qed_max_image_size (uint32_t cluster_size, uint32_t table_size)
+{
+  unsigned entries_bits = log_2 (table_size) + log_2 (cluster_size) - 3;
+  unsigned bits = 2 * entries_bits + log_2 (cluster_size);
+
+  if (bits >= 64)
+    return UINT64_MAX;
+  return UINT64_C (1) << bits;
+}
+
+/* QEMU computes the same maximum in uint64 and gets 0 when it
+ * overflows, and its L1 range check rejects every table_size 1 image.
+ */
+bool
+qed_qemu_can_open (uint32_t cluster_size, uint32_t table_size)
+{
+  unsigned bits = 2 * (log_2 (table_size) + log_2 (cluster_size) - 3)
+    + log_2 (cluster_size);
+  return table_size >= 2 && bits < 64;
+}
+
+int
+qed_header_validate (const struct qed_header *h, uint64_t file_size,
+                     char *msg, size_t msglen)
+{
+  uint64_t cs = h->cluster_size, header_bytes, table_bytes, file_clusters_end;
+
+#define FAIL(err, ...)                          \
+  do {                                          \
+    snprintf (msg, msglen, __VA_ARGS__);        \
+    errno = (err);                              \
+    return -1;                                  \
+  } while (0)
+
+  if (file_size < QED_HEADER_BYTES)
+    FAIL (EINVAL, "file is too short to be a QED image (%" PRIu64 " bytes)",
+          file_size);
+  if (h->magic != QED_MAGIC)
+    FAIL (EINVAL, "not a QED image (bad magic 0x%08" PRIx32 ")", h->magic);
+  if (h->features & ~(uint64_t) QED_F_KNOWN)
+    FAIL (ENOTSUP, "unsupported QED features 0x%" PRIx64
+          " (the image needs a newer program)",
+          h->features & ~(uint64_t) QED_F_KNOWN);
+  if (!is_power_of_2 (cs) ||
+      cs < QED_MIN_CLUSTER_SIZE || cs > QED_MAX_CLUSTER_SIZE)
+    FAIL (EINVAL, "invalid cluster_size %" PRIu32
+          " (must be a power of 2 from 4K to 64M)", h->cluster_size);
+  if (!is_power_of_2 (h->table_size) ||
+      h->table_size < QED_MIN_TABLE_SIZE || h->table_size > QED_MAX_TABLE_SIZE)
+    FAIL (EINVAL, "invalid table_size %" PRIu32
+          " (must be a power of 2 from 1 to 16)", h->table_size);
+  if (h->header_size == 0)
+    FAIL (EINVAL, "invalid header_size 0 (the header needs a cluster)");
+  header_bytes = (uint64_t) h->header_size * cs;
+  if (header_bytes > UINT32_MAX)
+    FAIL (EINVAL, "invalid header_size %" PRIu32 " (header too large)",
+          h->header_size);
+  if (h->image_size % 512 != 0)
+    FAIL (EINVAL, "invalid image_size %" PRIu64 " (not a multiple of 512)",
+          h->image_size);
+  if (h->image_size > qed_max_image_size (h->cluster_size, h->table_size) ||
+      h->image_size > INT64_MAX)
+    FAIL (EINVAL, "invalid image_size %" PRIu64
+          " (larger than the tables can address)", h->image_size);
+
+  /* The L1 table must lie wholly inside the file, after the header.
+   * A trailing partial cluster of the file does not count (as QEMU).
+   */
+  table_bytes = (uint64_t) h->table_size * cs;
+  file_clusters_end = ROUND_DOWN (file_size, cs);
+  if (!IS_ALIGNED (h->l1_table_offset, cs) ||
+      h->l1_table_offset < header_bytes ||
+      h->l1_table_offset > file_clusters_end ||
+      file_clusters_end - h->l1_table_offset < table_bytes)
+    FAIL (EINVAL, "invalid l1_table_offset 0x%" PRIx64
+          " (must be cluster aligned, after the header and inside the file)",
+          h->l1_table_offset);
+
+  if ((h->features & QED_F_BACKING_FILE) && h->backing_filename_size > 0) {
+    uint64_t end = (uint64_t) h->backing_filename_offset
+      + h->backing_filename_size;
+    if (h->backing_filename_size > QED_MAX_BACKING_NAME)
+      FAIL (EINVAL, "backing file name is too long (%" PRIu32 " bytes)",
+            h->backing_filename_size);
+    if (h->backing_filename_offset < QED_HEADER_BYTES || end > header_bytes)
+      FAIL (EINVAL, "invalid backing file name location (offset %" PRIu32
+            ", size %" PRIu32 "): it must lie in the header clusters "
+            "after the first 64 bytes",
+            h->backing_filename_offset, h->backing_filename_size);
+  }
+  return 0;
+#undef FAIL
+}

@@ -1,0 +1,528 @@
+/* nbdkit-qed: creating, opening and closing images; flush and the
+ * NEED_CHECK epoch.
+ *
+ * NEED_CHECK is set (and made durable) before the first change after a
+ * clean state, and cleared only when everything is written back, no
+ * request is running and no cluster is leaked: at close, and from the
+ * host's idle timer.  Header updates rewrite only the field they change
+ * (8 bytes at offset 16 or 32), never the bytes after the header.
+ */
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <stdint.h>
+#include <string.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <endian.h>
+#include <unistd.h>
+#include <sys/stat.h>
+#include <sys/mman.h>
+
+#include "qed-internal.h"
+#include "seam.h"
+#include "util.h"
+
+int
+pread_full (int fd, void *buf, size_t count, uint64_t off)
+{
+  while (count > 0) {
+    ssize_t r = pread (fd, buf, count, off);
+    if (r == -1) {
+      if (errno == EINTR)
+        continue;
+      return -1;
+    }
+    if (r == 0) {               /* past EOF reads as zeros */
+      memset (buf, 0, count);
+      return 0;
+    }
+    buf = (char *) buf + r;
+    count -= r;
+    off += r;
+  }
+  return 0;
+}
+
+int
+pwrite_full (int fd, const void *buf, size_t count, uint64_t off)
+{
+  while (count > 0) {
+    ssize_t r = pwrite (fd, buf, count, off);
+    if (r == -1) {
+      if (errno == EINTR)
+        continue;
+      return -1;
+    }
+    buf = (const char *) buf + r;
+    count -= r;
+    off += r;
+  }
+  return 0;
+}
+
+int
+offset_list_append (struct offset_list *l, uint64_t v)
+{
+  if (l->len == l->cap) {
+    size_t cap = l->cap ? l->cap * 2 : 64;
+    uint64_t *p = realloc (l->ptr, cap * sizeof *p);
+    if (p == NULL) {
+      qed_error ("realloc: %m");
+      return -1;
+    }
+    l->ptr = p;
+    l->cap = cap;
+  }
+  l->ptr[l->len++] = v;
+  return 0;
+}
+
+static int
+write_features (struct qed_image *img, uint64_t features)
+{
+  uint64_t le = htole64 (features);
+
+  if (pwrite_full (img->fd, &le, 8, 16) == -1 || fdatasync (img->fd) == -1) {
+    qed_error ("%s: cannot update the header: %m", img->filename);
+    return -1;
+  }
+  img->h.features = features;
+  return 0;
+}
+
+int
+qed_mark_need_check (struct qed_image *img)
+{
+  if (img->need_check)
+    return 0;
+  if (img->readonly) {
+    errno = EROFS;
+    return -1;
+  }
+  if (write_features (img, img->h.features | QED_F_NEED_CHECK) == -1)
+    return -1;
+  img->need_check = true;
+  return 0;
+}
+
+void
+qed_op_begin (struct qed_image *img)
+{
+  img->active_ops++;
+}
+
+void
+qed_op_end (struct qed_image *img)
+{
+  if (--img->active_ops == 0)
+    qed_recycle_free (img);
+}
+
+int
+qed_create (const char *filename, const struct qed_create_options *opts)
+{
+  struct qed_header h = { 0 };
+  unsigned char hdr[QED_HEADER_BYTES];
+  uint32_t cs = opts->cluster_size ? opts->cluster_size
+    : QED_DEFAULT_CLUSTER_SIZE;
+  uint32_t ts = opts->table_size ? opts->table_size : QED_DEFAULT_TABLE_SIZE;
+  uint64_t size = ROUND_UP (opts->size, 512);
+  size_t name_len = opts->backing_name ? strlen (opts->backing_name) : 0;
+  CLEANUP_FREE void *zeros = NULL;
+  int fd;
+
+  if (opts->size > INT64_MAX - 511) {
+    qed_error ("size %" PRIu64 " is too large", opts->size);
+    errno = EINVAL;
+    return -1;
+  }
+  if (!is_power_of_2 (cs) || cs < QED_MIN_CLUSTER_SIZE ||
+      cs > QED_MAX_CLUSTER_SIZE) {
+    qed_error ("cluster-size must be a power of 2 from 4K to 64M");
+    errno = EINVAL;
+    return -1;
+  }
+  if (!is_power_of_2 (ts) || ts > QED_MAX_TABLE_SIZE) {
+    qed_error ("table-size must be a power of 2 from 1 to 16");
+    errno = EINVAL;
+    return -1;
+  }
+  if (!opts->allow_qemu_incompatible && !qed_qemu_can_open (cs, ts)) {
+    qed_error ("cluster-size %" PRIu32 " with table-size %" PRIu32
+               " makes an image QEMU cannot open%s", cs, ts,
+               ts < 2 ? " (QEMU rejects table-size 1)"
+               : " (QEMU overflows computing its maximum size)");
+    errno = EINVAL;
+    return -1;
+  }
+  if (size > qed_max_image_size (cs, ts) || size > INT64_MAX) {
+    qed_error ("size %" PRIu64 " is larger than the maximum %" PRIu64
+               " for cluster-size %" PRIu32 " and table-size %" PRIu32,
+               size, qed_max_image_size (cs, ts), cs, ts);
+    errno = EINVAL;
+    return -1;
+  }
+  if (name_len > QED_MAX_BACKING_NAME || name_len > cs - QED_HEADER_BYTES) {
+    qed_error ("backing file name is too long (%zu bytes)", name_len);
+    errno = ENAMETOOLONG;
+    return -1;
+  }
+
+  h.magic = QED_MAGIC;
+  h.cluster_size = cs;
+  h.table_size = ts;
+  h.header_size = 1;
+  h.l1_table_offset = cs;
+  h.image_size = size;
+  if (name_len > 0) {
+    h.features |= QED_F_BACKING_FILE;
+    if (opts->backing_raw)
+      h.features |= QED_F_BACKING_FORMAT_NO_PROBE;
+    h.backing_filename_offset = QED_HEADER_BYTES;
+    h.backing_filename_size = name_len;
+  }
+  qed_header_encode (hdr, &h);
+
+  /* Like qemu-img: header, name at 64, an explicitly written zero L1,
+   * and the rest of the header cluster left as a hole.
+   */
+  fd = open (filename, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (fd == -1) {
+    qed_error ("%s: cannot create: %m", filename);
+    return -1;
+  }
+  zeros = calloc (1, (size_t) ts * cs);
+  if (zeros == NULL ||
+      pwrite_full (fd, hdr, sizeof hdr, 0) == -1 ||
+      (name_len && pwrite_full (fd, opts->backing_name, name_len, 64) == -1) ||
+      pwrite_full (fd, zeros, (size_t) ts * cs, cs) == -1 ||
+      fsync (fd) == -1) {
+    qed_error ("%s: cannot write the new image: %m", filename);
+    close (fd);
+    unlink (filename);
+    return -1;
+  }
+  if (close (fd) == -1) {
+    qed_error ("%s: close: %m", filename);
+    unlink (filename);
+    return -1;
+  }
+  return 0;
+}
+
+static void
+image_free (struct qed_image *img)
+{
+  if (img == NULL)
+    return;
+  qed_tables_free (img);
+  if (img->fd >= 0)
+    close (img->fd);
+  if (img->zero_buf)
+    munmap (img->zero_buf, img->cs);
+  pthread_mutex_destroy (&img->lock);
+  pthread_mutex_destroy (&img->flush_lock);
+  pthread_cond_destroy (&img->cond);
+  free (img->pending_free.ptr);
+  free (img->flushed_free.ptr);
+  free (img->free_list.ptr);
+  free (img->backing_name);
+  free (img->filename);
+  free (img);
+}
+
+struct qed_image *
+qed_open (const char *filename, const struct qed_open_options *opts)
+{
+  struct qed_image *img;
+  unsigned char hdr[QED_HEADER_BYTES];
+  struct stat st;
+  char msg[256];
+  uint64_t unknown_autoclear;
+
+  img = calloc (1, sizeof *img);
+  if (img == NULL) {
+    qed_error ("calloc: %m");
+    return NULL;
+  }
+  img->fd = -1;
+  pthread_mutex_init (&img->lock, NULL);
+  pthread_mutex_init (&img->flush_lock, NULL);
+  pthread_cond_init (&img->cond, NULL);
+  img->readonly = opts->readonly;
+  img->can_punch = true;
+  img->filename = strdup (filename);
+  if (img->filename == NULL) {
+    qed_error ("strdup: %m");
+    goto err;
+  }
+
+  img->fd = open (filename, (opts->readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+  if (img->fd == -1) {
+    qed_error ("%s: %m", filename);
+    goto err;
+  }
+  if (fstat (img->fd, &st) == -1) {
+    qed_error ("%s: fstat: %m", filename);
+    goto err;
+  }
+  if (!S_ISREG (st.st_mode)) {
+    qed_error ("%s: not a regular file", filename);
+    errno = EINVAL;
+    goto err;
+  }
+  memset (hdr, 0, sizeof hdr);
+  if (pread_full (img->fd, hdr, sizeof hdr, 0) == -1) {
+    qed_error ("%s: cannot read the QED header: %m", filename);
+    goto err;
+  }
+  qed_header_decode (&img->h, hdr);
+  if (qed_header_validate (&img->h, st.st_size, msg, sizeof msg) == -1) {
+    int e = errno;
+    qed_error ("%s: %s", filename, msg);
+    errno = e;
+    goto err;
+  }
+
+  img->cs = img->h.cluster_size;
+  img->cs_bits = log_2 (img->cs);
+  img->table_bytes = (uint64_t) img->h.table_size * img->cs;
+  img->table_entries = img->table_bytes / 8;
+  img->table_bits = log_2 (img->table_entries);
+  img->header_end = (uint64_t) img->h.header_size * img->cs;
+  img->l1_start = img->h.l1_table_offset;
+  img->l1_end = img->l1_start + img->table_bytes;
+  img->nr_clusters = (img->h.image_size + img->cs - 1) >> img->cs_bits;
+  img->file_end = ROUND_DOWN ((uint64_t) st.st_size, img->cs);
+  img->tail_garbage = (uint64_t) st.st_size != img->file_end;
+  img->need_check = img->h.features & QED_F_NEED_CHECK;
+
+  if (img->h.features & QED_F_BACKING_FILE &&
+      img->h.backing_filename_size > 0) {
+    size_t n = img->h.backing_filename_size;
+    img->backing_name = calloc (1, n + 1);
+    if (img->backing_name == NULL) {
+      qed_error ("calloc: %m");
+      goto err;
+    }
+    if (pread_full (img->fd, img->backing_name, n,
+                    img->h.backing_filename_offset) == -1) {
+      qed_error ("%s: cannot read the backing file name: %m", filename);
+      goto err;
+    }
+    if (strlen (img->backing_name) != n) {
+      qed_error ("%s: the backing file name contains a NUL byte", filename);
+      errno = EINVAL;
+      goto err;
+    }
+    img->has_backing = true;
+    img->backing_raw = img->h.features & QED_F_BACKING_FORMAT_NO_PROBE;
+  }
+
+  /* A cluster of zeros for fills: an anonymous mapping costs no memory
+   * until written, and we never write it.
+   */
+  img->zero_buf = mmap (NULL, img->cs, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS,
+                        -1, 0);
+  if (img->zero_buf == MAP_FAILED) {
+    img->zero_buf = NULL;
+    qed_error ("mmap: %m");
+    goto err;
+  }
+
+  if (qed_tables_init (img, opts->l2_cache_bytes) == -1)
+    goto err;
+
+  /* Unknown autoclear bits guard data we may be about to make stale:
+   * clear them on a writable open (durably), leave them when read-only.
+   */
+  unknown_autoclear = img->h.autoclear_features;
+  if (!img->readonly && unknown_autoclear) {
+    uint64_t zero = 0;
+    if (pwrite_full (img->fd, &zero, 8, 32) == -1 ||
+        fdatasync (img->fd) == -1) {
+      qed_error ("%s: cannot clear autoclear features: %m", filename);
+      goto err;
+    }
+    qed_debug ("%s: cleared unknown autoclear features 0x%" PRIx64,
+               filename, unknown_autoclear);
+    img->h.autoclear_features = 0;
+  }
+
+  if ((img->need_check || opts->force_check) && !opts->skip_check) {
+    struct qed_check_result res;
+    bool repair = !img->readonly;
+
+    qed_debug ("%s: %s, checking the image%s", filename,
+               img->need_check ? "NEED_CHECK is set" : "check requested",
+               repair ? " and repairing it" : " (read-only: no repair)");
+    if (qed_check (img, repair, &res) == -1)
+      goto err;
+    if (res.check_errors > 0) {
+      qed_error ("%s: the consistency check failed with I/O errors",
+                 filename);
+      errno = EIO;
+      goto err;
+    }
+    if (res.corruptions > res.corruptions_fixed) {
+      qed_error ("%s: %" PRIu64 " corruptions %s; NEED_CHECK stays set",
+                 filename, res.corruptions - res.corruptions_fixed,
+                 img->readonly ? "found (read-only: not repaired)"
+                 : "could not be repaired");
+      errno = EIO;
+      goto err;
+    }
+  }
+  return img;
+
+ err:
+  {
+    int e = errno;
+    image_free (img);
+    errno = e ? e : EIO;
+  }
+  return NULL;
+}
+
+int
+qed_flush (struct qed_image *img)
+{
+  int r;
+
+  if (img->readonly)
+    return 0;
+  pthread_mutex_lock (&img->flush_lock);
+  r = qed_writeback (img);
+  if (r == 0) {
+    pthread_mutex_lock (&img->lock);
+    /* The unlinking of these clusters is now durable. */
+    for (size_t i = 0; i < img->pending_free.len; ++i)
+      offset_list_append (&img->flushed_free, img->pending_free.ptr[i]);
+    img->pending_free.len = 0;
+    if (img->active_ops == 0)
+      qed_recycle_free (img);
+    pthread_mutex_unlock (&img->lock);
+  }
+  pthread_mutex_unlock (&img->flush_lock);
+  return r;
+}
+
+/* Clear NEED_CHECK if the image is clean on disk.  flush_lock held. */
+static int
+try_clear_need_check (struct qed_image *img)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
+
+  if (!img->need_check || img->active_ops || img->reservations ||
+      img->ndirty || img->pending_free.len || img->flushed_free.len ||
+      img->free_list.len)
+    return 0;
+  for (uint64_t i = 0; i < img->l1_pages; ++i)
+    if (img->l1_dirty[i])
+      return 0;
+  if (write_features (img, img->h.features & ~(uint64_t) QED_F_NEED_CHECK)
+      == -1)
+    return -1;
+  img->need_check = false;
+  qed_debug ("%s: clean: NEED_CHECK cleared", img->filename);
+  return 0;
+}
+
+int
+qed_idle (struct qed_image *img)
+{
+  int r = 0;
+
+  if (img->readonly || !img->need_check)
+    return 0;
+  if (qed_flush (img) == -1)
+    return -1;
+  pthread_mutex_lock (&img->flush_lock);
+  r = try_clear_need_check (img);
+  pthread_mutex_unlock (&img->flush_lock);
+  return r;
+}
+
+int
+qed_close (struct qed_image *img)
+{
+  int r = 0;
+
+  if (img == NULL)
+    return 0;
+  if (!img->readonly) {
+    if (qed_flush (img) == -1)
+      r = -1;
+    else {
+      pthread_mutex_lock (&img->flush_lock);
+      /* Give back the space freed by zero and trim, so the image has
+       * no leaked clusters, then mark it clean. */
+      if (img->need_check &&
+          (img->flushed_free.len || img->free_list.len) &&
+          qed_compact (img) == -1)
+        r = -1;
+      else if (try_clear_need_check (img) == -1)
+        r = -1;
+      pthread_mutex_unlock (&img->flush_lock);
+    }
+  }
+  image_free (img);
+  return r;
+}
+
+const struct qed_header *
+qed_get_header (const struct qed_image *img)
+{
+  return &img->h;
+}
+
+uint64_t
+qed_get_size (const struct qed_image *img)
+{
+  return img->h.image_size;
+}
+
+uint32_t
+qed_get_cluster_size (const struct qed_image *img)
+{
+  return img->cs;
+}
+
+bool
+qed_is_readonly (const struct qed_image *img)
+{
+  return img->readonly;
+}
+
+const char *
+qed_get_backing_name (const struct qed_image *img)
+{
+  return img->backing_name;
+}
+
+bool
+qed_get_backing_raw (const struct qed_image *img)
+{
+  return img->backing_raw;
+}
+
+const char *
+qed_get_filename (const struct qed_image *img)
+{
+  return img->filename;
+}
+
+void
+qed_get_stats (struct qed_image *img, struct qed_stats *st)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
+  st->l2_cache_pages = img->npages;
+  st->l2_cache_max_pages = img->max_pages;
+  st->l2_cache_hits = img->hits;
+  st->l2_cache_misses = img->misses;
+  st->file_end = img->file_end;
+  st->free_clusters = img->free_list.len + img->flushed_free.len +
+    img->pending_free.len;
+}

@@ -1,0 +1,137 @@
+/* nbdkit-qed: the read path and block status.
+ *
+ * qed_map answers, from the tables alone, what the run of clusters at
+ * an offset is (data at a file offset, a zero cluster, or unallocated);
+ * reads, extents and the filter's copy-on-read are built on it.
+ */
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <stdint.h>
+#include <string.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <fcntl.h>
+
+#include "qed-internal.h"
+#include "seam.h"
+#include "util.h"
+
+/* Bound the clusters examined under the lock in one call. */
+#define MAX_MAP_CLUSTERS 65536
+
+static enum qed_map_type
+type_of (uint64_t e)
+{
+  return e == QED_ENTRY_UNALLOCATED ? QED_MAP_UNALLOCATED
+    : e == QED_ENTRY_ZERO ? QED_MAP_ZERO : QED_MAP_DATA;
+}
+
+int
+qed_map (struct qed_image *img, uint64_t offset, uint64_t count,
+         struct qed_map *map)
+{
+  uint64_t c = offset >> img->cs_bits, e, end = offset + count, pos;
+  unsigned n = 0;
+
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
+  if (qed_get_entry (img, c, &e) == -1)
+    return -1;
+  map->type = type_of (e);
+  map->file_offset = e > QED_ENTRY_ZERO ? e + (offset & (img->cs - 1)) : 0;
+
+  /* pos is the end of the run found so far. */
+  pos = MIN (end, (c + 1) << img->cs_bits);
+  while (pos < end && n++ < MAX_MAP_CLUSTERS) {
+    uint64_t nc = pos >> img->cs_bits;
+    if (map->type == QED_MAP_UNALLOCATED && qed_table_absent (img, nc)) {
+      /* Skip a whole absent table at once. */
+      pos = MIN (end, (nc + clusters_left_in_table (img, nc)) << img->cs_bits);
+      continue;
+    }
+    if (qed_get_entry (img, nc, &e) == -1)
+      return -1;
+    if (type_of (e) != map->type ||
+        (map->type == QED_MAP_DATA && e != map->file_offset + (pos - offset)))
+      break;
+    pos = MIN (end, (nc + 1) << img->cs_bits);
+  }
+  map->length = pos - offset;
+  return 0;
+}
+
+int
+qed_read (struct qed_image *img, const struct qed_below *below,
+          void *buf, uint64_t count, uint64_t offset)
+{
+  char *p = buf;
+  int r = 0;
+
+  pthread_mutex_lock (&img->lock);
+  qed_op_begin (img);
+  pthread_mutex_unlock (&img->lock);
+
+  while (count > 0) {
+    struct qed_map m;
+
+    if (qed_map (img, offset, count, &m) == -1) {
+      r = -1;
+      break;
+    }
+    switch (m.type) {
+    case QED_MAP_DATA:
+      if (pread_full (img->fd, p, m.length, m.file_offset) == -1) {
+        qed_error ("%s: read at 0x%" PRIx64 ": %m", img->filename,
+                   m.file_offset);
+        r = -1;
+      }
+      break;
+    case QED_MAP_ZERO:
+      memset (p, 0, m.length);
+      break;
+    case QED_MAP_UNALLOCATED:
+      if (below == NULL)
+        memset (p, 0, m.length);
+      else if (below->read (below->opaque, p, m.length, offset) == -1) {
+        if (errno == 0)
+          errno = EIO;
+        r = -1;
+      }
+      break;
+    }
+    if (r == -1)
+      break;
+    p += m.length;
+    offset += m.length;
+    count -= m.length;
+  }
+
+  {
+    int err = errno;
+    pthread_mutex_lock (&img->lock);
+    qed_op_end (img);
+    pthread_mutex_unlock (&img->lock);
+    errno = err;
+  }
+  return r;
+}
+
+int
+qed_prefetch (struct qed_image *img, const struct qed_below *below,
+              uint64_t count, uint64_t offset)
+{
+  while (count > 0) {
+    struct qed_map m;
+
+    if (qed_map (img, offset, count, &m) == -1)
+      return -1;
+    if (m.type == QED_MAP_DATA)
+      posix_fadvise (img->fd, m.file_offset, m.length, POSIX_FADV_WILLNEED);
+    else if (m.type == QED_MAP_UNALLOCATED && below && below->prefetch &&
+             below->prefetch (below->opaque, m.length, offset) == -1)
+      return -1;
+    offset += m.length;
+    count -= m.length;
+  }
+  return 0;
+}

@@ -1,0 +1,182 @@
+/* nbdkit-qed: the image structure shared by the core's files.
+ *
+ * About the locking:
+ *
+ * img->lock guards all metadata in memory (the L1, the L2 page cache,
+ * the allocation pointer, the free lists, the reservations and the
+ * NEED_CHECK state).  Data I/O is done without it.  Loading an L2 page
+ * (one 4K pread) is done with it held.
+ *
+ * A request that changes the mapping of clusters (an allocating write,
+ * a zero or trim, a copy-on-read fill) first *reserves* the run of
+ * clusters under img->lock.  Another such request on a reserved cluster
+ * waits on img->cond and then looks the cluster up again.  So the
+ * lookup, the data write and the commit of a cluster happen as one step
+ * with respect to other changes of the same cluster, while different
+ * clusters proceed in parallel.  A request holds at most one reserved
+ * run and never waits while holding one, so there is no deadlock.
+ *
+ * img->flush_lock serialises metadata writeback (table.c).
+ *
+ * About crash safety:
+ *
+ * Table changes are made in memory and marked dirty.  They reach the
+ * disk only in writeback, which first fdatasyncs the file (so every
+ * cluster a dirty entry points to is durable) and then writes the dirty
+ * table pages, then fdatasyncs again.  New clusters are always holes
+ * (freshly extended or punched), so a new L2 table needs no write until
+ * it has entries.  The on-disk tables therefore never point at data
+ * that is not durable, with no fdatasync per allocating write; a crash
+ * can only leak clusters, and NEED_CHECK (set durably before the first
+ * change after a clean state) makes the next open reclaim them.
+ *
+ * Freed clusters (zero/trim) are reused only after writeback has made
+ * the unlinking durable and no request that might still hold their old
+ * address is running (img->active_ops fell to 0 since).
+ */
+
+#ifndef NBDKIT_QED_INTERNAL_H
+#define NBDKIT_QED_INTERNAL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <pthread.h>
+
+#include "qed.h"
+
+/* L2 tables are cached in 4K pages (512 entries), so that a cache miss
+ * costs one small read and the cache covers many tables sparsely.
+ */
+#define L2_PAGE_BYTES    4096u
+#define L2_PAGE_ENTRIES  (L2_PAGE_BYTES / 8)
+#define DEFAULT_L2_CACHE (32u * 1024 * 1024)
+#define MIN_L2_CACHE     (64u * 1024)
+
+struct l2_page {
+  uint64_t offset;              /* file offset of the page (the key) */
+  uint64_t *entries;            /* L2_PAGE_ENTRIES, host order */
+  struct l2_page *hnext;        /* hash chain */
+  struct l2_page *prev, *next;  /* LRU list, most recent first */
+  struct l2_page *dnext;        /* dirty list */
+  bool dirty;
+  bool pinned;                  /* being written back: keep in memory */
+};
+
+/* A run of clusters reserved by one request. */
+struct reservation {
+  uint64_t first, last;         /* guest cluster indexes, inclusive */
+  struct reservation *next;
+};
+
+/* A growable array of cluster offsets. */
+struct offset_list {
+  uint64_t *ptr;
+  size_t len, cap;
+};
+
+struct qed_image {
+  char *filename;
+  int fd;
+  bool readonly;
+  struct qed_header h;
+  char *backing_name;           /* NUL-terminated, or NULL */
+
+  /* Geometry, derived from the header. */
+  uint32_t cs;                  /* cluster size */
+  unsigned cs_bits;
+  uint64_t table_bytes;         /* ts * cs */
+  uint64_t table_entries;       /* entries per table */
+  unsigned table_bits;          /* log2 (table_entries) */
+  uint64_t header_end;          /* header_size * cs */
+  uint64_t l1_start, l1_end;
+  uint64_t nr_clusters;         /* guest clusters (rounded up) */
+
+  pthread_mutex_t lock;
+  pthread_cond_t cond;
+  pthread_mutex_t flush_lock;
+
+  /* L1, always resident. */
+  uint64_t *l1;
+  bool *l1_dirty;               /* per 4K page of the L1 */
+  uint64_t l1_pages;
+
+  /* L2 page cache: hash for lookup, LRU for eviction. */
+  struct l2_page **hash;
+  size_t hash_mask;
+  struct l2_page lru;           /* sentinel */
+  size_t npages, max_pages;
+  struct l2_page *dirty_list;
+  size_t ndirty;
+  uint64_t hits, misses;
+
+  /* Allocation: the file is always exactly file_end bytes (clusters). */
+  uint64_t file_end;
+  bool tail_garbage;            /* a partial cluster follows file_end */
+  struct offset_list pending_free;  /* unlinked, not yet durable */
+  struct offset_list flushed_free;  /* durable, old users may remain */
+  struct offset_list free_list;     /* reusable holes */
+  bool can_punch;
+
+  struct reservation *reservations;
+  unsigned active_ops;          /* data requests in progress */
+
+  bool need_check;              /* NEED_CHECK is set on disk */
+  bool has_backing;
+  bool backing_raw;
+
+  void *zero_buf;               /* cs bytes of zeros (lazily mapped) */
+};
+
+/* Entry checks.  A data cluster must be aligned (reserved low bits
+ * clear), after the header, inside the file and not in the L1.
+ */
+static inline bool
+valid_cluster_offset (const struct qed_image *img, uint64_t off, uint64_t len)
+{
+  return (off & (img->cs - 1)) == 0 &&
+    off >= img->header_end &&
+    off <= img->file_end && img->file_end - off >= len &&
+    (off >= img->l1_end || off + len <= img->l1_start);
+}
+
+/* image.c */
+extern int qed_mark_need_check (struct qed_image *img);   /* lock held */
+extern int pwrite_full (int fd, const void *buf, size_t count, uint64_t off);
+extern int pread_full (int fd, void *buf, size_t count, uint64_t off);
+extern int offset_list_append (struct offset_list *l, uint64_t v);
+extern void qed_op_begin (struct qed_image *img);         /* lock held */
+extern void qed_op_end (struct qed_image *img);           /* lock held */
+
+/* table.c */
+extern int qed_tables_init (struct qed_image *img, uint64_t cache_bytes);
+extern void qed_tables_free (struct qed_image *img);
+extern void qed_cache_drop (struct qed_image *img);
+/* Look up the L2 entry of a guest cluster; *entry is 0, 1 or a
+ * validated data offset.  Lock held. */
+extern int qed_get_entry (struct qed_image *img, uint64_t cluster,
+                          uint64_t *entry);
+/* Set the L2 entry of a guest cluster, allocating its L2 table if
+ * needed.  Lock held. */
+extern int qed_set_entry (struct qed_image *img, uint64_t cluster,
+                          uint64_t entry);
+/* The number of clusters from `cluster` to the end of its L2 table. */
+static inline uint64_t
+clusters_left_in_table (const struct qed_image *img, uint64_t cluster)
+{
+  return img->table_entries - (cluster & (img->table_entries - 1));
+}
+/* Is the L2 table of this cluster absent?  Lock held. */
+extern bool qed_table_absent (struct qed_image *img, uint64_t cluster);
+/* Write back dirty metadata (flush_lock held, lock not held). */
+extern int qed_writeback (struct qed_image *img);
+
+/* alloc.c */
+/* Allocate n contiguous zeroed (hole) clusters.  Lock held. */
+extern int qed_alloc_clusters (struct qed_image *img, uint64_t n,
+                               uint64_t *offset);
+extern void qed_recycle_free (struct qed_image *img);     /* lock held */
+
+/* check.c */
+extern int qed_compact (struct qed_image *img);
+
+#endif /* NBDKIT_QED_INTERNAL_H */

@@ -1,0 +1,405 @@
+/* nbdkit-qed: L1 and L2 tables.
+ *
+ * The L1 is read at open and stays resident.  L2 tables are cached in
+ * 4K pages: a hash keyed by the page's file offset finds a page, and an
+ * LRU list picks the victim when the cache is full.  Dirty pages are
+ * never evicted; they leave the dirty list only through writeback,
+ * which follows the ordering described in qed-internal.h.
+ */
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <stdint.h>
+#include <string.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <endian.h>
+#include <unistd.h>
+
+#include "qed-internal.h"
+#include "seam.h"
+#include "util.h"
+
+static void
+le_to_host (uint64_t *e, size_t n)
+{
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+  for (size_t i = 0; i < n; ++i)
+    e[i] = le64toh (e[i]);
+#endif
+}
+
+int
+qed_tables_init (struct qed_image *img, uint64_t cache_bytes)
+{
+  size_t hash_size;
+
+  img->l1 = malloc (img->table_bytes);
+  img->l1_pages = img->table_bytes / L2_PAGE_BYTES;
+  img->l1_dirty = calloc (img->l1_pages, sizeof (bool));
+  if (img->l1 == NULL || img->l1_dirty == NULL) {
+    qed_error ("%s: cannot allocate the L1 table: %m", img->filename);
+    return -1;
+  }
+  if (pread_full (img->fd, img->l1, img->table_bytes, img->l1_start) == -1) {
+    qed_error ("%s: cannot read the L1 table: %m", img->filename);
+    return -1;
+  }
+  le_to_host (img->l1, img->table_entries);
+
+  if (cache_bytes == 0)
+    cache_bytes = DEFAULT_L2_CACHE;
+  if (cache_bytes < MIN_L2_CACHE)
+    cache_bytes = MIN_L2_CACHE;
+  img->max_pages = cache_bytes / L2_PAGE_BYTES;
+  for (hash_size = 64; hash_size < img->max_pages * 2; hash_size *= 2)
+    ;
+  img->hash = calloc (hash_size, sizeof *img->hash);
+  if (img->hash == NULL) {
+    qed_error ("calloc: %m");
+    return -1;
+  }
+  img->hash_mask = hash_size - 1;
+  img->lru.next = img->lru.prev = &img->lru;
+  return 0;
+}
+
+static size_t
+hash_of (const struct qed_image *img, uint64_t offset)
+{
+  return ((offset >> 12) * UINT64_C (0x9E3779B97F4A7C15)) >> 20
+    & img->hash_mask;
+}
+
+static void
+lru_unlink (struct l2_page *p)
+{
+  p->prev->next = p->next;
+  p->next->prev = p->prev;
+}
+
+static void
+lru_push_front (struct qed_image *img, struct l2_page *p)
+{
+  p->next = img->lru.next;
+  p->prev = &img->lru;
+  img->lru.next->prev = p;
+  img->lru.next = p;
+}
+
+static void
+page_free (struct qed_image *img, struct l2_page *p)
+{
+  struct l2_page **pp = &img->hash[hash_of (img, p->offset)];
+
+  while (*pp != p)
+    pp = &(*pp)->hnext;
+  *pp = p->hnext;
+  lru_unlink (p);
+  free (p->entries);
+  free (p);
+  img->npages--;
+}
+
+/* Drop every clean page (after check or compaction wrote tables
+ * behind the cache's back).  Lock held or single-threaded.
+ */
+void
+qed_cache_drop (struct qed_image *img)
+{
+  struct l2_page *p, *prev;
+
+  for (p = img->lru.prev; p != &img->lru; p = prev) {
+    prev = p->prev;
+    if (!p->dirty)
+      page_free (img, p);
+  }
+}
+
+void
+qed_tables_free (struct qed_image *img)
+{
+  struct l2_page *p, *next;
+
+  if (img->hash) {
+    for (p = img->lru.next; p != &img->lru; p = next) {
+      next = p->next;
+      free (p->entries);
+      free (p);
+    }
+  }
+  free (img->hash);
+  free (img->l1);
+  free (img->l1_dirty);
+}
+
+/* Find or load the cache page at file offset `offset`.  With `fresh`
+ * the page belongs to a table just allocated (a hole): don't read it.
+ * Lock held.
+ */
+static struct l2_page *
+get_page (struct qed_image *img, uint64_t offset, bool fresh)
+{
+  size_t h = hash_of (img, offset);
+  struct l2_page *p;
+
+  for (p = img->hash[h]; p; p = p->hnext) {
+    if (p->offset == offset) {
+      img->hits++;
+      if (img->lru.next != p) {
+        lru_unlink (p);
+        lru_push_front (img, p);
+      }
+      return p;
+    }
+  }
+  img->misses++;
+
+  /* Evict clean pages from the cold end while the cache is full. */
+  while (img->npages >= img->max_pages) {
+    struct l2_page *victim = img->lru.prev;
+    while (victim != &img->lru && (victim->dirty || victim->pinned))
+      victim = victim->prev;
+    if (victim == &img->lru)
+      break;                    /* all dirty: grow until writeback */
+    page_free (img, victim);
+  }
+
+  p = calloc (1, sizeof *p);
+  if (p == NULL || (p->entries = malloc (L2_PAGE_BYTES)) == NULL) {
+    free (p);
+    qed_error ("malloc: %m");
+    return NULL;
+  }
+  p->offset = offset;
+  if (fresh)
+    memset (p->entries, 0, L2_PAGE_BYTES);
+  else {
+    if (pread_full (img->fd, p->entries, L2_PAGE_BYTES, offset) == -1) {
+      int e = errno;
+      qed_error ("%s: cannot read L2 table at 0x%" PRIx64 ": %m",
+                 img->filename, offset);
+      free (p->entries);
+      free (p);
+      errno = e;
+      return NULL;
+    }
+    le_to_host (p->entries, L2_PAGE_ENTRIES);
+  }
+  p->hnext = img->hash[h];
+  img->hash[h] = p;
+  lru_push_front (img, p);
+  img->npages++;
+  return p;
+}
+
+bool
+qed_table_absent (struct qed_image *img, uint64_t cluster)
+{
+  return img->l1[cluster >> img->table_bits] == 0;
+}
+
+/* The validated L2 table offset for a cluster, or 0 if absent. */
+static int
+get_table (struct qed_image *img, uint64_t cluster, uint64_t *table)
+{
+  uint64_t l1i = cluster >> img->table_bits;
+  uint64_t t = img->l1[l1i];
+
+  if (t != 0 && !valid_cluster_offset (img, t, img->table_bytes)) {
+    qed_error ("%s: invalid L1 entry %" PRIu64 " (0x%" PRIx64 ") for guest "
+               "offset 0x%" PRIx64 ": not an aligned table inside the file",
+               img->filename, l1i, t, cluster << img->cs_bits);
+    errno = EIO;
+    return -1;
+  }
+  *table = t;
+  return 0;
+}
+
+int
+qed_get_entry (struct qed_image *img, uint64_t cluster, uint64_t *entry)
+{
+  uint64_t t, idx, e;
+  struct l2_page *p;
+
+  if (get_table (img, cluster, &t) == -1)
+    return -1;
+  if (t == 0) {
+    *entry = QED_ENTRY_UNALLOCATED;
+    return 0;
+  }
+  idx = cluster & (img->table_entries - 1);
+  p = get_page (img, t + (idx / L2_PAGE_ENTRIES) * L2_PAGE_BYTES, false);
+  if (p == NULL) {
+    errno = EIO;
+    return -1;
+  }
+  e = p->entries[idx % L2_PAGE_ENTRIES];
+  if (e > QED_ENTRY_ZERO && !valid_cluster_offset (img, e, img->cs)) {
+    qed_error ("%s: invalid L2 entry 0x%" PRIx64 " for guest offset 0x%"
+               PRIx64 ": %s", img->filename, e, cluster << img->cs_bits,
+               (e & (img->cs - 1)) ? "reserved low bits are set"
+               : e < img->header_end ? "points into the header"
+               : (e < img->l1_end && e + img->cs > img->l1_start)
+               ? "points into the L1 table" : "beyond the end of the file");
+    errno = EIO;
+    return -1;
+  }
+  *entry = e;
+  return 0;
+}
+
+int
+qed_set_entry (struct qed_image *img, uint64_t cluster, uint64_t entry)
+{
+  uint64_t l1i = cluster >> img->table_bits, t, idx;
+  struct l2_page *p;
+  bool fresh = false;
+
+  if (qed_mark_need_check (img) == -1 || get_table (img, cluster, &t) == -1)
+    return -1;
+  if (t == 0) {
+    /* A clearing entry in an absent table changes nothing. */
+    if (entry == QED_ENTRY_UNALLOCATED)
+      return 0;
+    if (qed_alloc_clusters (img, img->h.table_size, &t) == -1)
+      return -1;
+    img->l1[l1i] = t;
+    img->l1_dirty[(l1i * 8) / L2_PAGE_BYTES] = true;
+    fresh = true;
+  }
+  idx = cluster & (img->table_entries - 1);
+  p = get_page (img, t + (idx / L2_PAGE_ENTRIES) * L2_PAGE_BYTES, fresh);
+  if (p == NULL) {
+    errno = EIO;
+    return -1;
+  }
+  p->entries[idx % L2_PAGE_ENTRIES] = entry;
+  if (!p->dirty) {
+    p->dirty = true;
+    p->dnext = img->dirty_list;
+    img->dirty_list = p;
+    img->ndirty++;
+  }
+  return 0;
+}
+
+/* A copy of one dirty page taken under the lock. */
+struct page_copy {
+  uint64_t offset;
+  struct l2_page *page;         /* pinned until written; NULL for L1 */
+  uint64_t data[L2_PAGE_ENTRIES];
+};
+
+/* Writeback.  flush_lock held, lock not held.
+ *
+ * 1. Under the lock, copy every dirty page (L2 and L1) and mark them
+ *    clean.  Only committed entries are in the copies, and a commit
+ *    happens after its data write completed.
+ * 2. fdatasync: all data those entries point to is now durable (and so
+ *    is the file length covering new clusters).
+ * 3. Write the copies, then fdatasync again.
+ * The copied pages are pinned until then: evicting one and reading it
+ * back before our write lands would lose entries.  If a step fails,
+ * the copied pages are marked dirty again.
+ */
+int
+qed_writeback (struct qed_image *img)
+{
+  struct page_copy *copies = NULL;
+  size_t n = 0, i;
+  struct l2_page *p;
+  int r = -1, saved_errno = 0;
+
+  pthread_mutex_lock (&img->lock);
+  {
+    size_t cap = img->ndirty;
+    for (i = 0; i < img->l1_pages; ++i)
+      cap += img->l1_dirty[i];
+    if (cap > 0) {
+      copies = malloc (cap * sizeof *copies);
+      if (copies == NULL) {
+        pthread_mutex_unlock (&img->lock);
+        qed_error ("malloc: %m");
+        return -1;
+      }
+    }
+    /* L2 pages first: a new table's entries go out with or before the
+     * L1 entry that links it (both only point at durable clusters).
+     */
+    for (p = img->dirty_list; p; p = p->dnext) {
+      copies[n].offset = p->offset;
+      copies[n].page = p;
+      p->pinned = true;
+      memcpy (copies[n].data, p->entries, L2_PAGE_BYTES);
+      p->dirty = false;
+      n++;
+    }
+    img->dirty_list = NULL;
+    img->ndirty = 0;
+    for (i = 0; i < img->l1_pages; ++i) {
+      if (img->l1_dirty[i]) {
+        copies[n].offset = img->l1_start + i * L2_PAGE_BYTES;
+        copies[n].page = NULL;
+        memcpy (copies[n].data, &img->l1[i * L2_PAGE_ENTRIES], L2_PAGE_BYTES);
+        img->l1_dirty[i] = false;
+        n++;
+      }
+    }
+  }
+  pthread_mutex_unlock (&img->lock);
+
+  if (fdatasync (img->fd) == -1) {
+    qed_error ("%s: fdatasync: %m", img->filename);
+    goto fail;
+  }
+  if (n == 0) {
+    r = 0;
+    goto out;
+  }
+  for (i = 0; i < n; ++i) {
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+    for (size_t j = 0; j < L2_PAGE_ENTRIES; ++j)
+      copies[i].data[j] = htole64 (copies[i].data[j]);
+#endif
+    if (pwrite_full (img->fd, copies[i].data, L2_PAGE_BYTES,
+                     copies[i].offset) == -1) {
+      qed_error ("%s: cannot write table at 0x%" PRIx64 ": %m",
+                 img->filename, copies[i].offset);
+      goto fail;
+    }
+  }
+  if (fdatasync (img->fd) == -1) {
+    qed_error ("%s: fdatasync: %m", img->filename);
+    goto fail;
+  }
+  r = 0;
+  goto out;
+
+ fail:
+  saved_errno = errno;
+ out:
+  pthread_mutex_lock (&img->lock);
+  for (i = 0; i < n; ++i) {
+    p = copies[i].page;
+    if (p)
+      p->pinned = false;
+    if (r == 0)
+      continue;
+    /* Mark the copied pages dirty again so a later flush retries. */
+    if (p == NULL)
+      img->l1_dirty[(copies[i].offset - img->l1_start) / L2_PAGE_BYTES] = true;
+    else if (!p->dirty) {
+      p->dirty = true;
+      p->dnext = img->dirty_list;
+      img->dirty_list = p;
+      img->ndirty++;
+    }
+  }
+  pthread_mutex_unlock (&img->lock);
+  free (copies);
+  if (r == -1)
+    errno = saved_errno;
+  return r;
+}

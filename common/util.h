@@ -1,0 +1,74 @@
+/* nbdkit-qed: small helpers (our own equivalents of nbdkit's
+ * common/include headers, which are not installed).
+ */
+
+#ifndef NBDKIT_QED_UTIL_H
+#define NBDKIT_QED_UTIL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <pthread.h>
+
+#define MIN(a, b) ({ __typeof__ (a) _mina = (a); \
+                     __typeof__ (b) _minb = (b);        \
+                     _mina < _minb ? _mina : _minb; })
+#define MAX(a, b) ({ __typeof__ (a) _maxa = (a); \
+                     __typeof__ (b) _maxb = (b);        \
+                     _maxa > _maxb ? _maxa : _maxb; })
+
+/* These work for any power-of-two alignment. */
+#define ROUND_UP(i, n)   (((i) + (n) - 1) & ~((__typeof__ (i)) (n) - 1))
+#define ROUND_DOWN(i, n) ((i) & ~((__typeof__ (i)) (n) - 1))
+#define IS_ALIGNED(i, n) (((i) & ((n) - 1)) == 0)
+
+static inline bool
+is_power_of_2 (uint64_t v)
+{
+  return v != 0 && (v & (v - 1)) == 0;
+}
+
+static inline unsigned
+log_2 (uint64_t v)              /* v must be a power of two */
+{
+  return __builtin_ctzll (v);
+}
+
+/* Fast zero test: check a short prefix, then compare the buffer with
+ * itself shifted by that prefix.
+ */
+static inline bool
+is_zero (const void *buf, size_t len)
+{
+  const unsigned char *p = buf;
+  size_t i, limit = len < 16 ? len : 16;
+
+  for (i = 0; i < limit; ++i)
+    if (p[i])
+      return false;
+  if (len > 16)
+    return memcmp (p, p + 16, len - 16) == 0;
+  return true;
+}
+
+static inline void
+cleanup_free (void *ptr)
+{
+  free (*(void **) ptr);
+}
+#define CLEANUP_FREE __attribute__ ((cleanup (cleanup_free)))
+
+static inline void
+cleanup_unlock (pthread_mutex_t **ptr)
+{
+  pthread_mutex_unlock (*ptr);
+}
+#define QED_CONCAT_(a, b) a##b
+#define QED_CONCAT(a, b) QED_CONCAT_ (a, b)
+#define ACQUIRE_LOCK_FOR_CURRENT_SCOPE(mutex)                           \
+  pthread_mutex_t *QED_CONCAT (_lock_, __LINE__)                        \
+    __attribute__ ((cleanup (cleanup_unlock), unused)) = (mutex);       \
+  pthread_mutex_lock (QED_CONCAT (_lock_, __LINE__))
+
+#endif /* NBDKIT_QED_UTIL_H */

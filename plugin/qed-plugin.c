@@ -1,0 +1,587 @@
+/* nbdkit-qed: the QED plugin.
+ *
+ *   nbdkit qed [file=]IMAGE [create=true size=SIZE ...] [zero-detect=BOOL]
+ *              [l2-cache=SIZE] [follow-backing=BOOL] [backing-override=PATH]
+ *
+ * One image is shared by all connections (one L2 cache, one allocator),
+ * so a flush on any connection covers every connection's writes and
+ * multi-conn is safe.  The image is opened at the first connection,
+ * read-only if that connection is (nbdkit -r), and closed at exit,
+ * which writes back the tables, reclaims freed space and clears
+ * NEED_CHECK.  The start-up checks (get_ready) only read the file.
+ */
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <stdint.h>
+#include <stdbool.h>
+#include <string.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <unistd.h>
+#include <time.h>
+#include <pthread.h>
+
+#define NBDKIT_API_VERSION 2
+#include <nbdkit-plugin.h>
+
+#include "qed.h"
+#include "seam.h"
+#include "util.h"
+
+#define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
+
+/* -D qed.verbose=1: log every request. */
+NBDKIT_DLL_PUBLIC int qed_debug_verbose = 0;
+
+/* Parameters. */
+static char *filename;
+static bool create;
+static int64_t create_size = -1;
+static uint32_t create_cluster_size, create_table_size;
+static char *create_backing;
+static int create_backing_format = QED_FORMAT_PROBE;
+static bool zero_detect;
+static int64_t l2_cache;
+static bool follow_backing = true;
+static char *backing_override;
+static int backing_override_format = QED_FORMAT_PROBE;
+static unsigned idle_clean = 5;          /* seconds, 0 = never */
+static bool file_writable;
+
+/* The open image and its backing chain (from the first connection). */
+static pthread_mutex_t open_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct qed_image *img;
+static struct qed_chain *chain;
+static struct qed_below below;
+static bool have_below;
+
+/* Idle timer: clears NEED_CHECK once writes stop. */
+static pthread_t idle_thread;
+static bool idle_thread_started;
+static pthread_mutex_t idle_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t idle_cond = PTHREAD_COND_INITIALIZER;
+static bool stopping;
+static time_t last_write;
+
+/* The seam: the core's messages go to nbdkit. */
+void
+qed_error (const char *fs, ...)
+{
+  va_list args;
+  int e = errno;
+
+  va_start (args, fs);
+  nbdkit_verror (fs, args);
+  va_end (args);
+  errno = e;
+}
+
+void
+qed_debug (const char *fs, ...)
+{
+  va_list args;
+  int e = errno;
+
+  va_start (args, fs);
+  nbdkit_vdebug (fs, args);
+  va_end (args);
+  errno = e;
+}
+
+static void
+qed_plugin_unload (void)
+{
+  free (filename);
+  free (create_backing);
+  free (backing_override);
+}
+
+static int
+parse_format (const char *key, const char *value, int *format)
+{
+  if (strcmp (value, "raw") == 0)
+    *format = QED_FORMAT_RAW;
+  else if (strcmp (value, "qed") == 0)
+    *format = QED_FORMAT_QED;
+  else {
+    nbdkit_error ("%s: unknown format '%s' (use raw or qed)", key, value);
+    return -1;
+  }
+  return 0;
+}
+
+static int
+parse_bool (const char *key, const char *value, bool *b)
+{
+  int r = nbdkit_parse_bool (value);
+
+  if (r == -1)
+    return -1;
+  *b = r;
+  return 0;
+}
+
+static int
+parse_power_of_2 (const char *key, const char *value, uint32_t lo,
+                  uint32_t hi, uint32_t *out)
+{
+  int64_t v = nbdkit_parse_size (value);
+
+  if (v == -1)
+    return -1;
+  if (v < lo || v > hi || !is_power_of_2 (v)) {
+    nbdkit_error ("%s: must be a power of 2 from %" PRIu32 " to %" PRIu32,
+                  key, lo, hi);
+    return -1;
+  }
+  *out = v;
+  return 0;
+}
+
+static int
+qed_plugin_config (const char *key, const char *value)
+{
+  if (strcmp (key, "file") == 0) {
+    free (filename);
+    /* The image may not exist yet (create=true). */
+    filename = nbdkit_absolute_path (value);
+    return filename ? 0 : -1;
+  }
+  else if (strcmp (key, "create") == 0)
+    return parse_bool (key, value, &create);
+  else if (strcmp (key, "size") == 0) {
+    create_size = nbdkit_parse_size (value);
+    return create_size == -1 ? -1 : 0;
+  }
+  else if (strcmp (key, "cluster-size") == 0)
+    return parse_power_of_2 (key, value, QED_MIN_CLUSTER_SIZE,
+                             QED_MAX_CLUSTER_SIZE, &create_cluster_size);
+  else if (strcmp (key, "table-size") == 0) {
+    uint32_t v;
+    if (nbdkit_parse_uint32_t (key, value, &v) == -1)
+      return -1;
+    if (v < 1 || v > 16 || !is_power_of_2 (v)) {
+      nbdkit_error ("table-size: must be 1, 2, 4, 8 or 16");
+      return -1;
+    }
+    create_table_size = v;
+    return 0;
+  }
+  else if (strcmp (key, "backing") == 0) {
+    free (create_backing);
+    create_backing = strdup (value);    /* stored as given */
+    return create_backing ? 0 : -1;
+  }
+  else if (strcmp (key, "backing-format") == 0)
+    return parse_format (key, value, &create_backing_format);
+  else if (strcmp (key, "zero-detect") == 0)
+    return parse_bool (key, value, &zero_detect);
+  else if (strcmp (key, "l2-cache") == 0) {
+    l2_cache = nbdkit_parse_size (value);
+    if (l2_cache == -1)
+      return -1;
+    if (l2_cache < 65536 || l2_cache > (INT64_C (1) << 40)) {
+      nbdkit_error ("l2-cache: must be between 64K and 1T");
+      return -1;
+    }
+    return 0;
+  }
+  else if (strcmp (key, "follow-backing") == 0)
+    return parse_bool (key, value, &follow_backing);
+  else if (strcmp (key, "backing-override") == 0) {
+    free (backing_override);
+    backing_override = nbdkit_realpath (value);
+    return backing_override ? 0 : -1;
+  }
+  else if (strcmp (key, "backing-override-format") == 0)
+    return parse_format (key, value, &backing_override_format);
+  else if (strcmp (key, "idle-clean") == 0)
+    return nbdkit_parse_unsigned (key, value, &idle_clean);
+  else {
+    nbdkit_error ("unknown parameter '%s'", key);
+    return -1;
+  }
+}
+
+#define qed_plugin_config_help \
+  "[file=]<IMAGE>            (required) The QED image to serve.\n" \
+  "create=true size=<SIZE>   Create IMAGE first (it must not exist).\n" \
+  "cluster-size=<SIZE>       Cluster size of a new image (default 64K).\n" \
+  "table-size=<N>            Table size of a new image (default 4).\n" \
+  "backing=<PATH>            Backing file of a new image.\n" \
+  "backing-format=raw|qed    Format of that backing file.\n" \
+  "zero-detect=<BOOL>        Store zero clusters for all-zero writes.\n" \
+  "l2-cache=<SIZE>           Memory for cached L2 tables (default 32M).\n" \
+  "follow-backing=<BOOL>     Open the backing file the image names\n" \
+  "                          (default true).\n" \
+  "backing-override=<PATH>   Use PATH as the backing file instead.\n" \
+  "backing-override-format=raw|qed  Its format (default: probe).\n" \
+  "idle-clean=<SECONDS>      Clear NEED_CHECK after this long without\n" \
+  "                          writes (default 5, 0 = only at exit)."
+
+static int
+qed_plugin_config_complete (void)
+{
+  if (filename == NULL) {
+    nbdkit_error ("you must supply the file=<IMAGE> parameter "
+                  "after the plugin name on the command line");
+    return -1;
+  }
+  if (create) {
+    struct qed_create_options co = {
+      .size = create_size,
+      .cluster_size = create_cluster_size,
+      .table_size = create_table_size,
+      .backing_name = create_backing,
+      .backing_raw = create_backing_format == QED_FORMAT_RAW,
+    };
+    if (create_size == -1) {
+      nbdkit_error ("create=true needs size=<SIZE>");
+      return -1;
+    }
+    if (access (filename, F_OK) == 0) {
+      nbdkit_error ("%s: create=true, but the file already exists", filename);
+      return -1;
+    }
+    if (qed_create (filename, &co) == -1)
+      return -1;
+    nbdkit_debug ("created %s", filename);
+  }
+  else if (create_size != -1 || create_cluster_size || create_table_size ||
+           create_backing) {
+    nbdkit_error ("size, cluster-size, table-size and backing are only "
+                  "used with create=true");
+    return -1;
+  }
+  return 0;
+}
+
+/* Sanity check now, rather than waiting for the first client: read and
+ * validate the image and its backing chain, without writing anything.
+ */
+static int
+qed_plugin_get_ready (void)
+{
+  struct qed_open_options oo = { .readonly = true, .skip_check = true,
+                                 .l2_cache_bytes = 65536 };
+  struct qed_chain_options co = {
+    .follow = follow_backing, .override = backing_override,
+    .override_format = backing_override_format, .l2_cache_bytes = 65536,
+  };
+  struct qed_image *probe;
+  struct qed_chain *c;
+  bool none;
+
+  probe = qed_open (filename, &oo);
+  if (probe == NULL)
+    return -1;
+  c = qed_chain_open (probe, &co, &none);
+  if (c == NULL && !none) {
+    qed_close (probe);
+    return -1;
+  }
+  if (c)
+    nbdkit_debug ("backing chain: %s", qed_chain_describe (c));
+  if (!qed_qemu_can_open (qed_get_cluster_size (probe),
+                          qed_get_header (probe)->table_size))
+    nbdkit_debug ("%s: note: QEMU cannot open images of this geometry",
+                  filename);
+  qed_chain_close (c);
+  qed_close (probe);
+  file_writable = access (filename, W_OK) == 0;
+  return 0;
+}
+
+static void *
+idle_main (void *arg)
+{
+  pthread_mutex_lock (&idle_lock);
+  while (!stopping) {
+    struct timespec ts;
+    clock_gettime (CLOCK_REALTIME, &ts);
+    ts.tv_sec += 1;
+    pthread_cond_timedwait (&idle_cond, &idle_lock, &ts);
+    time_t lw = __atomic_load_n (&last_write, __ATOMIC_RELAXED);
+    if (stopping || img == NULL || lw == 0 ||
+        time (NULL) - lw < (time_t) idle_clean)
+      continue;
+    __atomic_store_n (&last_write, 0, __ATOMIC_RELAXED);
+    pthread_mutex_unlock (&idle_lock);
+    if (qed_idle (img) == -1)
+      nbdkit_debug ("idle flush failed: %m");
+    pthread_mutex_lock (&idle_lock);
+  }
+  pthread_mutex_unlock (&idle_lock);
+  return NULL;
+}
+
+static int
+qed_plugin_after_fork (void)
+{
+  int err;
+
+  if (idle_clean == 0)
+    return 0;
+  err = pthread_create (&idle_thread, NULL, idle_main, NULL);
+  if (err) {
+    errno = err;
+    nbdkit_error ("pthread_create: %m");
+    return -1;
+  }
+  idle_thread_started = true;
+  return 0;
+}
+
+static void
+qed_plugin_cleanup (void)
+{
+  if (idle_thread_started) {
+    pthread_mutex_lock (&idle_lock);
+    stopping = true;
+    pthread_cond_signal (&idle_cond);
+    pthread_mutex_unlock (&idle_lock);
+    pthread_join (idle_thread, NULL);
+  }
+  qed_chain_close (chain);
+  chain = NULL;
+  if (img && qed_close (img) == -1)
+    nbdkit_error ("%s: closing the image failed", filename);
+  img = NULL;
+}
+
+static void *
+qed_plugin_open (int readonly)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&open_lock);
+
+  if (!file_writable)
+    readonly = 1;
+  if (img == NULL) {
+    struct qed_open_options oo = { .readonly = readonly,
+                                   .l2_cache_bytes = l2_cache };
+    struct qed_chain_options co = {
+      .follow = follow_backing, .override = backing_override,
+      .override_format = backing_override_format,
+      .l2_cache_bytes = l2_cache / 4,
+    };
+    bool none;
+
+    img = qed_open (filename, &oo);
+    if (img == NULL)
+      return NULL;
+    chain = qed_chain_open (img, &co, &none);
+    if (chain == NULL && !none) {
+      qed_close (img);
+      img = NULL;
+      return NULL;
+    }
+    if (chain) {
+      qed_chain_below (chain, &below);
+      have_below = true;
+    }
+  }
+  else if (!readonly && qed_is_readonly (img)) {
+    nbdkit_error ("%s: the image was opened read-only by an earlier "
+                  "connection", filename);
+    return NULL;
+  }
+  return NBDKIT_HANDLE_NOT_NEEDED;
+}
+
+static int64_t
+qed_plugin_get_size (void *handle)
+{
+  return qed_get_size (img);
+}
+
+static int
+qed_plugin_block_size (void *handle,
+                       uint32_t *minimum, uint32_t *preferred,
+                       uint32_t *maximum)
+{
+  *minimum = 1;
+  *preferred = MAX (4096u, MIN (qed_get_cluster_size (img), 2u << 20));
+  *maximum = 0xffffffff;
+  return 0;
+}
+
+static int
+qed_plugin_can_write (void *handle)
+{
+  return !qed_is_readonly (img);
+}
+
+static int
+qed_plugin_can_one (void *handle)
+{
+  return 1;
+}
+
+static int
+qed_plugin_can_fua (void *handle)
+{
+  return NBDKIT_FUA_NATIVE;
+}
+
+static int
+qed_plugin_can_cache (void *handle)
+{
+  return NBDKIT_CACHE_NATIVE;
+}
+
+static const struct qed_below *
+get_below (void)
+{
+  return have_below ? &below : NULL;
+}
+
+static void
+note_write (void)
+{
+  if (idle_clean)
+    __atomic_store_n (&last_write, time (NULL), __ATOMIC_RELAXED);
+}
+
+static int
+qed_plugin_pread (void *handle, void *buf, uint32_t count, uint64_t offset,
+                  uint32_t flags)
+{
+  if (qed_debug_verbose)
+    nbdkit_debug ("pread count=%" PRIu32 " offset=%" PRIu64, count, offset);
+  return qed_read (img, get_below (), buf, count, offset);
+}
+
+static int
+qed_plugin_pwrite (void *handle, const void *buf, uint32_t count,
+                   uint64_t offset, uint32_t flags)
+{
+  unsigned f = (flags & NBDKIT_FLAG_FUA ? QED_WRITE_FUA : 0) |
+    (zero_detect ? QED_WRITE_DETECT_ZERO : 0);
+
+  if (qed_debug_verbose)
+    nbdkit_debug ("pwrite count=%" PRIu32 " offset=%" PRIu64, count, offset);
+  note_write ();
+  return qed_write (img, get_below (), buf, count, offset, f);
+}
+
+static int
+qed_plugin_zero (void *handle, uint32_t count, uint64_t offset,
+                 uint32_t flags)
+{
+  unsigned f = (flags & NBDKIT_FLAG_FUA ? QED_WRITE_FUA : 0) |
+    (flags & NBDKIT_FLAG_MAY_TRIM ? QED_ZERO_MAY_UNMAP : 0) |
+    (flags & NBDKIT_FLAG_FAST_ZERO ? QED_ZERO_FAST : 0);
+
+  if (qed_debug_verbose)
+    nbdkit_debug ("zero count=%" PRIu32 " offset=%" PRIu64 " flags=0x%"
+                  PRIx32, count, offset, flags);
+  note_write ();
+  return qed_zero (img, get_below (), count, offset, f);
+}
+
+static int
+qed_plugin_trim (void *handle, uint32_t count, uint64_t offset,
+                 uint32_t flags)
+{
+  if (qed_debug_verbose)
+    nbdkit_debug ("trim count=%" PRIu32 " offset=%" PRIu64, count, offset);
+  note_write ();
+  return qed_trim (img, get_below (), count, offset,
+                   flags & NBDKIT_FLAG_FUA ? QED_WRITE_FUA : 0);
+}
+
+static int
+qed_plugin_flush (void *handle, uint32_t flags)
+{
+  return qed_flush (img);
+}
+
+static int
+qed_plugin_cache (void *handle, uint32_t count, uint64_t offset,
+                  uint32_t flags)
+{
+  return qed_prefetch (img, get_below (), count, offset);
+}
+
+static int
+add_extent (struct nbdkit_extents *extents, uint64_t offset, uint64_t len,
+            uint32_t type)
+{
+  return nbdkit_add_extent (extents, offset, len, type);
+}
+
+static int
+qed_plugin_extents (void *handle, uint32_t count, uint64_t offset,
+                    uint32_t flags, struct nbdkit_extents *extents)
+{
+  bool req_one = flags & NBDKIT_FLAG_REQ_ONE;
+  uint64_t end = offset + count;
+
+  while (offset < end) {
+    struct qed_map m;
+    uint32_t type;
+
+    if (qed_map (img, offset, end - offset, &m) == -1)
+      return -1;
+    if (m.type == QED_MAP_UNALLOCATED && chain) {
+      /* Ask the backing chain what lies there. */
+      if (qed_chain_map (chain, offset, m.length, &m) == -1)
+        return -1;
+    }
+    type = m.type == QED_MAP_DATA ? 0
+      : NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO;
+    if (add_extent (extents, offset, m.length, type) == -1)
+      return -1;
+    offset += m.length;
+    if (req_one)
+      break;
+  }
+  return 0;
+}
+
+static void
+qed_plugin_dump_plugin (void)
+{
+  printf ("qed_default_l2_cache=%d\n", 32 * 1024 * 1024);
+  printf ("qed_zero_clusters=yes\n");
+  printf ("qed_backing_formats=raw,qed\n");
+}
+
+static struct nbdkit_plugin plugin = {
+  .name              = "qed",
+  .longname          = "nbdkit QED plugin",
+  .version           = "1.0",
+  .description       = "Serve QED (QEMU Enhanced Disk) images",
+  .unload            = qed_plugin_unload,
+  .config            = qed_plugin_config,
+  .config_complete   = qed_plugin_config_complete,
+  .config_help       = qed_plugin_config_help,
+  .magic_config_key  = "file",
+  .dump_plugin       = qed_plugin_dump_plugin,
+  .get_ready         = qed_plugin_get_ready,
+  .after_fork        = qed_plugin_after_fork,
+  .cleanup           = qed_plugin_cleanup,
+  .open              = qed_plugin_open,
+  .get_size          = qed_plugin_get_size,
+  .block_size        = qed_plugin_block_size,
+  .can_write         = qed_plugin_can_write,
+  .can_flush         = qed_plugin_can_one,
+  .can_trim          = qed_plugin_can_one,
+  .can_zero          = qed_plugin_can_one,
+  .can_fast_zero     = qed_plugin_can_one,
+  .can_extents       = qed_plugin_can_one,
+  .can_multi_conn    = qed_plugin_can_one,
+  .can_fua           = qed_plugin_can_fua,
+  .can_cache         = qed_plugin_can_cache,
+  .pread             = qed_plugin_pread,
+  .pwrite            = qed_plugin_pwrite,
+  .zero              = qed_plugin_zero,
+  .trim              = qed_plugin_trim,
+  .flush             = qed_plugin_flush,
+  .cache             = qed_plugin_cache,
+  .extents           = qed_plugin_extents,
+  .errno_is_preserved = 1,
+};
+
+NBDKIT_REGISTER_PLUGIN (plugin)

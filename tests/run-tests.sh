@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# nbdkit-qed test runner: runs the unit tests and every tests/test-*.sh,
+# each with a time limit, and ends with "N passed, M failed".
+# Usage: tests/run-tests.sh [PATTERN...]   (substring filters on names)
+set -u
+cd "$(dirname "$0")/.."
+export PATH=/usr/bin:/usr/sbin:/bin:/sbin:$PATH   # nbdsh needs Debian's python3
+top=$(pwd)
+logs=$top/tests/logs
+mkdir -p "$logs"
+pass=0 fail=0 skip=0 failed=()
+
+tests=()
+for t in tests/unit-tests tests/unit-tests-asan tests/test-*.sh; do
+  [ -e "$t" ] || continue
+  if [ $# -gt 0 ]; then
+    m=0; for p in "$@"; do case "$t" in *"$p"*) m=1;; esac; done
+    [ $m = 1 ] || continue
+  fi
+  tests+=("$t")
+done
+
+for t in "${tests[@]}"; do
+  name=$(basename "$t" .sh)
+  log=$logs/$name.log
+  start=$(date +%s.%N)
+  case "$t" in
+    *.sh) TOP=$top timeout -k 10 ${TEST_TIMEOUT:-300} bash "$t" >"$log" 2>&1 ;;
+    *)    TOP=$top timeout -k 10 ${TEST_TIMEOUT:-300} "./$t" >"$log" 2>&1 ;;
+  esac
+  rc=$?
+  secs=$(printf '%.1f' "$(echo "$(date +%s.%N) - $start" | bc)")
+  if [ $rc = 0 ]; then
+    pass=$((pass+1)); echo "PASS: $name (${secs}s)"
+  elif [ $rc = 77 ]; then
+    skip=$((skip+1)); echo "SKIP: $name ($(tail -n1 "$log"))"
+  else
+    fail=$((fail+1)); failed+=("$name"); echo "FAIL: $name (rc=$rc, ${secs}s)"
+    tail -n 25 "$log" | sed 's/^/    | /'
+  fi
+done
+
+[ ${#failed[@]} -gt 0 ] && echo "failed: ${failed[*]}"
+echo "$pass passed, $fail failed, $skip skipped"
+[ $fail = 0 ]
