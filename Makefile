@@ -48,7 +48,11 @@ tests/unit-tests-asan: tests/unit-tests.c $(CORE_SRCS) $(CORE_HDRS)
 	  -fno-omit-frame-pointer -fno-sanitize-recover=undefined \
 	  -o $@ tests/unit-tests.c $(CORE_SRCS)
 
-check: all tests/unit-tests tests/unit-tests-asan
+# check and run first install missing Debian packages (as root), or
+# print the one-line install command.
+check:
+	@bash tests/install-deps.sh
+	@$(MAKE) --no-print-directory all tests/unit-tests tests/unit-tests-asan
 	@bash tests/run-tests.sh
 
 install: all
@@ -58,7 +62,9 @@ install: all
 	install -m 755 $(FILTER) $(DESTDIR)$(FILTERDIR)/
 	install -m 644 nbdkit-qed.1 $(DESTDIR)$(MANDIR)/man1/
 
-run: all
+run:
+	@bash tests/install-deps.sh --run
+	@$(MAKE) --no-print-directory all
 	@bash tests/demo.sh
 
 deps:

@@ -169,6 +169,8 @@ read_below (struct qed_image *img, const struct qed_below *below,
   return 0;
 }
 
+static int punch (struct qed_image *img, uint64_t fo, uint64_t len);
+
 /* Write data with no zero detection.  Lock not held. */
 static int
 write_data (struct qed_image *img, const struct qed_below *below,
@@ -281,6 +283,13 @@ write_data (struct qed_image *img, const struct qed_below *below,
   err_unreserve:
     {
       int err = errno ? errno : EIO;
+      /* Give the unused clusters back (they are reclaimed at close). */
+      if (punch (img, newoff, k << img->cs_bits) == 1) {
+        pthread_mutex_lock (&img->lock);
+        for (uint64_t i = 0; i < k; ++i)
+          offset_list_append (&img->pending_free, newoff + (i << img->cs_bits));
+        pthread_mutex_unlock (&img->lock);
+      }
       pthread_mutex_lock (&img->lock);
       unreserve (img, &res);
       pthread_mutex_unlock (&img->lock);

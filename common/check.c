@@ -105,13 +105,34 @@ mark (struct checker *ck, uint64_t off, uint64_t n, bool is_table)
   }
 }
 
-/* Allocate n clusters at the end of the file for a repair. */
+static int
+bm_resize (struct bitmap *b, uint64_t n)
+{
+  size_t old_words = (b->n + 63) / 64 + 1, words = (n + 63) / 64 + 1;
+  uint64_t *p = realloc (b->bits, words * 8);
+
+  if (p == NULL) {
+    qed_error ("realloc: %m");
+    return -1;
+  }
+  if (words > old_words)
+    memset (p + old_words, 0, (words - old_words) * 8);
+  b->bits = p;
+  b->n = n;
+  return 0;
+}
+
+/* Allocate n clusters at the end of the file for a repair.  The
+ * bitmaps grow with the file (the caller marks the new clusters). */
 static int
 grow (struct checker *ck, uint64_t n, uint64_t *off)
 {
   struct qed_image *img = ck->img;
   uint64_t new_end = img->file_end + (n << img->cs_bits);
 
+  if (bm_resize (&ck->used, new_end >> img->cs_bits) == -1 ||
+      bm_resize (&ck->table, new_end >> img->cs_bits) == -1)
+    return -1;
   if (ftruncate (img->fd, new_end) == -1) {
     qed_error ("%s: ftruncate: %m", img->filename);
     return -1;
