@@ -457,10 +457,6 @@ qed_check (struct qed_image *img, bool repair, struct qed_check_result *res)
     img->h.features &= ~(uint64_t) QED_F_NEED_CHECK;
     img->need_check = false;
   }
-  if (res->corruptions_fixed > 0 || res->leaks_fixed > 0)
-    qed_error ("%s: repaired %" PRIu64 " corruptions and reclaimed %"
-               PRIu64 " leaked clusters", img->filename,
-               res->corruptions_fixed, res->leaks_fixed);
   r = 0;
  out:
   free (ck.used.bits);
@@ -480,5 +476,7 @@ qed_compact (struct qed_image *img)
   if (qed_check (img, true, &res) == -1)
     return -1;
   qed_cache_drop (img);
+  qed_debug ("%s: compacted: reclaimed %" PRIu64 " freed clusters",
+             img->filename, res.leaks_fixed);
   return 0;
 }

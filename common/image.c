@@ -360,6 +360,10 @@ qed_open (const char *filename, const struct qed_open_options *opts)
                repair ? " and repairing it" : " (read-only: no repair)");
     if (qed_check (img, repair, &res) == -1)
       goto err;
+    if (res.corruptions_fixed > 0 || res.leaks_fixed > 0)
+      qed_error ("%s: repaired %" PRIu64 " corruptions and reclaimed %"
+                 PRIu64 " leaked clusters", filename,
+                 res.corruptions_fixed, res.leaks_fixed);
     if (res.check_errors > 0) {
       qed_error ("%s: the consistency check failed with I/O errors",
                  filename);
@@ -435,7 +439,14 @@ qed_idle (struct qed_image *img)
 {
   int r = 0;
 
-  if (img->readonly || !img->need_check)
+  bool need_check;
+
+  if (img->readonly)
+    return 0;
+  pthread_mutex_lock (&img->lock);
+  need_check = img->need_check;
+  pthread_mutex_unlock (&img->lock);
+  if (!need_check)
     return 0;
   if (qed_flush (img) == -1)
     return -1;
@@ -470,6 +481,12 @@ qed_close (struct qed_image *img)
   }
   image_free (img);
   return r;
+}
+
+void
+qed_discard (struct qed_image *img)
+{
+  image_free (img);
 }
 
 const struct qed_header *

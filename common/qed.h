@@ -107,6 +107,9 @@ extern struct qed_image *qed_open (const char *filename,
 /* Flush, clear NEED_CHECK when clean, free everything.  Returns -1 if
  * the final flush failed (the image is still closed). */
 extern int qed_close (struct qed_image *img);
+/* Free everything without writing anything back (for a temporary
+ * image that is deleted anyway: the filter's unnamed overlay). */
+extern void qed_discard (struct qed_image *img);
 extern const struct qed_header *qed_get_header (const struct qed_image *img);
 extern uint64_t qed_get_size (const struct qed_image *img);
 extern uint32_t qed_get_cluster_size (const struct qed_image *img);

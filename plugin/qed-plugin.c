@@ -303,12 +303,17 @@ idle_main (void *arg)
     ts.tv_sec += 1;
     pthread_cond_timedwait (&idle_cond, &idle_lock, &ts);
     time_t lw = __atomic_load_n (&last_write, __ATOMIC_RELAXED);
-    if (stopping || img == NULL || lw == 0 ||
-        time (NULL) - lw < (time_t) idle_clean)
+    struct qed_image *i;
+    if (stopping || lw == 0 || time (NULL) - lw < (time_t) idle_clean)
       continue;
     __atomic_store_n (&last_write, 0, __ATOMIC_RELAXED);
     pthread_mutex_unlock (&idle_lock);
-    if (qed_idle (img) == -1)
+    /* The image is opened by the first connection and closed only in
+     * cleanup, after this thread has stopped. */
+    pthread_mutex_lock (&open_lock);
+    i = img;
+    pthread_mutex_unlock (&open_lock);
+    if (i && qed_idle (i) == -1)
       nbdkit_debug ("idle flush failed: %m");
     pthread_mutex_lock (&idle_lock);
   }

@@ -33,6 +33,9 @@ start_nbdkit () {
   [ -s "$tmp/$name.pid" ] || fail "nbdkit $name: no pidfile"
   cleanup_fn stop_nbdkit "$name"
 }
+# _alive PID: running and not a zombie (daemons are reparented to PID 1,
+# which may reap them late; a zombie has finished all its I/O).
+_alive () { kill -0 "$1" 2>/dev/null && ! grep -q '^[0-9]* ([^)]*) Z' "/proc/$1/stat" 2>/dev/null; }
 # stop_nbdkit NAME: SIGTERM and wait until it has exited (it flushes,
 # reclaims space and clears NEED_CHECK on the way out).
 stop_nbdkit () {
@@ -40,8 +43,8 @@ stop_nbdkit () {
   [ -s "$tmp/$name.pid" ] || return 0
   pid=$(cat "$tmp/$name.pid")
   kill "$pid" 2>/dev/null || true
-  for _ in $(seq 1 600); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
-  kill -0 "$pid" 2>/dev/null && fail "nbdkit $name did not exit"
+  for _ in $(seq 1 600); do _alive "$pid" || break; sleep 0.05; done
+  _alive "$pid" && fail "nbdkit $name did not exit"
   rm -f "$tmp/$name.pid"
 }
 # kill9_nbdkit NAME: simulate a crash.
@@ -49,7 +52,7 @@ kill9_nbdkit () {
   local name=$1 pid
   pid=$(cat "$tmp/$name.pid")
   kill -9 "$pid" 2>/dev/null || true
-  for _ in $(seq 1 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+  for _ in $(seq 1 200); do _alive "$pid" || break; sleep 0.05; done
   rm -f "$tmp/$name.pid"
 }
 uri () { echo "nbd+unix:///?socket=$tmp/$1.sock"; }

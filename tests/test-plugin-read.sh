@@ -46,10 +46,11 @@ random_reads () {
   /usr/bin/python3 - "$1" "$2" "$3" "$4" <<'EOF'
 import nbd, random, sys
 uri, raw, seed, cs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-data = open(raw, "rb").read()
+f = open(raw, "rb")
+import os
 h = nbd.NBD(); h.connect_uri(uri)
 size = h.get_size()
-assert size == len(data), (size, len(data))
+assert size == os.path.getsize(raw), size
 rng = random.Random(seed)
 for i in range(150):
     if i % 3 == 0:
@@ -62,7 +63,8 @@ for i in range(150):
     if n == 0:
         continue
     got = h.pread(n, off)
-    assert got == data[off:off+n], "mismatch at %d+%d" % (off, n)
+    f.seek(off)
+    assert got == f.read(n), "mismatch at %d+%d" % (off, n)
 h.shutdown()
 EOF
 }
@@ -103,8 +105,12 @@ while read -r cs ts size; do
   start_nbdkit g$n "${ro[@]}" "$PLUGIN" "$img"
   rm -f "$tmp/got.raw"
   nbdcopy "$(uri g$n)" "$tmp/got.raw"
-  cmp "$tmp/want.raw" "$tmp/got.raw" ||
-    fail "cs=$cs ts=$ts: plugin read differs from qemu-img convert"
+  # Byte for byte (qemu-img compare skips the holes of big sparse files).
+  if [ $size -le $((64*M)) ]; then
+    cmp "$tmp/want.raw" "$tmp/got.raw"
+  else
+    qemu-img compare -q -f raw -F raw "$tmp/want.raw" "$tmp/got.raw"
+  fi || fail "cs=$cs ts=$ts: plugin read differs from qemu-img convert"
   random_reads "$(uri g$n)" "$tmp/want.raw" $n $cs ||
     fail "cs=$cs ts=$ts: unaligned reads differ"
   maps_match "$(uri g$n)" "$img" ||

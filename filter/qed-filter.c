@@ -1,0 +1,987 @@
+/* nbdkit-qed: the QED filter, a writable QED overlay over any plugin.
+ *
+ *   nbdkit --filter=qed PLUGIN [plugin args] [qed-overlay=FILE]
+ *          [qed-copy-on-read=BOOL] [qed-zero-detect=BOOL]
+ *          [qed-cluster-size=SIZE] [qed-backing-name=NAME]
+ *
+ * Behaviour notes (why things are the way they are):
+ *
+ * - The plugin is opened read-only and never sees a write, zero or
+ *   trim, so the source (a remote disk, a golden image) cannot be
+ *   damaged however the clients behave.  Opening a layer read-only makes
+ *   nbdkit 1.32 report zero, trim and FUA as unsupported for it, so
+ *   every capability is declared here rather than inherited.
+ *
+ * - There is one overlay for all connections (one allocator, one L2
+ *   cache), so a flush on any connection covers every connection's
+ *   writes and multi-conn is safe.  It is opened at the first
+ *   connection, because only then is the plugin's size known; an
+ *   existing overlay's header is checked earlier, at start-up, so that
+ *   a wrong file is refused before nbdkit forks.  It follows that the
+ *   plugin must serve the same data to every connection (the export
+ *   name is passed down but the overlay is shared).
+ *
+ * - The overlay's size is the plugin's size rounded up to 512 (QED
+ *   sizes are whole sectors); the export keeps the plugin's exact size.
+ *   A persistent overlay must match its plugin: a different size is
+ *   refused, since it almost certainly means a different disk.  (The
+ *   data is not compared: pairing an overlay with the right backend is
+ *   the user's job, as with any backing-file format.)
+ *
+ * - Copy-on-read stores whole clusters, read once from the plugin, so
+ *   that the second read of any byte never reaches it (the point of
+ *   caching a slow remote source).  A fill is installed only into
+ *   clusters still unallocated when it commits, so a write that
+ *   completes while the plugin read is in flight is never overwritten
+ *   by stale data (the race that loses writes in nbdkit's cow filter).
+ *   Ranges the plugin reports as zero (its extents) become zero
+ *   clusters without being read, and with zero detection so do
+ *   all-zero clusters: a sparse source makes a sparse overlay.
+ *
+ * - A partial write into a cluster that is not in the overlay copies
+ *   the rest of the cluster from the plugin (a zero cluster needs no
+ *   copy: new clusters are holes).  Whole-cluster zero and trim are
+ *   metadata only: the cluster becomes a zero cluster, hiding the
+ *   plugin's data.  Trim does not pass through to the plugin.
+ *
+ * - Flush and FUA make a persistent overlay durable, and a clean exit
+ *   (SIGTERM, or the end of --run) writes back the tables, gives back
+ *   space freed by zero and trim, and clears NEED_CHECK, so that
+ *   qemu-img check is happy.  After a crash the next open repairs the
+ *   overlay (only clusters can leak).  A temporary overlay (no
+ *   qed-overlay) is unlinked at once; flush and FUA are no-ops for it,
+ *   since nothing of it survives nbdkit anyway.
+ *
+ * - qed-backing-name only records a name in the overlay's header (as
+ *   a raw backing file, so the data is never probed).  The filter never
+ *   opens that file; it is for other readers of the overlay, such as
+ *   "nbdkit qed overlay.qed" or qemu-img, who then see the same disk
+ *   the filter served.
+ *
+ * - With qed-copy-on-read=false the overlay holds only what clients
+ *   wrote, and NBD_CMD_CACHE is passed to the plugin as a hint.  With
+ *   copy-on-read, CACHE copies the range into the overlay.
+ *
+ * - Filters are tied to the exact nbdkit version they were built
+ *   against (1.32.5 here): nbdkit refuses to load this filter into any
+ *   other version.
+ */
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <stdint.h>
+#include <stdbool.h>
+#include <string.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <unistd.h>
+#include <time.h>
+#include <sys/stat.h>
+#include <pthread.h>
+
+#include <nbdkit-filter.h>
+
+#include "qed.h"
+#include "seam.h"
+#include "util.h"
+
+/* -D qedfilter.verbose=1: log every request. */
+NBDKIT_DLL_PUBLIC int qedfilter_debug_verbose = 0;
+
+/* The largest single read passed to the plugin. */
+#define MAX_BACKEND_READ (32u * 1024 * 1024)
+
+/* Cache requests are copied into the overlay in chunks of this size. */
+#define CACHE_CHUNK (32u * 1024 * 1024)
+
+/* Seconds without writes after which a persistent overlay is written
+ * back and marked clean (as the plugin's idle-clean default). */
+#define IDLE_CLEAN 5
+
+/* Parameters. */
+static char *overlay;                   /* NULL = temporary */
+static bool copy_on_read = true;
+static bool zero_detect = true;
+static uint32_t cluster_size;           /* 0 = default, new overlays only */
+static char *backing_name;
+
+/* A temporary overlay is created in its own private directory. */
+static char *tmp_dir;
+
+/* The overlay (opened at the first prepare). */
+static pthread_mutex_t open_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct qed_image *img;
+
+/* Idle timer for a persistent overlay. */
+static pthread_t idle_thread;
+static bool idle_thread_started;
+static pthread_mutex_t idle_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t idle_cond = PTHREAD_COND_INITIALIZER;
+static bool stopping;
+static time_t last_write;
+
+/* The seam: the core's messages go to nbdkit. */
+void
+qed_error (const char *fs, ...)
+{
+  va_list args;
+  int e = errno;
+
+  va_start (args, fs);
+  nbdkit_verror (fs, args);
+  va_end (args);
+  errno = e;
+}
+
+void
+qed_debug (const char *fs, ...)
+{
+  va_list args;
+  int e = errno;
+
+  va_start (args, fs);
+  nbdkit_vdebug (fs, args);
+  va_end (args);
+  errno = e;
+}
+
+static void
+qed_filter_unload (void)
+{
+  free (overlay);
+  free (backing_name);
+  free (tmp_dir);
+}
+
+static int
+parse_bool (const char *value, bool *b)
+{
+  int r = nbdkit_parse_bool (value);
+
+  if (r == -1)
+    return -1;
+  *b = r;
+  return 0;
+}
+
+static int
+qed_filter_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
+                   const char *key, const char *value)
+{
+  if (strcmp (key, "qed-overlay") == 0) {
+    free (overlay);
+    if (*value == '\0') {
+      nbdkit_error ("qed-overlay: the file name must not be empty");
+      return -1;
+    }
+    /* It may not exist yet: it is created at the first connection. */
+    overlay = nbdkit_absolute_path (value);
+    return overlay ? 0 : -1;
+  }
+  else if (strcmp (key, "qed-copy-on-read") == 0)
+    return parse_bool (value, &copy_on_read);
+  else if (strcmp (key, "qed-zero-detect") == 0)
+    return parse_bool (value, &zero_detect);
+  else if (strcmp (key, "qed-cluster-size") == 0) {
+    int64_t v = nbdkit_parse_size (value);
+    if (v == -1)
+      return -1;
+    if (v < QED_MIN_CLUSTER_SIZE || v > QED_MAX_CLUSTER_SIZE ||
+        !is_power_of_2 (v)) {
+      nbdkit_error ("qed-cluster-size: must be a power of 2 from 4K to 64M");
+      return -1;
+    }
+    cluster_size = v;
+    return 0;
+  }
+  else if (strcmp (key, "qed-backing-name") == 0) {
+    free (backing_name);
+    if (*value == '\0') {
+      nbdkit_error ("qed-backing-name: the name must not be empty");
+      return -1;
+    }
+    backing_name = strdup (value);      /* stored as given */
+    if (backing_name == NULL) {
+      nbdkit_error ("strdup: %m");
+      return -1;
+    }
+    return 0;
+  }
+  else if (strncmp (key, "qed-", 4) == 0) {
+    /* No plugin uses our prefix: a typo must not reach the plugin. */
+    nbdkit_error ("unknown parameter '%s'", key);
+    return -1;
+  }
+  else
+    return next (nxdata, key, value);
+}
+
+#define qed_filter_config_help \
+  "qed-overlay=<FILE>         The QED overlay (created if missing;\n" \
+  "                           default: a temporary file in $TMPDIR).\n" \
+  "qed-copy-on-read=<BOOL>    Store data read from the plugin in the\n" \
+  "                           overlay (default true).\n" \
+  "qed-zero-detect=<BOOL>     All-zero clusters become zero clusters\n" \
+  "                           (default true).\n" \
+  "qed-cluster-size=<SIZE>    Cluster size of a new overlay (default 64K).\n" \
+  "qed-backing-name=<NAME>    Record NAME (raw) as the overlay's backing\n" \
+  "                           file, for other readers of the overlay."
+
+static int
+qed_filter_config_complete (nbdkit_next_config_complete *next,
+                            nbdkit_backend *nxdata)
+{
+  uint32_t cs = cluster_size ? cluster_size : QED_DEFAULT_CLUSTER_SIZE;
+
+  if (!qed_qemu_can_open (cs, QED_DEFAULT_TABLE_SIZE)) {
+    nbdkit_error ("qed-cluster-size: QEMU cannot open overlays with "
+                  "clusters of %" PRIu32 " bytes", cs);
+    return -1;
+  }
+  if (backing_name &&
+      (strlen (backing_name) > QED_MAX_BACKING_NAME ||
+       strlen (backing_name) > cs - QED_HEADER_BYTES)) {
+    nbdkit_error ("qed-backing-name: the name is too long (%zu bytes)",
+                  strlen (backing_name));
+    return -1;
+  }
+  return next (nxdata);
+}
+
+/* The directory part of a path (for an early permission check). */
+static char *
+dir_of (const char *path)
+{
+  const char *slash = strrchr (path, '/');
+
+  if (slash == NULL || slash == path)
+    return strdup (slash ? "/" : ".");
+  return strndup (path, slash - path);
+}
+
+/* Sanity check now, rather than waiting for the first client: an
+ * existing overlay must be a valid QED image (read only, nothing is
+ * written), a new one must be creatable.  The size check must wait
+ * for the plugin's size, at the first connection.
+ */
+static int
+qed_filter_get_ready (int thread_model)
+{
+  if (overlay == NULL) {
+    const char *t = getenv ("TMPDIR");
+    CLEANUP_FREE char *tmpl = NULL;
+    CLEANUP_FREE char *abs_t = NULL;
+
+    abs_t = nbdkit_absolute_path (t && *t ? t : "/var/tmp");
+    if (abs_t == NULL)
+      return -1;
+    if (asprintf (&tmpl, "%s/nbdkit-qed-XXXXXX", abs_t) == -1) {
+      nbdkit_error ("asprintf: %m");
+      return -1;
+    }
+    if (mkdtemp (tmpl) == NULL) {
+      nbdkit_error ("%s: cannot create a temporary directory: %m", tmpl);
+      return -1;
+    }
+    tmp_dir = tmpl;
+    tmpl = NULL;
+    nbdkit_debug ("temporary overlay in %s", tmp_dir);
+    return 0;
+  }
+
+  if (access (overlay, F_OK) == 0) {
+    struct qed_open_options oo = { .readonly = true, .skip_check = true,
+                                   .l2_cache_bytes = 65536 };
+    struct qed_image *probe = qed_open (overlay, &oo);
+    const char *name;
+    uint32_t cs;
+    int r = 0;
+
+    if (probe == NULL) {
+      nbdkit_error ("qed-overlay: %s exists but cannot be used as a QED "
+                    "overlay (see the message above)", overlay);
+      return -1;
+    }
+    name = qed_get_backing_name (probe);
+    cs = qed_get_cluster_size (probe);
+    if (access (overlay, R_OK | W_OK) == -1) {
+      nbdkit_error ("qed-overlay: %s: %m", overlay);
+      r = -1;
+    }
+    else if (backing_name && (name == NULL || strcmp (name, backing_name))) {
+      /* Silently serving an overlay that claims another base would make
+       * the next reader (qemu-img, the plugin) see a different disk. */
+      nbdkit_error ("qed-overlay: %s records %s%s%s as its backing file, "
+                    "not qed-backing-name=%s (change it with: qemu-img "
+                    "rebase -u -f qed -F raw -b NAME %s)",
+                    overlay, name ? "\"" : "", name ? name : "no name",
+                    name ? "\"" : "", backing_name, overlay);
+      r = -1;
+    }
+    else {
+      nbdkit_debug ("existing overlay %s: size %" PRIu64 ", cluster size %"
+                    PRIu32 ", backing file %s", overlay,
+                    qed_get_size (probe), cs, name ? name : "(none)");
+      if (cluster_size && cluster_size != cs)
+        nbdkit_debug ("qed-cluster-size=%" PRIu32 " ignored: the existing "
+                      "overlay has %" PRIu32 "-byte clusters",
+                      cluster_size, cs);
+    }
+    qed_close (probe);
+    return r;
+  }
+  else {
+    CLEANUP_FREE char *dir = dir_of (overlay);
+
+    if (dir == NULL) {
+      nbdkit_error ("strdup: %m");
+      return -1;
+    }
+    if (access (dir, W_OK | X_OK) == -1) {
+      nbdkit_error ("qed-overlay: cannot create %s: %s: %m", overlay, dir);
+      return -1;
+    }
+    return 0;
+  }
+}
+
+static void
+note_write (void)
+{
+  if (idle_thread_started)
+    __atomic_store_n (&last_write, time (NULL), __ATOMIC_RELAXED);
+}
+
+static void *
+idle_main (void *arg)
+{
+  pthread_mutex_lock (&idle_lock);
+  while (!stopping) {
+    struct timespec ts;
+    struct qed_image *i;
+    clock_gettime (CLOCK_REALTIME, &ts);
+    ts.tv_sec += 1;
+    pthread_cond_timedwait (&idle_cond, &idle_lock, &ts);
+    time_t lw = __atomic_load_n (&last_write, __ATOMIC_RELAXED);
+    i = __atomic_load_n (&img, __ATOMIC_ACQUIRE);
+    if (stopping || i == NULL || lw == 0 || time (NULL) - lw < IDLE_CLEAN)
+      continue;
+    __atomic_store_n (&last_write, 0, __ATOMIC_RELAXED);
+    pthread_mutex_unlock (&idle_lock);
+    if (qed_idle (i) == -1)
+      nbdkit_debug ("idle flush failed: %m");
+    pthread_mutex_lock (&idle_lock);
+  }
+  pthread_mutex_unlock (&idle_lock);
+  return NULL;
+}
+
+static int
+qed_filter_after_fork (nbdkit_backend *backend)
+{
+  int err;
+
+  /* A temporary overlay is never read again: no point cleaning it. */
+  if (overlay == NULL)
+    return 0;
+  err = pthread_create (&idle_thread, NULL, idle_main, NULL);
+  if (err) {
+    errno = err;
+    nbdkit_error ("pthread_create: %m");
+    return -1;
+  }
+  idle_thread_started = true;
+  return 0;
+}
+
+static void
+qed_filter_cleanup (nbdkit_backend *backend)
+{
+  if (idle_thread_started) {
+    pthread_mutex_lock (&idle_lock);
+    stopping = true;
+    pthread_cond_signal (&idle_cond);
+    pthread_mutex_unlock (&idle_lock);
+    pthread_join (idle_thread, NULL);
+    idle_thread_started = false;
+  }
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&open_lock);
+  if (img) {
+    if (overlay == NULL)
+      qed_discard (img);
+    else if (qed_close (img) == -1)
+      nbdkit_error ("qed-overlay: closing %s failed", overlay);
+    img = NULL;
+  }
+  if (tmp_dir) {
+    /* Only left if no client ever connected. */
+    rmdir (tmp_dir);
+    free (tmp_dir);
+    tmp_dir = NULL;
+  }
+}
+
+static void *
+qed_filter_open (nbdkit_next_open *next, nbdkit_context *context,
+                 int readonly, const char *exportname, int is_tls)
+{
+  /* Always open the plugin read-only: it never receives a write. */
+  if (next (context, 1, exportname) == -1)
+    return NULL;
+  return NBDKIT_HANDLE_NOT_NEEDED;
+}
+
+/* Create (if needed) and open the overlay for a plugin of this size.
+ * open_lock held.
+ */
+static struct qed_image *
+open_overlay (int64_t size)
+{
+  struct qed_create_options co = {
+    .size = size,
+    .cluster_size = cluster_size,
+    .backing_name = backing_name,
+    .backing_raw = true,
+  };
+  struct qed_open_options oo = { .readonly = false };
+  CLEANUP_FREE char *tmp_file = NULL;
+  struct qed_image *i;
+  const char *path = overlay;
+
+  if (overlay == NULL) {
+    if (asprintf (&tmp_file, "%s/overlay.qed", tmp_dir) == -1) {
+      nbdkit_error ("asprintf: %m");
+      return NULL;
+    }
+    path = tmp_file;
+  }
+  if (overlay == NULL || access (overlay, F_OK) == -1) {
+    if (qed_create (path, &co) == -1)
+      return NULL;
+    nbdkit_debug ("created overlay %s: size %" PRIu64 ", cluster size %"
+                  PRIu32 "%s%s", path, ROUND_UP ((uint64_t) size, 512),
+                  cluster_size ? cluster_size : QED_DEFAULT_CLUSTER_SIZE,
+                  backing_name ? ", backing file " : "",
+                  backing_name ? backing_name : "");
+  }
+  i = qed_open (path, &oo);
+  if (overlay == NULL) {
+    /* Nothing of a temporary overlay outlives nbdkit. */
+    unlink (path);
+    if (rmdir (tmp_dir) == 0) {
+      free (tmp_dir);
+      tmp_dir = NULL;
+    }
+  }
+  return i;
+}
+
+static int
+qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
+{
+  int64_t size;
+  uint64_t want;
+
+  /* Also required before the first next->pread on this connection. */
+  size = next->get_size (next);
+  if (size == -1)
+    return -1;
+  want = ROUND_UP ((uint64_t) size, 512);
+
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&open_lock);
+  if (img == NULL) {
+    struct qed_image *i = open_overlay (size);
+    if (i == NULL)
+      return -1;
+    if (qed_get_size (i) != want) {
+      nbdkit_error ("qed-overlay: %s is an overlay of a %" PRIu64 "-byte "
+                    "disk, but the plugin's disk is %" PRIi64 " bytes "
+                    "(%" PRIu64 " rounded up to 512): is this the right "
+                    "overlay for this plugin?", qed_get_filename (i),
+                    qed_get_size (i), size, want);
+      qed_close (i);
+      return -1;
+    }
+    __atomic_store_n (&img, i, __ATOMIC_RELEASE);
+  }
+  else if (qed_get_size (img) != want) {
+    nbdkit_error ("qed-filter: this connection's plugin disk is %" PRIi64
+                  " bytes, but the overlay %s is %" PRIu64 " bytes: the "
+                  "plugin must serve the same disk to every connection",
+                  size, overlay ? overlay : "(temporary)", qed_get_size (img));
+    return -1;
+  }
+  return 0;
+}
+
+static int64_t
+qed_filter_get_size (nbdkit_next *next, void *handle)
+{
+  return next->get_size (next);
+}
+
+static int
+qed_filter_block_size (nbdkit_next *next, void *handle,
+                       uint32_t *minimum, uint32_t *preferred,
+                       uint32_t *maximum)
+{
+  uint32_t cs = img ? qed_get_cluster_size (img)
+    : cluster_size ? cluster_size : QED_DEFAULT_CLUSTER_SIZE;
+
+  *minimum = 1;
+  /* nbdkit accepts preferred sizes up to 32M. */
+  *preferred = MIN (cs, 32u * 1024 * 1024);
+  *maximum = 0xffffffff;
+  return 0;
+}
+
+static int
+qed_filter_can_one (nbdkit_next *next, void *handle)
+{
+  return 1;
+}
+
+static int
+qed_filter_can_zero (nbdkit_next *next, void *handle)
+{
+  return NBDKIT_ZERO_NATIVE;
+}
+
+static int
+qed_filter_can_fua (nbdkit_next *next, void *handle)
+{
+  return NBDKIT_FUA_NATIVE;
+}
+
+static int
+qed_filter_can_cache (nbdkit_next *next, void *handle)
+{
+  /* Asked now only so that a later next->cache is allowed. */
+  if (next->can_cache (next) == -1)
+    return -1;
+  return NBDKIT_CACHE_NATIVE;
+}
+
+/* The plugin as the layer beneath the overlay: reads past its end are
+ * zeros (the overlay may be up to 511 bytes larger).
+ */
+static int
+backend_read (void *opaque, void *buf, uint64_t count, uint64_t offset)
+{
+  nbdkit_next *next = opaque;
+  int64_t size = next->get_size (next);
+  char *p = buf;
+  int err = 0;
+
+  if (size == -1) {
+    errno = EIO;
+    return -1;
+  }
+  while (count > 0) {
+    uint64_t n;
+
+    if (offset >= (uint64_t) size) {
+      memset (p, 0, count);
+      break;
+    }
+    n = MIN (count, MIN ((uint64_t) size - offset,
+                         (uint64_t) MAX_BACKEND_READ));
+    if (next->pread (next, p, n, offset, 0, &err) == -1) {
+      errno = err ? err : EIO;
+      return -1;
+    }
+    p += n;
+    offset += n;
+    count -= n;
+  }
+  return 0;
+}
+
+/* Copy the whole clusters [start, end) from the plugin into wbuf and
+ * into the overlay (end is cluster aligned or the overlay's size).
+ * Ranges the plugin's extents call zero are not read: they become zero
+ * clusters.  Returns -1 only if the plugin could not be read; a failed
+ * fill is logged by the core and leaves the clusters unallocated.
+ */
+static int
+fetch_clusters (nbdkit_next *next, char *wbuf, uint64_t start, uint64_t end)
+{
+  uint64_t cs = qed_get_cluster_size (img);
+  uint64_t n = (end - start + cs - 1) / cs, i, j;
+  int64_t size = next->get_size (next);
+  uint64_t dend;
+  CLEANUP_FREE bool *zero = NULL;
+  int err = 0;
+
+  if (size == -1) {
+    errno = EIO;
+    return -1;
+  }
+  dend = MIN (end, (uint64_t) size);
+  zero = calloc (n, sizeof *zero);
+  if (zero == NULL) {
+    nbdkit_error ("calloc: %m");
+    return -1;
+  }
+
+  /* A cluster is known to be zero if the plugin's extents say so for
+   * all of it (past the plugin's end it reads as zeros anyway). */
+  if (start < dend && next->can_extents (next) == 1) {
+    struct nbdkit_extents *exts;
+
+    exts = nbdkit_extents_full (next, dend - start, start, 0, &err);
+    if (exts == NULL)
+      nbdkit_debug ("copy-on-read: plugin extents failed (ignored): %s",
+                    strerror (err));
+    else {
+      uint64_t covered = start;
+      for (i = 0; i < n; ++i)
+        zero[i] = true;
+      for (size_t k = 0; k < nbdkit_extents_count (exts); ++k) {
+        struct nbdkit_extent e = nbdkit_get_extent (exts, k);
+        uint64_t s = MAX (e.offset, start);
+        uint64_t t = MIN (e.offset + e.length, dend);
+        if (t <= s)
+          continue;
+        if (s > covered)        /* a gap: assume data */
+          s = covered;
+        if (!(e.type & NBDKIT_EXTENT_ZERO) || s < e.offset)
+          for (i = (s - start) / cs; i <= (t - 1 - start) / cs; ++i)
+            zero[i] = false;
+        covered = MAX (covered, t);
+      }
+      if (covered < dend)
+        for (i = (covered - start) / cs; i < n; ++i)
+          zero[i] = false;
+      nbdkit_extents_free (exts);
+    }
+  }
+
+  /* Runs of clusters: read the data runs, fill each run. */
+  for (i = 0; i < n; i = j) {
+    uint64_t s = start + i * cs, t;
+
+    for (j = i + 1; j < n && zero[j] == zero[i]; ++j)
+      ;
+    t = MIN (start + j * cs, end);
+    if (zero[i]) {
+      memset (wbuf + (s - start), 0, t - s);
+      qed_fill (img, NULL, t - s, s, false, true);
+    }
+    else {
+      if (backend_read (next, wbuf + (s - start), t - s, s) == -1)
+        return -1;
+      qed_fill (img, wbuf + (s - start), t - s, s, zero_detect, false);
+    }
+  }
+  note_write ();
+  return 0;
+}
+
+/* Copy-on-read: read [offset, offset+count) (an unallocated run) from
+ * the plugin, widened to whole clusters which are stored in the
+ * overlay.  buf may be NULL (cache).
+ */
+static int
+cor_fetch (nbdkit_next *next, void *buf, uint64_t count, uint64_t offset)
+{
+  uint64_t cs = qed_get_cluster_size (img);
+  uint64_t isize = qed_get_size (img);
+  uint64_t start = ROUND_DOWN (offset, cs);
+  uint64_t end = MIN (ROUND_UP (offset + count, cs), isize);
+  CLEANUP_FREE char *bounce = NULL;
+
+  if (buf && start == offset && end == offset + count)
+    return fetch_clusters (next, buf, start, end);
+
+  if (buf == NULL) {
+    /* Cache requests can be up to 4G: go in chunks. */
+    uint64_t chunk = MAX ((uint64_t) cs, (uint64_t) CACHE_CHUNK);
+    bounce = malloc (MIN (chunk, end - start));
+    if (bounce == NULL) {
+      nbdkit_error ("malloc: %m");
+      return -1;
+    }
+    for (uint64_t s = start; s < end; s += chunk)
+      if (fetch_clusters (next, bounce, s, MIN (s + chunk, end)) == -1)
+        return -1;
+    return 0;
+  }
+
+  bounce = malloc (end - start);
+  if (bounce == NULL) {
+    nbdkit_error ("malloc: %m");
+    return -1;
+  }
+  if (fetch_clusters (next, bounce, start, end) == -1)
+    return -1;
+  memcpy (buf, bounce + (offset - start), count);
+  return 0;
+}
+
+static int
+cor_read (void *opaque, void *buf, uint64_t count, uint64_t offset)
+{
+  return cor_fetch (opaque, buf, count, offset);
+}
+
+static int
+cor_prefetch (void *opaque, uint64_t count, uint64_t offset)
+{
+  return cor_fetch (opaque, NULL, count, offset);
+}
+
+static int
+qed_filter_pread (nbdkit_next *next, void *handle,
+                  void *buf, uint32_t count, uint64_t offset,
+                  uint32_t flags, int *err)
+{
+  struct qed_below below = {
+    .read = copy_on_read ? cor_read : backend_read,
+    .opaque = next,
+  };
+
+  if (qedfilter_debug_verbose)
+    nbdkit_debug ("pread count=%" PRIu32 " offset=%" PRIu64, count, offset);
+  errno = 0;
+  if (qed_read (img, &below, buf, count, offset) == -1) {
+    *err = errno ? errno : EIO;
+    return -1;
+  }
+  return 0;
+}
+
+/* FUA on a temporary overlay would only cost time. */
+static unsigned
+fua_flag (uint32_t flags)
+{
+  return (flags & NBDKIT_FLAG_FUA) && overlay ? QED_WRITE_FUA : 0;
+}
+
+static int
+qed_filter_pwrite (nbdkit_next *next, void *handle,
+                   const void *buf, uint32_t count, uint64_t offset,
+                   uint32_t flags, int *err)
+{
+  struct qed_below below = { .read = backend_read, .opaque = next };
+  unsigned f = fua_flag (flags) | (zero_detect ? QED_WRITE_DETECT_ZERO : 0);
+
+  if (qedfilter_debug_verbose)
+    nbdkit_debug ("pwrite count=%" PRIu32 " offset=%" PRIu64, count, offset);
+  note_write ();
+  errno = 0;
+  if (qed_write (img, &below, buf, count, offset, f) == -1) {
+    *err = errno ? errno : EIO;
+    return -1;
+  }
+  return 0;
+}
+
+static int
+qed_filter_zero (nbdkit_next *next, void *handle,
+                 uint32_t count, uint64_t offset, uint32_t flags, int *err)
+{
+  struct qed_below below = { .read = backend_read, .opaque = next };
+  unsigned f = fua_flag (flags) |
+    (flags & NBDKIT_FLAG_MAY_TRIM ? QED_ZERO_MAY_UNMAP : 0) |
+    (flags & NBDKIT_FLAG_FAST_ZERO ? QED_ZERO_FAST : 0);
+
+  if (qedfilter_debug_verbose)
+    nbdkit_debug ("zero count=%" PRIu32 " offset=%" PRIu64 " flags=0x%"
+                  PRIx32, count, offset, flags);
+  note_write ();
+  errno = 0;
+  if (qed_zero (img, &below, count, offset, f) == -1) {
+    *err = errno ? errno : EIO;
+    /* ENOTSUP is only allowed as the answer to a fast zero. */
+    if (!(flags & NBDKIT_FLAG_FAST_ZERO) &&
+        (*err == ENOTSUP || *err == EOPNOTSUPP))
+      *err = EIO;
+    return -1;
+  }
+  return 0;
+}
+
+static int
+qed_filter_trim (nbdkit_next *next, void *handle,
+                 uint32_t count, uint64_t offset, uint32_t flags, int *err)
+{
+  struct qed_below below = { .read = backend_read, .opaque = next };
+
+  if (qedfilter_debug_verbose)
+    nbdkit_debug ("trim count=%" PRIu32 " offset=%" PRIu64, count, offset);
+  note_write ();
+  errno = 0;
+  if (qed_trim (img, &below, count, offset, fua_flag (flags)) == -1) {
+    *err = errno ? errno : EIO;
+    return -1;
+  }
+  return 0;
+}
+
+static int
+qed_filter_flush (nbdkit_next *next, void *handle, uint32_t flags, int *err)
+{
+  if (overlay == NULL)
+    return 0;
+  errno = 0;
+  if (qed_flush (img) == -1) {
+    *err = errno ? errno : EIO;
+    return -1;
+  }
+  return 0;
+}
+
+static int
+qed_filter_cache (nbdkit_next *next, void *handle,
+                  uint32_t count, uint64_t offset, uint32_t flags, int *err)
+{
+  struct qed_below below = { .prefetch = cor_prefetch, .opaque = next };
+
+  if (qedfilter_debug_verbose)
+    nbdkit_debug ("cache count=%" PRIu32 " offset=%" PRIu64, count, offset);
+  if (!copy_on_read) {
+    /* The overlay holds only writes: pass the hint on, if the plugin
+     * takes it (clusters in the overlay don't need it, but telling
+     * them apart is not worth a hint). */
+    if (next->can_cache (next) <= NBDKIT_CACHE_NONE)
+      return 0;
+    return next->cache (next, count, offset, 0, err);
+  }
+  errno = 0;
+  if (qed_prefetch (img, &below, count, offset) == -1) {
+    *err = errno ? errno : EIO;
+    return -1;
+  }
+  return 0;
+}
+
+/* Add the plugin's extents for [offset, offset+len), an unallocated
+ * run of the overlay. */
+static int
+backend_extents (nbdkit_next *next, uint64_t len, uint64_t offset,
+                 bool req_one, struct nbdkit_extents *extents, int *err)
+{
+  struct nbdkit_extents *exts;
+  uint64_t end = offset + len, pos = offset;
+  int r = 0;
+
+  if (req_one) {
+    exts = nbdkit_extents_new (offset, end);
+    if (exts == NULL) {
+      *err = errno;
+      return -1;
+    }
+    if (next->extents (next, len, offset, NBDKIT_FLAG_REQ_ONE, exts,
+                       err) == -1) {
+      nbdkit_extents_free (exts);
+      return -1;
+    }
+  }
+  else {
+    exts = nbdkit_extents_full (next, len, offset, 0, err);
+    if (exts == NULL)
+      return -1;
+  }
+  for (size_t i = 0; i < nbdkit_extents_count (exts) && pos < end; ++i) {
+    struct nbdkit_extent e = nbdkit_get_extent (exts, i);
+    uint64_t t = MIN (e.offset + e.length, end);
+    if (t <= pos)
+      continue;
+    if (nbdkit_add_extent (extents, pos, t - pos, e.type) == -1) {
+      *err = errno;
+      r = -1;
+      break;
+    }
+    pos = t;
+  }
+  nbdkit_extents_free (exts);
+  /* Whatever the plugin left out is data, as far as we know. */
+  if (r == 0 && pos == offset &&
+      nbdkit_add_extent (extents, pos, end - pos, 0) == -1) {
+    *err = errno;
+    r = -1;
+  }
+  return r;
+}
+
+static int
+qed_filter_extents (nbdkit_next *next, void *handle,
+                    uint32_t count, uint64_t offset, uint32_t flags,
+                    struct nbdkit_extents *extents, int *err)
+{
+  bool req_one = flags & NBDKIT_FLAG_REQ_ONE;
+  uint64_t end = offset + count;
+  int can_extents = -1;
+
+  if (qedfilter_debug_verbose)
+    nbdkit_debug ("extents count=%" PRIu32 " offset=%" PRIu64 "%s",
+                  count, offset, req_one ? " req_one" : "");
+  while (offset < end) {
+    struct qed_map m;
+
+    errno = 0;
+    if (qed_map (img, offset, end - offset, &m) == -1) {
+      *err = errno ? errno : EIO;
+      return -1;
+    }
+    if (m.type == QED_MAP_UNALLOCATED) {
+      if (can_extents == -1)
+        can_extents = next->can_extents (next);
+      if (can_extents == 1) {
+        if (backend_extents (next, m.length, offset, req_one, extents,
+                             err) == -1)
+          return -1;
+      }
+      else if (nbdkit_add_extent (extents, offset, m.length, 0) == -1) {
+        *err = errno;
+        return -1;
+      }
+    }
+    else if (nbdkit_add_extent (extents, offset, m.length,
+                                m.type == QED_MAP_DATA ? 0 :
+                                NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO)
+             == -1) {
+      *err = errno;
+      return -1;
+    }
+    offset += m.length;
+    if (req_one)
+      break;
+  }
+  return 0;
+}
+
+static struct nbdkit_filter filter = {
+  .name              = "qedfilter",
+  .longname          = "nbdkit QED overlay filter",
+  .unload            = qed_filter_unload,
+  .config            = qed_filter_config,
+  .config_complete   = qed_filter_config_complete,
+  .config_help       = qed_filter_config_help,
+  .get_ready         = qed_filter_get_ready,
+  .after_fork        = qed_filter_after_fork,
+  .cleanup           = qed_filter_cleanup,
+  .open              = qed_filter_open,
+  .prepare           = qed_filter_prepare,
+  .get_size          = qed_filter_get_size,
+  .block_size        = qed_filter_block_size,
+  .can_write         = qed_filter_can_one,
+  .can_flush         = qed_filter_can_one,
+  .can_trim          = qed_filter_can_one,
+  .can_zero          = qed_filter_can_zero,
+  .can_fast_zero     = qed_filter_can_one,
+  .can_extents       = qed_filter_can_one,
+  .can_multi_conn    = qed_filter_can_one,
+  .can_fua           = qed_filter_can_fua,
+  .can_cache         = qed_filter_can_cache,
+  .pread             = qed_filter_pread,
+  .pwrite            = qed_filter_pwrite,
+  .zero              = qed_filter_zero,
+  .trim              = qed_filter_trim,
+  .flush             = qed_filter_flush,
+  .cache             = qed_filter_cache,
+  .extents           = qed_filter_extents,
+};
+
+NBDKIT_REGISTER_FILTER (filter)
