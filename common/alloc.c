@@ -528,14 +528,23 @@ op_begin (struct qed_image *img)
   pthread_mutex_unlock (&img->lock);
 }
 
-static void
-op_end (struct qed_image *img)
+/* End a request.  Dirty table pages cannot be evicted, so when they
+ * fill half the cache, write them back now: memory stays bounded by
+ * l2-cache however much is written between flushes. */
+static int
+op_end (struct qed_image *img, int r)
 {
   int err = errno;
+  bool too_dirty;
+
   pthread_mutex_lock (&img->lock);
   qed_op_end (img);
+  too_dirty = img->ndirty > img->max_pages / 2;
   pthread_mutex_unlock (&img->lock);
+  if (r == 0 && too_dirty)
+    return qed_flush (img);
   errno = err;
+  return r;
 }
 
 int
@@ -553,7 +562,7 @@ qed_write (struct qed_image *img, const struct qed_below *below,
     r = write_detect_zero (img, below, buf, count, offset);
   else
     r = write_data (img, below, buf, count, offset);
-  op_end (img);
+  r = op_end (img, r);
   if (r == 0 && (flags & QED_WRITE_FUA))
     r = qed_flush (img);
   return r;
@@ -571,7 +580,7 @@ qed_zero (struct qed_image *img, const struct qed_below *below,
   }
   op_begin (img);
   r = zero_range (img, below, count, offset, flags, false);
-  op_end (img);
+  r = op_end (img, r);
   if (r == 0 && (flags & QED_WRITE_FUA))
     r = qed_flush (img);
   return r;
@@ -589,7 +598,7 @@ qed_trim (struct qed_image *img, const struct qed_below *below,
   }
   op_begin (img);
   r = zero_range (img, below, count, offset, flags, true);
-  op_end (img);
+  r = op_end (img, r);
   if (r == 0 && (flags & QED_WRITE_FUA))
     r = qed_flush (img);
   return r;
@@ -673,6 +682,5 @@ qed_fill (struct qed_image *img, const void *buf, uint64_t count,
     pthread_mutex_unlock (&img->lock);
     c += k;
   }
-  op_end (img);
-  return r;
+  return op_end (img, r);
 }
