@@ -15,6 +15,7 @@
 #include <inttypes.h>
 #include <endian.h>
 #include <unistd.h>
+#include <sys/mman.h>
 
 #include "qed-internal.h"
 #include "seam.h"
@@ -310,6 +311,7 @@ qed_writeback (struct qed_image *img)
   struct page_copy *copies = NULL;
   size_t n = 0, i;
   struct l2_page *p;
+  size_t copies_bytes = 0;
   int r = -1, saved_errno = 0;
 
   pthread_mutex_lock (&img->lock);
@@ -317,11 +319,16 @@ qed_writeback (struct qed_image *img)
     size_t cap = img->ndirty;
     for (i = 0; i < img->l1_pages; ++i)
       cap += img->l1_dirty[i];
+    /* mmap, not malloc: a large freed malloc block would raise glibc's
+     * mmap threshold and stay in some thread's arena for good. */
     if (cap > 0) {
-      copies = malloc (cap * sizeof *copies);
-      if (copies == NULL) {
+      copies_bytes = cap * sizeof *copies;
+      copies = mmap (NULL, copies_bytes, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (copies == MAP_FAILED) {
+        copies = NULL;
         pthread_mutex_unlock (&img->lock);
-        qed_error ("malloc: %m");
+        qed_error ("mmap: %m");
         return -1;
       }
     }
@@ -398,7 +405,8 @@ qed_writeback (struct qed_image *img)
     }
   }
   pthread_mutex_unlock (&img->lock);
-  free (copies);
+  if (copies)
+    munmap (copies, copies_bytes);
   if (r == -1)
     errno = saved_errno;
   return r;
