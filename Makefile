@@ -70,8 +70,21 @@ run:
 deps:
 	@bash tests/install-deps.sh
 
+# Longer runs (not part of check):
+#   make crash-test [TRIALS=300]   crash and power-loss trials
+#   make fuzz [SECONDS=300]        libFuzzer over open/validate/lookup/check
+#   make bench [QUICK=1]           against qemu-nbd and the file plugin
+crash-test: all
+	@bash tests/crash-long.sh $(TRIALS)
+
+fuzz:
+	@bash tests/fuzz.sh $(SECONDS)
+
+bench: all
+	@bash bench/run.sh $(if $(QUICK),--quick)
+
 clean:
 	rm -f $(PLUGIN) $(FILTER) nbdkit-qed.1 tests/unit-tests \
 	  tests/unit-tests-asan
 
-.PHONY: all check install run deps clean
+.PHONY: all check install run deps clean crash-test fuzz bench

@@ -103,8 +103,17 @@ qed_alloc_clusters (struct qed_image *img, uint64_t n, uint64_t *offset)
   if (qed_mark_need_check (img) == -1)
     return -1;
   if (n == 1 && img->free_list.len > 0) {
-    *offset = img->free_list.ptr[--img->free_list.len];
-    return 0;
+    uint64_t off = img->free_list.ptr[img->free_list.len - 1];
+    /* Punch it again: an in-place write that looked the cluster up
+     * before a zero or trim freed it may have landed after that punch
+     * (no such request is left now), and a new cluster must be a hole. */
+    if (fallocate (img->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                   off, img->cs) == 0) {
+      img->free_list.len--;
+      *offset = off;
+      return 0;
+    }
+    img->free_list.len = 0;     /* leaks now: reclaimed at close */
   }
   /* Bytes after the last whole cluster are garbage that must not show
    * through in a new cluster (QEMU overwrites them; we cut them). */

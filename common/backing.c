@@ -152,7 +152,8 @@ open_layer (const char *path, int format, const struct qed_chain_options *o,
     qed_error ("malloc: %m");
     return NULL;
   }
-  l->fd = open (path, O_RDONLY | O_CLOEXEC);
+  /* O_NONBLOCK: a hostile name (a FIFO) must not hang the open. */
+  l->fd = open (path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (l->fd == -1) {
     qed_error ("cannot open backing file %s: %m", path);
     goto err;
@@ -161,6 +162,13 @@ open_layer (const char *path, int format, const struct qed_chain_options *o,
     qed_error ("backing file %s: fstat: %m", path);
     goto err;
   }
+  if (!S_ISREG (st.st_mode) && !S_ISBLK (st.st_mode)) {
+    qed_error ("backing file %s is not a regular file or a block device",
+               path);
+    errno = EINVAL;
+    goto err;
+  }
+  fcntl (l->fd, F_SETFL, fcntl (l->fd, F_GETFL) & ~O_NONBLOCK);
   for (const struct visited *v = seen; v; v = v->next) {
     if (v->dev == st.st_dev && v->ino == st.st_ino) {
       qed_error ("backing file %s: the backing chain loops", path);

@@ -57,6 +57,7 @@ struct checker {
   struct bitmap table;          /* clusters holding L1/L2 tables */
   uint64_t *buf;                /* one L2 table */
   bool wrote;                   /* repairs were written */
+  bool again;                   /* reclaim made room for another pass */
 };
 
 static uint64_t
@@ -288,12 +289,41 @@ walk (struct checker *ck)
 }
 
 /* Move the last data clusters into the leaked holes below them, then
- * truncate the file.  Tables are not moved: compaction stops at the
- * last table.  Returns the number of leaked clusters reclaimed.
+ * truncate the file.  An L2 table is moved whole into the lowest run of
+ * table_size holes below it.  If there is no such run, the pass prepares
+ * another (ck->again): it sinks the data just below the table into
+ * lower holes, or, with holes just below it, parks the table after the
+ * end of the file so that the next pass can move it down over its old
+ * place.  Copies only ever go to clusters no table on disk points at.
+ * Returns the number of clusters truncated.
  */
 struct move {
   uint64_t src, dst;            /* file offsets */
 };
+struct table_move {
+  uint64_t l1i, dst;            /* L1 index, new table offset */
+};
+
+static int
+add_move (struct move **moves, uint64_t *n, size_t *cap,
+          uint64_t src, uint64_t dst)
+{
+  if (*n == *cap) {
+    struct move *m;
+    size_t c = *cap ? *cap * 2 : 64;
+    m = realloc (*moves, c * sizeof *m);
+    if (m == NULL) {
+      qed_error ("realloc: %m");
+      return -1;
+    }
+    *moves = m;
+    *cap = c;
+  }
+  (*moves)[*n].src = src;
+  (*moves)[*n].dst = dst;
+  (*n)++;
+  return 0;
+}
 
 static int
 move_cmp (const void *a, const void *b)
@@ -302,16 +332,21 @@ move_cmp (const void *a, const void *b)
   return x->src < y->src ? -1 : x->src > y->src;
 }
 
+/* Passes of reclaim that prepare the next one (see below). */
+#define MAX_RECLAIM_PASSES 16
+static _Thread_local unsigned again_depth;
+
 static int64_t
 reclaim (struct checker *ck)
 {
   struct qed_image *img = ck->img;
   uint64_t first = img->header_end >> img->cs_bits;
   uint64_t top = img->file_end >> img->cs_bits, lo = first;
-  uint64_t nmoves = 0, new_end, removed;
+  uint64_t nmoves = 0, new_end, removed, park_end = 0;
   CLEANUP_FREE struct move *moves = NULL;
+  CLEANUP_FREE struct table_move *tmoves = NULL;
   CLEANUP_FREE void *tmp = NULL;
-  size_t cap = 0;
+  size_t cap = 0, ntmoves = 0;
 
   /* Pair the highest data clusters with the lowest holes. */
   for (;;) {
@@ -319,26 +354,89 @@ reclaim (struct checker *ck)
       top--;                    /* trailing leak: truncated below */
     while (lo < top && bm_get (&ck->used, lo))
       lo++;
-    if (lo >= top || bm_get (&ck->table, top - 1))
+    if (lo >= top)
       break;
-    if (nmoves == cap) {
-      struct move *m;
-      cap = cap ? cap * 2 : 64;
-      m = realloc (moves, cap * sizeof *m);
-      if (m == NULL) {
+    if (bm_get (&ck->table, top - 1)) {
+      /* An L2 table ends here (tables are allocated after the data
+       * they map, so freed space usually lies below one). */
+      uint64_t ts = img->h.table_size, t, p, run = 0, i;
+      struct table_move *tm;
+      if (top - first < ts)
+        break;
+      t = top - ts;
+      for (i = 0; i < img->table_entries; ++i)
+        if (img->l1[i] == t << img->cs_bits)
+          break;
+      for (size_t k = 0; k < ntmoves; ++k)
+        if (tmoves[k].dst == t << img->cs_bits)
+          i = tmoves[k].l1i;    /* moved in this pass */
+      if (i == img->table_entries)
+        break;                  /* the L1 or the header */
+      for (p = lo; p < t && run < ts; ++p)
+        run = bm_get (&ck->used, p) ? 0 : run + 1;
+      if (run < ts) {
+        /* No room below the table.  Prepare the next pass (after this
+         * one's table updates are durable, vacated clusters are holes):
+         * with holes just below the table, park it after the end of
+         * the file, so that the next pass can move it down over its
+         * old place; with data just below it, sink that data into
+         * lower holes. */
+        uint64_t c;
+        if (again_depth >= MAX_RECLAIM_PASSES)
+          break;
+        if (!bm_get (&ck->used, t - 1)) {
+          p = img->file_end >> img->cs_bits;
+          park_end = p + ts;
+          ck->again = true;
+        }
+        else {
+          for (c = t; c > first && bm_get (&ck->used, c - 1) &&
+                 !bm_get (&ck->table, c - 1); c--) {
+            while (lo < c - 1 && bm_get (&ck->used, lo))
+              lo++;
+            if (lo >= c - 1)
+              break;
+            if (add_move (&moves, &nmoves, &cap, (c - 1) << img->cs_bits,
+                          lo << img->cs_bits) == -1)
+              return -1;
+            bm_set (&ck->used, lo);
+            ck->again = true;
+          }
+          break;
+        }
+      }
+      else
+        p -= ts;
+      tm = realloc (tmoves, (ntmoves + 1) * sizeof *tm);
+      if (tm == NULL) {
         qed_error ("realloc: %m");
         return -1;
       }
-      moves = m;
+      tmoves = tm;
+      tmoves[ntmoves].l1i = i;
+      tmoves[ntmoves].dst = p << img->cs_bits;
+      ntmoves++;
+      for (uint64_t k = 0; k < ts; ++k)
+        if (add_move (&moves, &nmoves, &cap, (t + k) << img->cs_bits,
+                      (p + k) << img->cs_bits) == -1)
+          return -1;
+      mark (ck, p << img->cs_bits, ts, true);
+      if (park_end)
+        break;
+      top = t;
+      continue;
     }
-    moves[nmoves].src = (top - 1) << img->cs_bits;
-    moves[nmoves].dst = lo << img->cs_bits;
-    nmoves++;
+    if (add_move (&moves, &nmoves, &cap, (top - 1) << img->cs_bits,
+                  lo << img->cs_bits) == -1)
+      return -1;
+    /* The hole now holds data: the scan for the new end must stop
+     * above it, or the truncation would cut the moved clusters. */
+    bm_set (&ck->used, lo);
     lo++;
     top--;
   }
-  new_end = top << img->cs_bits;
-  if (new_end == img->file_end)
+  new_end = MAX (top, park_end) << img->cs_bits;
+  if (new_end == img->file_end && nmoves == 0)
     return 0;
 
   if (nmoves > 0) {
@@ -355,8 +453,11 @@ reclaim (struct checker *ck)
       qed_error ("%s: fdatasync: %m", img->filename);
       return -1;
     }
-    /* 2. Point the tables at the copies. */
+    /* 2. Point the tables at the copies: the L2 entries (in the
+     * moved tables' copies, not yet linked), then the L1. */
     qsort (moves, nmoves, sizeof *moves, move_cmp);
+    for (size_t k = 0; k < ntmoves; ++k)
+      img->l1[tmoves[k].l1i] = tmoves[k].dst;
     for (uint64_t i = 0; i < img->table_entries; ++i) {
       uint64_t t = img->l1[i];
       bool changed = false;
@@ -369,7 +470,7 @@ reclaim (struct checker *ck)
       }
       for (uint64_t j = 0; j < img->table_entries; ++j) {
         struct move key = { .src = le64toh (ck->buf[j]) }, *m;
-        if (key.src < new_end)
+        if (key.src <= QED_ENTRY_ZERO)
           continue;
         m = bsearch (&key, moves, nmoves, sizeof *moves, move_cmp);
         if (m) {
@@ -384,6 +485,8 @@ reclaim (struct checker *ck)
         return -1;
       }
     }
+    if (ntmoves > 0 && write_table (ck, img->l1, img->l1_start) == -1)
+      return -1;
   }
 
   /* 3. Cut the file. */
@@ -392,7 +495,8 @@ reclaim (struct checker *ck)
     qed_error ("%s: cannot truncate leaked clusters: %m", img->filename);
     return -1;
   }
-  removed = (img->file_end - new_end) >> img->cs_bits;
+  removed = new_end < img->file_end
+    ? (img->file_end - new_end) >> img->cs_bits : 0;
   qed_debug ("%s: reclaimed %" PRIu64 " leaked clusters (%" PRIu64
              " moved), file now %" PRIu64 " bytes", img->filename,
              removed, nmoves, new_end);
@@ -411,6 +515,15 @@ qed_check (struct qed_image *img, bool repair, struct qed_check_result *res)
   int r = -1;
 
   memset (res, 0, sizeof *res);
+  /* The walk reads the tables from the file: write back what is only
+   * in memory first (nothing is dirty at open or in qed_compact). */
+  if (!img->readonly) {
+    bool dirty = img->ndirty > 0;
+    for (uint64_t i = 0; i < img->l1_pages; ++i)
+      dirty |= img->l1_dirty[i];
+    if (dirty && qed_writeback (img) == -1)
+      return -1;
+  }
   ck.used.n = ck.table.n = n;
   ck.used.bits = calloc ((n + 63) / 64 + 1, 8);
   ck.table.bits = calloc ((n + 63) / 64 + 1, 8);
@@ -438,10 +551,37 @@ qed_check (struct qed_image *img, bool repair, struct qed_check_result *res)
       if (k == -1)
         goto out;
       res->leaks_fixed = k;
+      if (ck.again) {
+        /* Room was made below a table: a second walk moves it (before
+         * NEED_CHECK is cleared, so a crash still gets checked). */
+        struct qed_check_result res2;
+        int r2;
+        if (fdatasync (img->fd) == -1) {
+          qed_error ("%s: fdatasync: %m", img->filename);
+          goto out;
+        }
+        again_depth++;
+        r2 = qed_check (img, true, &res2);
+        again_depth--;
+        if (r2 == -1)
+          goto out;
+        {
+          /* Count leaks, not clusters truncated (a parked table's
+           * copy was truncated too). */
+          uint64_t left = res2.leaks - MIN (res2.leaks, res2.leaks_fixed);
+          res->leaks_fixed = res->leaks - MIN (res->leaks, left);
+        }
+        ck.wrote = true;
+      }
     }
   }
-  /* The free lists described leaks, which are now accounted for. */
-  img->pending_free.len = img->flushed_free.len = img->free_list.len = 0;
+  /* The free lists described leaks, which are now accounted for (a
+   * check without repair leaves them: the clusters are still free). */
+  if (ck.repair)
+    img->pending_free.len = img->flushed_free.len = img->free_list.len = 0;
+  /* Repairs wrote tables behind the L2 cache: drop its stale pages. */
+  if (ck.wrote)
+    qed_cache_drop (img);
 
   if (ck.repair && ck.wrote && fdatasync (img->fd) == -1) {
     qed_error ("%s: fdatasync: %m", img->filename);

@@ -259,7 +259,9 @@ qed_open (const char *filename, const struct qed_open_options *opts)
     goto err;
   }
 
-  img->fd = open (filename, (opts->readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+  /* O_NONBLOCK: opening a FIFO must fail below, not hang. */
+  img->fd = open (filename, (opts->readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC |
+                  O_NONBLOCK);
   if (img->fd == -1) {
     qed_error ("%s: %m", filename);
     goto err;
@@ -273,6 +275,7 @@ qed_open (const char *filename, const struct qed_open_options *opts)
     errno = EINVAL;
     goto err;
   }
+  fcntl (img->fd, F_SETFL, fcntl (img->fd, F_GETFL) & ~O_NONBLOCK);
   memset (hdr, 0, sizeof hdr);
   if (pread_full (img->fd, hdr, sizeof hdr, 0) == -1) {
     qed_error ("%s: cannot read the QED header: %m", filename);
@@ -394,17 +397,28 @@ int
 qed_flush (struct qed_image *img)
 {
   int r;
+  size_t n;
 
   if (img->readonly)
     return 0;
   pthread_mutex_lock (&img->flush_lock);
+  /* Only clusters unlinked before the writeback copies the dirty pages
+   * become durably free: a zero or trim committing during the writeback
+   * is in no copied page, and reusing its cluster now would let a crash
+   * show new data through the old, still durable, entry. */
+  pthread_mutex_lock (&img->lock);
+  n = img->pending_free.len;
+  pthread_mutex_unlock (&img->lock);
   r = qed_writeback (img);
   if (r == 0) {
     pthread_mutex_lock (&img->lock);
     /* The unlinking of these clusters is now durable. */
-    for (size_t i = 0; i < img->pending_free.len; ++i)
+    for (size_t i = 0; i < n; ++i)
       offset_list_append (&img->flushed_free, img->pending_free.ptr[i]);
-    img->pending_free.len = 0;
+    if (n > 0)                  /* ptr may still be NULL */
+      memmove (img->pending_free.ptr, img->pending_free.ptr + n,
+               (img->pending_free.len - n) * sizeof *img->pending_free.ptr);
+    img->pending_free.len -= n;
     if (img->active_ops == 0)
       qed_recycle_free (img);
     pthread_mutex_unlock (&img->lock);

@@ -122,11 +122,22 @@ parse_bool (const char *key, const char *value, bool *b)
   return 0;
 }
 
+/* nbdkit_parse_size's message does not say which parameter was bad. */
+static int64_t
+parse_size (const char *key, const char *value)
+{
+  int64_t v = nbdkit_parse_size (value);
+
+  if (v == -1)
+    nbdkit_error ("%s: invalid size '%s'", key, value);
+  return v;
+}
+
 static int
 parse_power_of_2 (const char *key, const char *value, uint32_t lo,
                   uint32_t hi, uint32_t *out)
 {
-  int64_t v = nbdkit_parse_size (value);
+  int64_t v = parse_size (key, value);
 
   if (v == -1)
     return -1;
@@ -151,7 +162,7 @@ qed_plugin_config (const char *key, const char *value)
   else if (strcmp (key, "create") == 0)
     return parse_bool (key, value, &create);
   else if (strcmp (key, "size") == 0) {
-    create_size = nbdkit_parse_size (value);
+    create_size = parse_size (key, value);
     return create_size == -1 ? -1 : 0;
   }
   else if (strcmp (key, "cluster-size") == 0)
@@ -178,7 +189,7 @@ qed_plugin_config (const char *key, const char *value)
   else if (strcmp (key, "zero-detect") == 0)
     return parse_bool (key, value, &zero_detect);
   else if (strcmp (key, "l2-cache") == 0) {
-    l2_cache = nbdkit_parse_size (value);
+    l2_cache = parse_size (key, value);
     if (l2_cache == -1)
       return -1;
     if (l2_cache < 65536 || l2_cache > (INT64_C (1) << 40)) {
