@@ -184,8 +184,11 @@ qed_filter_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
     return parse_bool (value, &zero_detect);
   else if (strcmp (key, "qed-cluster-size") == 0) {
     int64_t v = nbdkit_parse_size (value);
-    if (v == -1)
+    if (v == -1) {
+      /* nbdkit's message does not say which parameter was bad. */
+      nbdkit_error ("qed-cluster-size: invalid size '%s'", value);
       return -1;
+    }
     if (v < QED_MIN_CLUSTER_SIZE || v > QED_MAX_CLUSTER_SIZE ||
         !is_power_of_2 (v)) {
       nbdkit_error ("qed-cluster-size: must be a power of 2 from 4K to 64M");
@@ -267,6 +270,17 @@ dir_of (const char *path)
 static int
 qed_filter_get_ready (int thread_model)
 {
+  if (backing_name && overlay) {
+    /* Only other readers of the overlay open it: just a hint. */
+    CLEANUP_FREE char *dir = dir_of (overlay);
+    CLEANUP_FREE char *path = NULL;
+
+    if (dir && asprintf (&path, "%s/%s", dir, backing_name) >= 0 &&
+        access (backing_name[0] == '/' ? backing_name : path, F_OK) == -1)
+      nbdkit_debug ("note: qed-backing-name %s does not exist (relative "
+                    "names are relative to the overlay's directory %s)",
+                    backing_name, dir);
+  }
   if (overlay == NULL) {
     const char *t = getenv ("TMPDIR");
     CLEANUP_FREE char *tmpl = NULL;
@@ -348,7 +362,7 @@ qed_filter_get_ready (int thread_model)
 static void
 note_write (void)
 {
-  if (idle_thread_started)
+  if (overlay)                  /* the idle thread runs only then */
     __atomic_store_n (&last_write, time (NULL), __ATOMIC_RELAXED);
 }
 
@@ -456,6 +470,16 @@ open_overlay (int64_t size)
     path = tmp_file;
   }
   if (overlay == NULL || access (overlay, F_OK) == -1) {
+    uint32_t cs = cluster_size ? cluster_size : QED_DEFAULT_CLUSTER_SIZE;
+    uint64_t max = qed_max_image_size (cs, QED_DEFAULT_TABLE_SIZE);
+
+    if (ROUND_UP ((uint64_t) size, 512) > max) {
+      nbdkit_error ("the plugin's disk (%" PRIi64 " bytes) is larger than a "
+                    "QED overlay with %" PRIu32 "-byte clusters can address "
+                    "(%" PRIu64 " bytes): use a larger qed-cluster-size",
+                    size, cs, max);
+      return NULL;
+    }
     if (qed_create (path, &co) == -1)
       return NULL;
     nbdkit_debug ("created overlay %s: size %" PRIu64 ", cluster size %"
@@ -466,9 +490,10 @@ open_overlay (int64_t size)
   }
   i = qed_open (path, &oo);
   if (overlay == NULL) {
-    /* Nothing of a temporary overlay outlives nbdkit. */
+    /* Nothing of a temporary overlay outlives nbdkit.  The directory
+     * stays if the open failed (the next connection tries again). */
     unlink (path);
-    if (rmdir (tmp_dir) == 0) {
+    if (i && rmdir (tmp_dir) == 0) {
       free (tmp_dir);
       tmp_dir = NULL;
     }
@@ -584,8 +609,8 @@ backend_read (void *opaque, void *buf, uint64_t count, uint64_t offset)
       memset (p, 0, count);
       break;
     }
-    n = MIN (count, MIN ((uint64_t) size - offset,
-                         (uint64_t) MAX_BACKEND_READ));
+    n = MIN (count, (uint64_t) size - offset);
+    n = MIN (n, (uint64_t) MAX_BACKEND_READ);
     if (next->pread (next, p, n, offset, 0, &err) == -1) {
       errno = err ? err : EIO;
       return -1;
@@ -644,8 +669,9 @@ fetch_clusters (nbdkit_next *next, char *wbuf, uint64_t start, uint64_t end)
         if (t <= s)
           continue;
         if (s > covered)        /* a gap: assume data */
-          s = covered;
-        if (!(e.type & NBDKIT_EXTENT_ZERO) || s < e.offset)
+          for (i = (covered - start) / cs; i <= (s - 1 - start) / cs; ++i)
+            zero[i] = false;
+        if (!(e.type & NBDKIT_EXTENT_ZERO))
           for (i = (s - start) / cs; i <= (t - 1 - start) / cs; ++i)
             zero[i] = false;
         covered = MAX (covered, t);
@@ -896,8 +922,9 @@ backend_extents (nbdkit_next *next, uint64_t len, uint64_t offset,
     pos = t;
   }
   nbdkit_extents_free (exts);
-  /* Whatever the plugin left out is data, as far as we know. */
-  if (r == 0 && pos == offset &&
+  /* Whatever the plugin left out is data, as far as we know (with
+   * REQ_ONE, only the first extent matters). */
+  if (r == 0 && pos < end && (!req_one || pos == offset) &&
       nbdkit_add_extent (extents, pos, end - pos, 0) == -1) {
     *err = errno;
     r = -1;

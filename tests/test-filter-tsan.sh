@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# ThreadSanitizer over the filter: parallel copy-on-read reads, writes,
+# zeroes, trims, cache and flushes from several connections over the
+# same clusters of a persistent overlay (with the idle timer running).
+# Any TSan report fails.
+. "$(dirname "$0")/functions.sh"
+requires fio --version
+requires nbdsh --version
+libtsan=$(ls /usr/lib/x86_64-linux-gnu/libtsan.so.2 2>/dev/null) ||
+  skip "libtsan not installed"
+cd "$tmp"
+
+so=$tmp/tsan-filter.so
+gcc -O1 -g -std=gnu11 -D_GNU_SOURCE -fPIC -fvisibility=hidden -pthread \
+    -I"$TOP/common" -fsanitize=thread -shared -o "$so" \
+    "$TOP/filter/qed-filter.c" "$TOP"/common/*.c
+
+M=$((1024*1024))
+head -c $((6*M)) /dev/urandom > base.raw
+truncate -s $((8*M)) base.raw
+sum=$(md5sum < base.raw)
+
+sock=$tmp/t.sock
+LD_PRELOAD=$libtsan TSAN_OPTIONS="log_path=$tmp/tsan.log halt_on_error=0" \
+  nbdkit -f -U "$sock" --filter="$so" --filter=delay file base.raw \
+  rdelay=1ms qed-overlay="$tmp/ov.qed" qed-cluster-size=16K &
+pid=$!
+cleanup_fn "kill $pid 2>/dev/null"
+for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
+
+fio --name=a --ioengine=nbd --uri="nbd+unix:///?socket=$sock" \
+    --rw=randrw --bs=6k --size=8M --iodepth=16 --numjobs=2 \
+    --randrepeat=1 --time_based --runtime=5 --fsync=50 >fio.log 2>&1 &
+fiopid=$!
+nbdsh -u "nbd+unix:///?socket=$sock" -c '
+import random
+random.seed(1)
+size = h.get_size()
+for i in range(400):
+    off = random.randrange(0, size, 512)
+    n = min(random.choice([512, 4096, 65536, 1 << 20]), size - off)
+    op = random.choice(["read", "read", "zero", "trim", "cache", "flush"])
+    if op == "read": h.pread(n, off)
+    elif op == "zero": h.zero(n, off)
+    elif op == "trim": h.trim(n, off)
+    elif op == "cache": h.cache(n, off)
+    else: h.flush()
+'
+wait $fiopid || { cat fio.log; fail "fio failed"; }
+sleep 6.5                               # let the idle timer run
+kill $pid; wait $pid || true
+
+if ls "$tmp"/tsan.log* >/dev/null 2>&1; then
+  cat "$tmp"/tsan.log*
+  fail "ThreadSanitizer reported problems"
+fi
+qemu_check ov.qed
+[ "$(need_check ov.qed)" = 0 ] || fail "NEED_CHECK still set"
+[ "$(md5sum < base.raw)" = "$sum" ] || fail "base.raw was modified"
+echo "TSan: no reports"
