@@ -377,36 +377,62 @@ reclaim (struct checker *ck)
       if (run < ts) {
         /* No room below the table.  Prepare the next pass (after this
          * one's table updates are durable, vacated clusters are holes):
-         * with holes just below the table, park it after the end of
-         * the file, so that the next pass can move it down over its
-         * old place; with data just below it, sink that data into
-         * lower holes. */
-        uint64_t c;
+         * sink every data cluster above the lowest hole into the lowest
+         * holes (data fits anywhere), so that only tables and holes are
+         * left above it, and park those tables after the end of the
+         * file.  The next pass then finds one run of holes from the
+         * lowest hole up, and packs the parked tables into it.  (Only
+         * parking the top table, or sinking only the data right below
+         * it, can cycle: with stacked tables above a single hole, or
+         * with data between the hole and the tables.) */
+        uint64_t hi = t, pe = img->file_end >> img->cs_bits;
         if (again_depth >= MAX_RECLAIM_PASSES)
           break;
-        if (!bm_get (&ck->used, t - 1)) {
-          p = img->file_end >> img->cs_bits;
-          park_end = p + ts;
-          ck->again = true;
+        for (;;) {
+          while (lo < hi && bm_get (&ck->used, lo))
+            lo++;
+          while (hi > lo && (!bm_get (&ck->used, hi - 1) ||
+                             bm_get (&ck->table, hi - 1)))
+            hi--;
+          if (lo >= hi)
+            break;
+          if (add_move (&moves, &nmoves, &cap, (hi - 1) << img->cs_bits,
+                        lo << img->cs_bits) == -1)
+            return -1;
+          bm_set (&ck->used, lo);
+          hi--;
         }
-        else {
-          for (c = t; c > first && bm_get (&ck->used, c - 1) &&
-                 !bm_get (&ck->table, c - 1); c--) {
-            while (lo < c - 1 && bm_get (&ck->used, lo))
-              lo++;
-            if (lo >= c - 1)
-              break;
-            if (add_move (&moves, &nmoves, &cap, (c - 1) << img->cs_bits,
-                          lo << img->cs_bits) == -1)
-              return -1;
-            bm_set (&ck->used, lo);
-            ck->again = true;
+        for (uint64_t l = 0; l < img->table_entries; ++l) {
+          uint64_t s = img->l1[l] >> img->cs_bits;
+          bool moved = false;
+          if (img->l1[l] == 0 || s < lo || s >= top)
+            continue;
+          for (size_t k = 0; k < ntmoves; ++k)
+            moved |= tmoves[k].l1i == l;
+          if (moved)
+            continue;           /* already going down in this pass */
+          tm = realloc (tmoves, (ntmoves + 1) * sizeof *tm);
+          if (tm == NULL) {
+            qed_error ("realloc: %m");
+            return -1;
           }
-          break;
+          tmoves = tm;
+          tmoves[ntmoves].l1i = l;
+          tmoves[ntmoves].dst = pe << img->cs_bits;
+          ntmoves++;
+          for (uint64_t k = 0; k < ts; ++k)
+            if (add_move (&moves, &nmoves, &cap, (s + k) << img->cs_bits,
+                          (pe + k) << img->cs_bits) == -1)
+              return -1;
+          pe += ts;
         }
+        if (pe > img->file_end >> img->cs_bits)
+          park_end = pe;
+        if (nmoves > 0)
+          ck->again = true;
+        break;
       }
-      else
-        p -= ts;
+      p -= ts;
       tm = realloc (tmoves, (ntmoves + 1) * sizeof *tm);
       if (tm == NULL) {
         qed_error ("realloc: %m");

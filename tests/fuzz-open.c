@@ -1,0 +1,353 @@
+/* nbdkit-qed: a libFuzzer target over opening and using QED images.
+ *
+ * Build (from the top of the tree):
+ *
+ *   clang -g -O1 -std=gnu11 -D_GNU_SOURCE -pthread -Icommon \
+ *     -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+ *     -fno-omit-frame-pointer -o tests/fuzz-open tests/fuzz-open.c \
+ *     common/header.c common/table.c common/alloc.c common/map.c \
+ *     common/check.c common/image.c common/backing.c
+ *
+ * Run (seed corpus: the hostile catalogue, see tests/make-hostile.py):
+ *
+ *   /usr/bin/python3 tests/make-hostile.py /tmp/hostile \
+ *     --corpus tests/fuzz-corpus
+ *   ./tests/fuzz-open -max_len=131072 -max_total_time=300 \
+ *     -artifact_prefix=tests/fuzz- tests/fuzz-corpus
+ *
+ * or simply: bash tests/fuzz.sh [SECONDS]
+ *
+ * Reproduce a crash: ./tests/fuzz-open CRASH-FILE
+ * FUZZ_VERBOSE=1 prints the core's messages; FUZZ_LEAKS=1 also
+ * treats leaked clusters left after a clean close as a failure.
+ *
+ * Each input is the whole image file.  Per input:
+ *  1. qed_header_validate on the (zero-padded) first 64 bytes; its
+ *     verdict must agree with qed_open's.
+ *  2. A read-only open: qed_map and qed_read at a few offsets (start,
+ *     middle, end, L2 table boundaries), a prefetch, and a check without
+ *     repair.  The file must not change.
+ *  3. A writable open of a copy: a check with repair, then reads,
+ *     writes, zero, trim and flush at the same offsets, and close.  If
+ *     the repair claimed success, a fresh check must find nothing.
+ *  4. Reads through a raw layer beneath (backing-override), so
+ *     backing COW paths run too.
+ * Oracles: the sanitizers, plus abort() on a broken invariant.
+ */
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <stdint.h>
+#include <stdbool.h>
+#include <stdarg.h>
+#include <string.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <unistd.h>
+#include <sys/stat.h>
+
+#include "qed.h"
+#include "seam.h"
+
+static bool verbose;
+static bool strict_leaks;       /* FUZZ_LEAKS=1: leaks after close abort */
+static char last_error[1024];
+
+void
+qed_error (const char *fs, ...)
+{
+  va_list args;
+  int e = errno;
+
+  va_start (args, fs);
+  vsnprintf (last_error, sizeof last_error, fs, args);
+  va_end (args);
+  if (verbose)
+    fprintf (stderr, "qed_error: %s\n", last_error);
+  errno = e;
+}
+
+void
+qed_debug (const char *fs, ...)
+{
+  va_list args;
+  int e = errno;
+
+  if (verbose) {
+    va_start (args, fs);
+    fprintf (stderr, "qed_debug: ");
+    vfprintf (stderr, fs, args);
+    fprintf (stderr, "\n");
+    va_end (args);
+  }
+  errno = e;
+}
+
+static char dir[64], ro_path[128], rw_path[128], raw_path[128];
+
+static void
+cleanup (void)
+{
+  unlink (ro_path);
+  unlink (rw_path);
+  unlink (raw_path);
+  rmdir (dir);
+}
+
+static void
+init (void)
+{
+  const char *base = access ("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp";
+  unsigned char buf[65536];
+  int fd;
+
+  verbose = getenv ("FUZZ_VERBOSE") != NULL;
+  strict_leaks = getenv ("FUZZ_LEAKS") != NULL;
+  snprintf (dir, sizeof dir, "%s/qed-fuzz.XXXXXX", base);
+  if (mkdtemp (dir) == NULL) {
+    perror ("mkdtemp");
+    abort ();
+  }
+  snprintf (ro_path, sizeof ro_path, "%s/ro.qed", dir);
+  snprintf (rw_path, sizeof rw_path, "%s/rw.qed", dir);
+  snprintf (raw_path, sizeof raw_path, "%s/below.raw", dir);
+  for (size_t i = 0; i < sizeof buf; ++i)
+    buf[i] = (i * 7 + 3) | 1;
+  fd = open (raw_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  if (fd == -1 || write (fd, buf, sizeof buf) != sizeof buf) {
+    perror (raw_path);
+    abort ();
+  }
+  close (fd);
+  atexit (cleanup);
+}
+
+static void
+write_file (const char *path, const uint8_t *data, size_t size)
+{
+  int fd = open (path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  if (fd == -1 || (size && write (fd, data, size) != (ssize_t) size)) {
+    perror (path);
+    abort ();
+  }
+  close (fd);
+}
+
+static bool
+file_equals (const char *path, const uint8_t *data, size_t size)
+{
+  static uint8_t buf[1 << 20];
+  int fd = open (path, O_RDONLY);
+  ssize_t r;
+
+  if (fd == -1)
+    return false;
+  r = read (fd, buf, sizeof buf);
+  close (fd);
+  return r == (ssize_t) size && memcmp (buf, data, size) == 0;
+}
+
+/* A few interesting guest offsets. */
+static size_t
+pick_offsets (const struct qed_header *h, uint64_t *offs)
+{
+  uint64_t size = h->image_size, cs = h->cluster_size;
+  uint64_t cover = (uint64_t) h->table_size * cs / 8 * cs;
+  size_t n = 0;
+
+  if (size == 0)
+    return 0;
+  offs[n++] = 0;
+  offs[n++] = size / 2 / 512 * 512;
+  offs[n++] = size - 1;
+  offs[n++] = size > cs ? size - cs : 0;
+  if (cover < size) {
+    offs[n++] = cover - 1;
+    offs[n++] = cover;
+  }
+  offs[n++] = size > 4 * cs + 100 ? 4 * cs + 100 : size / 3;
+  return n;
+}
+
+static void
+exercise_reads (struct qed_image *img, const struct qed_below *below,
+                const uint64_t *offs, size_t n)
+{
+  static char buf[3 * 65536 + 4096];
+  uint64_t size = qed_get_size (img);
+
+  for (size_t i = 0; i < n; ++i) {
+    struct qed_map m;
+    uint64_t len = size - offs[i] < sizeof buf ? size - offs[i] : sizeof buf;
+
+    if (qed_map (img, offs[i], size - offs[i], &m) == 0) {
+      if (m.length == 0 || m.length > size - offs[i])
+        abort ();               /* qed_map broke its contract */
+    }
+    qed_read (img, below, buf, len, offs[i]);
+    qed_read (img, below, buf, len < 10 ? len : 10, offs[i]);
+  }
+  qed_prefetch (img, below, size < (1 << 20) ? size : (1 << 20), 0);
+}
+
+static void
+exercise_writes (struct qed_image *img, const struct qed_below *below,
+                 const uint64_t *offs, size_t n)
+{
+  static char buf[70000];
+  uint64_t size = qed_get_size (img);
+
+  memset (buf, 0x5a, sizeof buf);
+  memset (buf + 30000, 0, 30000);
+  for (size_t i = 0; i < n; ++i) {
+    uint64_t len = size - offs[i] < sizeof buf ? size - offs[i] : sizeof buf;
+    uint64_t cs = qed_get_cluster_size (img);
+    switch (i % 4) {
+    case 0:
+      qed_write (img, below, buf, len, offs[i], 0);
+      qed_zero (img, below, len < cs ? len : cs, offs[i], QED_ZERO_MAY_UNMAP);
+      break;
+    case 1:
+      qed_write (img, below, buf, len, offs[i], QED_WRITE_DETECT_ZERO);
+      qed_trim (img, below, len, offs[i], 0);
+      break;
+    case 2:
+      qed_zero (img, below, len, offs[i], 0);
+      qed_write (img, below, buf, len < 100 ? len : 100, offs[i],
+                 QED_WRITE_FUA);
+      break;
+    default:
+      qed_fill (img, NULL, len, offs[i] / cs * cs, false, true);
+      qed_write (img, below, buf, 1, offs[i], 0);
+    }
+  }
+  qed_flush (img);
+}
+
+int
+LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
+{
+  static bool initialised;
+  unsigned char raw[QED_HEADER_BYTES] = { 0 };
+  struct qed_header h;
+  char msg[256];
+  bool valid;
+  struct qed_open_options ro = { .readonly = true, .l2_cache_bytes = 65536 };
+  struct qed_open_options rw = { .l2_cache_bytes = 65536 };
+  struct qed_image *img;
+  struct qed_check_result res;
+  uint64_t offs[8];
+  size_t noffs = 0;
+
+  if (!initialised) {
+    init ();
+    initialised = true;
+  }
+  if (size > (1 << 20))
+    return 0;
+
+  /* 1. Header validation alone. */
+  memcpy (raw, data, size < sizeof raw ? size : sizeof raw);
+  qed_header_decode (&h, raw);
+  valid = qed_header_validate (&h, size, msg, sizeof msg) == 0;
+  {
+    unsigned char raw2[QED_HEADER_BYTES];
+    struct qed_header h2;
+    qed_header_encode (raw2, &h);
+    qed_header_decode (&h2, raw2);
+    if (memcmp (&h, &h2, sizeof h) != 0 || memcmp (raw, raw2, sizeof raw))
+      abort ();
+  }
+  if (valid) {
+    noffs = pick_offsets (&h, offs);
+    qed_max_image_size (h.cluster_size, h.table_size);
+    qed_qemu_can_open (h.cluster_size, h.table_size);
+  }
+
+  /* 2. Read-only. */
+  write_file (ro_path, data, size);
+  img = qed_open (ro_path, &ro);
+  if (img && !valid)
+    abort ();                   /* open accepted what validate refused */
+  if (img) {
+    struct qed_chain_options co = { .follow = false, .override = raw_path,
+                                    .override_format = QED_FORMAT_RAW };
+    struct qed_chain *chain;
+    struct qed_below below;
+    bool none;
+
+    exercise_reads (img, NULL, offs, noffs);
+    qed_check (img, false, &res);
+    chain = qed_chain_open (img, &co, &none);
+    if (chain) {
+      struct qed_map m;
+      qed_chain_below (chain, &below);
+      exercise_reads (img, &below, offs, noffs);
+      for (size_t i = 0; i < noffs; ++i)
+        qed_chain_map (chain, offs[i], 100000, &m);
+      qed_chain_close (chain);
+    }
+    /* follow=false on an image naming a backing file must refuse. */
+    co.override = NULL;
+    chain = qed_chain_open (img, &co, &none);
+    if (chain || (!none && qed_get_backing_name (img) == NULL))
+      abort ();
+    qed_close (img);
+  }
+  if (!file_equals (ro_path, data, size))
+    abort ();                   /* a read-only open changed the file */
+
+  /* 3. Writable, on a copy: repair, then use it. */
+  write_file (rw_path, data, size);
+  img = qed_open (rw_path, &rw);
+  if (img) {
+    bool repaired = false;
+    struct qed_chain_options co = { .follow = false, .override = raw_path,
+                                    .override_format = QED_FORMAT_RAW };
+    struct qed_chain *chain;
+    struct qed_below below;
+    bool none;
+
+    if (qed_check (img, true, &res) == 0 && res.check_errors == 0 &&
+        res.corruptions == res.corruptions_fixed) {
+      repaired = true;
+      if (qed_check (img, false, &res) == -1 || res.corruptions ||
+          (strict_leaks && res.leaks) || res.check_errors) {
+        fprintf (stderr, "after repair: %" PRIu64 " corruptions, %" PRIu64
+                 " leaks, %" PRIu64 " errors\n", res.corruptions, res.leaks,
+                 res.check_errors);
+        abort ();
+      }
+    }
+    exercise_reads (img, NULL, offs, noffs);
+    exercise_writes (img, NULL, offs, noffs);
+    chain = qed_chain_open (img, &co, &none);
+    if (chain) {
+      qed_chain_below (chain, &below);
+      exercise_writes (img, &below, offs, noffs);
+      exercise_reads (img, &below, offs, noffs);
+      qed_chain_close (chain);
+    }
+    qed_close (img);
+
+    /* A repaired image used only through the API stays consistent. */
+    if (repaired) {
+      struct qed_open_options o = { .readonly = true };
+      img = qed_open (rw_path, &o);
+      if (img == NULL) {
+        fprintf (stderr, "cannot reopen a repaired image: %s\n", last_error);
+        abort ();
+      }
+      if (qed_check (img, false, &res) == -1 || res.corruptions ||
+          res.check_errors || (strict_leaks && res.leaks)) {
+        fprintf (stderr, "repaired image corrupted by use: %" PRIu64
+                 " corruptions, %" PRIu64 " errors, %" PRIu64 " leaks\n",
+                 res.corruptions, res.check_errors, res.leaks);
+        abort ();
+      }
+      qed_close (img);
+    }
+  }
+  return 0;
+}
