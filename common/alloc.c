@@ -31,6 +31,9 @@
 #include "seam.h"
 #include "util.h"
 
+/* The file grows by at least this much at a time. */
+#define ALLOC_CHUNK (8u << 20)
+
 /* At most this many clusters are reserved and looked up at once by a
  * zero, trim or fill (bounded stack use and lock hold time). */
 #define MAX_RUN 512
@@ -131,14 +134,36 @@ qed_alloc_clusters (struct qed_image *img, uint64_t n, uint64_t *offset)
   }
   new_end = img->file_end + bytes;
   /* Growing the file first keeps every cluster we hand out below EOF,
-   * even while its data is still being written. */
-  if (ftruncate (img->fd, new_end) == -1) {
-    qed_error ("%s: cannot grow the file to %" PRIu64 ": %m",
-               img->filename, new_end);
-    return -1;
+   * even while its data is still being written.  Grow by a chunk at a
+   * time: an ftruncate per allocating write (under the lock) was the
+   * largest cost of small allocating writes. */
+  if (new_end > img->alloc_end) {
+    uint64_t chunk = MAX ((uint64_t) ALLOC_CHUNK, (uint64_t) img->cs);
+    uint64_t grow_to = new_end <= INT64_MAX - chunk
+      ? ROUND_UP (new_end, chunk) : new_end;
+    if (ftruncate (img->fd, grow_to) == -1 &&
+        (grow_to == new_end || ftruncate (img->fd, grow_to = new_end) == -1)) {
+      qed_error ("%s: cannot grow the file to %" PRIu64 ": %m",
+                 img->filename, new_end);
+      return -1;
+    }
+    img->alloc_end = grow_to;
   }
   *offset = img->file_end;
   img->file_end = new_end;
+  return 0;
+}
+
+int
+qed_cut_tail (struct qed_image *img)
+{
+  if (img->alloc_end > img->file_end) {
+    if (ftruncate (img->fd, img->file_end) == -1) {
+      qed_error ("%s: ftruncate: %m", img->filename);
+      return -1;
+    }
+    img->alloc_end = img->file_end;
+  }
   return 0;
 }
 

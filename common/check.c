@@ -139,7 +139,7 @@ grow (struct checker *ck, uint64_t n, uint64_t *off)
     return -1;
   }
   *off = img->file_end;
-  img->file_end = new_end;
+  img->file_end = img->alloc_end = new_end;
   img->tail_garbage = false;
   return 0;
 }
@@ -526,7 +526,7 @@ reclaim (struct checker *ck)
   qed_debug ("%s: reclaimed %" PRIu64 " leaked clusters (%" PRIu64
              " moved), file now %" PRIu64 " bytes", img->filename,
              removed, nmoves, new_end);
-  img->file_end = new_end;
+  img->file_end = img->alloc_end = new_end;
   img->tail_garbage = false;
   ck->wrote = true;
   return removed;
@@ -541,6 +541,9 @@ qed_check (struct qed_image *img, bool repair, struct qed_check_result *res)
   int r = -1;
 
   memset (res, 0, sizeof *res);
+  /* Repairs grow the file from file_end: drop the growth chunk first. */
+  if (repair && !img->readonly && qed_cut_tail (img) == -1)
+    return -1;
   /* The walk reads the tables from the file: write back what is only
    * in memory first (nothing is dirty at open or in qed_compact). */
   if (!img->readonly) {

@@ -131,7 +131,9 @@ qed_create (const char *filename, const struct qed_create_options *opts)
   uint64_t size = ROUND_UP (opts->size, 512);
   size_t name_len = opts->backing_name ? strlen (opts->backing_name) : 0;
   CLEANUP_FREE void *zeros = NULL;
-  int fd;
+  CLEANUP_FREE char *dir = NULL, *tmpname = NULL;
+  char *slash;
+  int fd, dfd;
 
   if (opts->size > INT64_MAX - 511) {
     qed_error ("size %" PRIu64 " is too large", opts->size);
@@ -185,14 +187,35 @@ qed_create (const char *filename, const struct qed_create_options *opts)
   }
   qed_header_encode (hdr, &h);
 
-  /* Like qemu-img: header, name at 64, an explicitly written zero L1,
-   * and the rest of the header cluster left as a hole.
+  /* The image is written under a temporary name in the same directory
+   * and linked into place only when complete and durable: a crash must
+   * never leave a partial image at `filename`, which every later start
+   * would refuse.  link() fails if `filename` exists, as O_EXCL did.
    */
-  fd = open (filename, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  dir = strdup (filename);
+  tmpname = malloc (strlen (filename) + 64);
+  if (dir == NULL || tmpname == NULL) {
+    qed_error ("malloc: %m");
+    return -1;
+  }
+  slash = strrchr (dir, '/');
+  if (slash == NULL)
+    strcpy (dir, ".");
+  else
+    slash[slash == dir] = '\0';
+  for (unsigned i = 0; ; ++i) {
+    sprintf (tmpname, "%s/.qed-create.%ld.%u", dir, (long) getpid (), i);
+    fd = open (tmpname, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd >= 0 || errno != EEXIST || i >= 1000)
+      break;
+  }
   if (fd == -1) {
     qed_error ("%s: cannot create: %m", filename);
     return -1;
   }
+  /* Like qemu-img: header, name at 64, an explicitly written zero L1,
+   * and the rest of the header cluster left as a hole.
+   */
   zeros = calloc (1, (size_t) ts * cs);
   if (zeros == NULL ||
       pwrite_full (fd, hdr, sizeof hdr, 0) == -1 ||
@@ -201,14 +224,30 @@ qed_create (const char *filename, const struct qed_create_options *opts)
       fsync (fd) == -1) {
     qed_error ("%s: cannot write the new image: %m", filename);
     close (fd);
-    unlink (filename);
+    unlink (tmpname);
     return -1;
   }
   if (close (fd) == -1) {
     qed_error ("%s: close: %m", filename);
+    unlink (tmpname);
+    return -1;
+  }
+  if (link (tmpname, filename) == -1) {
+    qed_error ("%s: cannot create: %m", filename);
+    unlink (tmpname);
+    return -1;
+  }
+  unlink (tmpname);
+  /* Make the new name durable. */
+  dfd = open (dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd == -1 || fsync (dfd) == -1) {
+    qed_error ("%s: cannot sync the directory: %m", filename);
+    if (dfd >= 0)
+      close (dfd);
     unlink (filename);
     return -1;
   }
+  close (dfd);
   return 0;
 }
 
@@ -298,7 +337,7 @@ qed_open (const char *filename, const struct qed_open_options *opts)
   img->l1_start = img->h.l1_table_offset;
   img->l1_end = img->l1_start + img->table_bytes;
   img->nr_clusters = (img->h.image_size + img->cs - 1) >> img->cs_bits;
-  img->file_end = ROUND_DOWN ((uint64_t) st.st_size, img->cs);
+  img->file_end = img->alloc_end = ROUND_DOWN ((uint64_t) st.st_size, img->cs);
   img->tail_garbage = (uint64_t) st.st_size != img->file_end;
   img->need_check = img->h.features & QED_F_NEED_CHECK;
 
@@ -440,7 +479,8 @@ try_clear_need_check (struct qed_image *img)
   for (uint64_t i = 0; i < img->l1_pages; ++i)
     if (img->l1_dirty[i])
       return 0;
-  if (write_features (img, img->h.features & ~(uint64_t) QED_F_NEED_CHECK)
+  if (qed_cut_tail (img) == -1 ||
+      write_features (img, img->h.features & ~(uint64_t) QED_F_NEED_CHECK)
       == -1)
     return -1;
   img->need_check = false;

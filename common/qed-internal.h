@@ -60,6 +60,7 @@ struct l2_page {
   struct l2_page *dnext;        /* dirty list */
   bool dirty;
   bool pinned;                  /* being written back: keep in memory */
+  bool referenced;              /* used since the eviction scan passed */
 };
 
 /* A run of clusters reserved by one request. */
@@ -109,8 +110,13 @@ struct qed_image {
   size_t ndirty;
   uint64_t hits, misses;
 
-  /* Allocation: the file is always exactly file_end bytes (clusters). */
+  /* Allocation: clusters are handed out at file_end, the end of the
+   * clusters in use.  The file itself is grown in chunks, to alloc_end,
+   * so most allocations need no syscall; it is cut back to file_end
+   * before NEED_CHECK is cleared (and a crash leaves only a hole at the
+   * tail, which the check truncates). */
   uint64_t file_end;
+  uint64_t alloc_end;
   bool tail_garbage;            /* a partial cluster follows file_end */
   struct offset_list pending_free;  /* unlinked, not yet durable */
   struct offset_list flushed_free;  /* durable, old users may remain */
@@ -171,6 +177,8 @@ extern bool qed_table_absent (struct qed_image *img, uint64_t cluster);
 extern int qed_writeback (struct qed_image *img);
 
 /* alloc.c */
+/* Cut the file back to file_end (before it is marked clean). */
+extern int qed_cut_tail (struct qed_image *img);
 /* Allocate n contiguous zeroed (hole) clusters.  Lock held. */
 extern int qed_alloc_clusters (struct qed_image *img, uint64_t n,
                                uint64_t *offset);

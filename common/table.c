@@ -146,11 +146,10 @@ get_page (struct qed_image *img, uint64_t offset, bool fresh)
 
   for (p = img->hash[h]; p; p = p->hnext) {
     if (p->offset == offset) {
+      /* CLOCK-style: a hit only sets a bit (no list surgery on the hot
+       * path); the eviction scan gives referenced pages a second chance. */
       img->hits++;
-      if (img->lru.next != p) {
-        lru_unlink (p);
-        lru_push_front (img, p);
-      }
+      p->referenced = true;
       return p;
     }
   }
@@ -158,10 +157,21 @@ get_page (struct qed_image *img, uint64_t offset, bool fresh)
 
   /* Evict clean pages from the cold end while the cache is full. */
   while (img->npages >= img->max_pages) {
-    struct l2_page *victim = img->lru.prev;
-    while (victim != &img->lru && (victim->dirty || victim->pinned))
-      victim = victim->prev;
-    if (victim == &img->lru)
+    struct l2_page *victim = img->lru.prev, *prev;
+    size_t scanned = 0;
+    while (victim != &img->lru && scanned++ < 2 * img->npages) {
+      prev = victim->prev;
+      if (victim->referenced) {
+        victim->referenced = false;
+        lru_unlink (victim);
+        lru_push_front (img, victim);
+      }
+      else if (!victim->dirty && !victim->pinned)
+        break;
+      victim = prev;
+    }
+    if (victim == &img->lru || victim->dirty || victim->pinned ||
+        victim->referenced)
       break;                    /* all dirty: grow until writeback */
     page_free (img, victim);
   }

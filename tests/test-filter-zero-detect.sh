@@ -14,9 +14,10 @@ K=1024; M=$((1024*1024))
 head -c $((8*M)) /dev/urandom > base.raw
 sum=$(md5sum < base.raw)
 
-# The overlay's size in bytes, and the map as "start length kind" lines
+# The overlay's allocated bytes (its length grows in sparse chunks
+# while served, and is cut back at exit), and the map as "start length kind" lines
 # for the overlay's own clusters (kind = data or zero).
-fsize () { stat -c %s "$1"; }
+fsize () { echo $(( $(stat -c %b "$1") * $(stat -c %B "$1") )); }
 own_map () {
   qemu-img map --output=json "$1" | /usr/bin/python3 -c '
 import json, sys
