@@ -27,13 +27,16 @@ FILTER = filter/nbdkit-qed-filter.so
 
 all: $(PLUGIN) $(FILTER) nbdkit-qed.1
 
-$(PLUGIN): plugin/qed-plugin.c $(CORE_SRCS) $(CORE_HDRS)
-	$(CC) $(CFLAGS) $(QED_CFLAGS) $(NBDKIT_CFLAGS) -shared \
-	  -o $@ plugin/qed-plugin.c $(CORE_SRCS)
+# seam-nbdkit.c routes the core's messages to nbdkit (not in unit tests).
+SEAM_SRC = common/seam-nbdkit.c
 
-$(FILTER): filter/qed-filter.c $(CORE_SRCS) $(CORE_HDRS)
+$(PLUGIN): plugin/qed-plugin.c $(CORE_SRCS) $(SEAM_SRC) $(CORE_HDRS)
 	$(CC) $(CFLAGS) $(QED_CFLAGS) $(NBDKIT_CFLAGS) -shared \
-	  -o $@ filter/qed-filter.c $(CORE_SRCS)
+	  -o $@ plugin/qed-plugin.c $(CORE_SRCS) $(SEAM_SRC)
+
+$(FILTER): filter/qed-filter.c $(CORE_SRCS) $(SEAM_SRC) $(CORE_HDRS)
+	$(CC) $(CFLAGS) $(QED_CFLAGS) $(NBDKIT_CFLAGS) -shared \
+	  -o $@ filter/qed-filter.c $(CORE_SRCS) $(SEAM_SRC)
 
 nbdkit-qed.1: nbdkit-qed.pod
 	pod2man --section=1 --center="nbdkit-qed" --release="nbdkit-qed" \

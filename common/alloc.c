@@ -158,7 +158,11 @@ int
 qed_cut_tail (struct qed_image *img)
 {
   if (img->alloc_end > img->file_end) {
-    if (ftruncate (img->fd, img->file_end) == -1) {
+    /* Durable before the caller clears NEED_CHECK: otherwise a power
+     * loss can keep the cleared flag but not the cut, and the tail's
+     * clusters stay leaked for good. */
+    if (ftruncate (img->fd, img->file_end) == -1 ||
+        fdatasync (img->fd) == -1) {
       qed_error ("%s: ftruncate: %m", img->filename);
       return -1;
     }
@@ -602,9 +606,9 @@ qed_write (struct qed_image *img, const struct qed_below *below,
   return r;
 }
 
-int
-qed_zero (struct qed_image *img, const struct qed_below *below,
-          uint64_t count, uint64_t offset, unsigned flags)
+static int
+zero_request (struct qed_image *img, const struct qed_below *below,
+              uint64_t count, uint64_t offset, unsigned flags, bool trim)
 {
   int r;
 
@@ -613,7 +617,7 @@ qed_zero (struct qed_image *img, const struct qed_below *below,
     return -1;
   }
   op_begin (img);
-  r = zero_range (img, below, count, offset, flags, false);
+  r = zero_range (img, below, count, offset, flags, trim);
   r = op_end (img, r);
   if (r == 0 && (flags & QED_WRITE_FUA))
     r = qed_flush (img);
@@ -621,21 +625,17 @@ qed_zero (struct qed_image *img, const struct qed_below *below,
 }
 
 int
+qed_zero (struct qed_image *img, const struct qed_below *below,
+          uint64_t count, uint64_t offset, unsigned flags)
+{
+  return zero_request (img, below, count, offset, flags, false);
+}
+
+int
 qed_trim (struct qed_image *img, const struct qed_below *below,
           uint64_t count, uint64_t offset, unsigned flags)
 {
-  int r;
-
-  if (img->readonly) {
-    errno = EROFS;
-    return -1;
-  }
-  op_begin (img);
-  r = zero_range (img, below, count, offset, flags, true);
-  r = op_end (img, r);
-  if (r == 0 && (flags & QED_WRITE_FUA))
-    r = qed_flush (img);
-  return r;
+  return zero_request (img, below, count, offset, flags, true);
 }
 
 int

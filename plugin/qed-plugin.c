@@ -64,31 +64,6 @@ static pthread_cond_t idle_cond = PTHREAD_COND_INITIALIZER;
 static bool stopping;
 static time_t last_write;
 
-/* The seam: the core's messages go to nbdkit. */
-void
-qed_error (const char *fs, ...)
-{
-  va_list args;
-  int e = errno;
-
-  va_start (args, fs);
-  nbdkit_verror (fs, args);
-  va_end (args);
-  errno = e;
-}
-
-void
-qed_debug (const char *fs, ...)
-{
-  va_list args;
-  int e = errno;
-
-  va_start (args, fs);
-  nbdkit_vdebug (fs, args);
-  va_end (args);
-  errno = e;
-}
-
 static void
 qed_plugin_unload (void)
 {
