@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Crash safety, short form (the long form is tests/crash-long.sh):
+# - SIGKILL trials: a seeded multi-connection workload of writes, FUA
+#   writes, zeroes (with and without MAY_TRIM), trims and flushes against
+#   a client-side model; nbdkit is killed with -9 at a random point.
+# - power-loss trials: the same workload with tests/crashsim.so preloaded
+#   journals every mutation and fdatasync of the image; images a power
+#   loss could leave (unflushed writes dropped, reordered or torn) are
+#   rebuilt from the journal, including crashes inside the repair.
+# - hand-made scenarios (clusters freed below the last L2 table, a clean
+#   close): for every fdatasync, a power loss just before it keeping
+#   every subset of the unsynced mutations (up to 2; else a sample).
+# - SIGKILL trials through the filter, if it is built.
+# Each crashed image must: keep every write acknowledged before a
+# completed flush (or with FUA); be left byte-identical by a -r open;
+# repair at a writable open; and after a clean stop have NEED_CHECK clear
+# and pass `qemu-img check`.  See tests/crash-harness.py.
+source "$(dirname "$0")/functions.sh"
+requires qemu-img --version
+requires gcc --version
+requires /usr/bin/python3 -c 'import nbd'
+[ -f "$PLUGIN" ] || skip "the plugin is not built"
+
+# Build the shim (into tests/, atomically: runs may overlap).
+shim=$TOP/tests/crashsim.so
+if [ ! -f "$shim" ] || [ "$TOP/tests/crashsim.c" -nt "$shim" ]; then
+  gcc -O2 -Wall -shared -fPIC -o "$shim.$$" "$TOP/tests/crashsim.c" -ldl ||
+    fail "cannot build the crash shim"
+  mv -f "$shim.$$" "$shim"
+fi
+
+filter=()
+[ -f "$FILTER" ] && filter=(--filter-kill 3)
+/usr/bin/python3 "$TOP/tests/crash-harness.py" \
+  --kill 10 --power-runs 2 --power 20 --nested 3 "${filter[@]}" \
+  --scenario-power 2 --exhaustive 2 \
+  --time-limit 45 --keep "$TOP/tests/logs" --tmpdir "$tmp" \
+  ${CRASH_SEED:+--seed $CRASH_SEED}
