@@ -187,6 +187,16 @@ struct qed_check_result {
 extern int qed_check (struct qed_image *img, bool repair,
                       struct qed_check_result *result);
 
+/* idle.c: a thread that writes back and clears NEED_CHECK once writes
+ * have stopped for `seconds`.  get_image is asked for the image each
+ * time (it may not be open yet: NULL).  note_write and stop accept NULL.
+ */
+struct qed_idle_timer;
+extern struct qed_idle_timer *qed_idle_timer_start
+  (unsigned seconds, struct qed_image *(*get_image) (void));
+extern void qed_idle_timer_note_write (struct qed_idle_timer *t);
+extern void qed_idle_timer_stop (struct qed_idle_timer *t);
+
 /* backing.c: the chain of read-only backing files beneath a plugin
  * image.  Each layer is a raw file or a QED image.
  */

@@ -112,13 +112,8 @@ static char *tmp_dir;
 static pthread_mutex_t open_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct qed_image *img;
 
-/* Idle timer for a persistent overlay. */
-static pthread_t idle_thread;
-static bool idle_thread_started;
-static pthread_mutex_t idle_lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t idle_cond = PTHREAD_COND_INITIALIZER;
-static bool stopping;
-static time_t last_write;
+/* Clears NEED_CHECK of a persistent overlay once writes stop (idle.c). */
+static struct qed_idle_timer *idle_timer;
 
 static void
 qed_filter_unload (void)
@@ -337,63 +332,31 @@ qed_filter_get_ready (int thread_model)
 static void
 note_write (void)
 {
-  if (overlay)                  /* the idle thread runs only then */
-    __atomic_store_n (&last_write, time (NULL), __ATOMIC_RELAXED);
+  qed_idle_timer_note_write (idle_timer);
 }
 
-static void *
-idle_main (void *arg)
+/* For the idle timer: the overlay, once the first connection opened it. */
+static struct qed_image *
+current_image (void)
 {
-  pthread_mutex_lock (&idle_lock);
-  while (!stopping) {
-    struct timespec ts;
-    struct qed_image *i;
-    clock_gettime (CLOCK_REALTIME, &ts);
-    ts.tv_sec += 1;
-    pthread_cond_timedwait (&idle_cond, &idle_lock, &ts);
-    time_t lw = __atomic_load_n (&last_write, __ATOMIC_RELAXED);
-    i = __atomic_load_n (&img, __ATOMIC_ACQUIRE);
-    if (stopping || i == NULL || lw == 0 || time (NULL) - lw < IDLE_CLEAN)
-      continue;
-    __atomic_store_n (&last_write, 0, __ATOMIC_RELAXED);
-    pthread_mutex_unlock (&idle_lock);
-    if (qed_idle (i) == -1)
-      nbdkit_debug ("idle flush failed: %m");
-    pthread_mutex_lock (&idle_lock);
-  }
-  pthread_mutex_unlock (&idle_lock);
-  return NULL;
+  return __atomic_load_n (&img, __ATOMIC_ACQUIRE);
 }
 
 static int
 qed_filter_after_fork (nbdkit_backend *backend)
 {
-  int err;
-
   /* A temporary overlay is never read again: no point cleaning it. */
   if (overlay == NULL)
     return 0;
-  err = pthread_create (&idle_thread, NULL, idle_main, NULL);
-  if (err) {
-    errno = err;
-    nbdkit_error ("pthread_create: %m");
-    return -1;
-  }
-  idle_thread_started = true;
-  return 0;
+  idle_timer = qed_idle_timer_start (IDLE_CLEAN, current_image);
+  return idle_timer ? 0 : -1;
 }
 
 static void
 qed_filter_cleanup (nbdkit_backend *backend)
 {
-  if (idle_thread_started) {
-    pthread_mutex_lock (&idle_lock);
-    stopping = true;
-    pthread_cond_signal (&idle_cond);
-    pthread_mutex_unlock (&idle_lock);
-    pthread_join (idle_thread, NULL);
-    idle_thread_started = false;
-  }
+  qed_idle_timer_stop (idle_timer);
+  idle_timer = NULL;
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&open_lock);
   if (img) {
     if (overlay == NULL)

@@ -56,13 +56,8 @@ static struct qed_chain *chain;
 static struct qed_below below;
 static bool have_below;
 
-/* Idle timer: clears NEED_CHECK once writes stop. */
-static pthread_t idle_thread;
-static bool idle_thread_started;
-static pthread_mutex_t idle_lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t idle_cond = PTHREAD_COND_INITIALIZER;
-static bool stopping;
-static time_t last_write;
+/* Clears NEED_CHECK once writes stop (idle.c). */
+static struct qed_idle_timer *idle_timer;
 
 static void
 qed_plugin_unload (void)
@@ -279,61 +274,29 @@ qed_plugin_get_ready (void)
   return 0;
 }
 
-static void *
-idle_main (void *arg)
+/* For the idle timer: the image, once the first connection opened it
+ * (it is closed only in cleanup, after the timer has stopped). */
+static struct qed_image *
+current_image (void)
 {
-  pthread_mutex_lock (&idle_lock);
-  while (!stopping) {
-    struct timespec ts;
-    clock_gettime (CLOCK_REALTIME, &ts);
-    ts.tv_sec += 1;
-    pthread_cond_timedwait (&idle_cond, &idle_lock, &ts);
-    time_t lw = __atomic_load_n (&last_write, __ATOMIC_RELAXED);
-    struct qed_image *i;
-    if (stopping || lw == 0 || time (NULL) - lw < (time_t) idle_clean)
-      continue;
-    __atomic_store_n (&last_write, 0, __ATOMIC_RELAXED);
-    pthread_mutex_unlock (&idle_lock);
-    /* The image is opened by the first connection and closed only in
-     * cleanup, after this thread has stopped. */
-    pthread_mutex_lock (&open_lock);
-    i = img;
-    pthread_mutex_unlock (&open_lock);
-    if (i && qed_idle (i) == -1)
-      nbdkit_debug ("idle flush failed: %m");
-    pthread_mutex_lock (&idle_lock);
-  }
-  pthread_mutex_unlock (&idle_lock);
-  return NULL;
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&open_lock);
+  return img;
 }
 
 static int
 qed_plugin_after_fork (void)
 {
-  int err;
-
   if (idle_clean == 0)
     return 0;
-  err = pthread_create (&idle_thread, NULL, idle_main, NULL);
-  if (err) {
-    errno = err;
-    nbdkit_error ("pthread_create: %m");
-    return -1;
-  }
-  idle_thread_started = true;
-  return 0;
+  idle_timer = qed_idle_timer_start (idle_clean, current_image);
+  return idle_timer ? 0 : -1;
 }
 
 static void
 qed_plugin_cleanup (void)
 {
-  if (idle_thread_started) {
-    pthread_mutex_lock (&idle_lock);
-    stopping = true;
-    pthread_cond_signal (&idle_cond);
-    pthread_mutex_unlock (&idle_lock);
-    pthread_join (idle_thread, NULL);
-  }
+  qed_idle_timer_stop (idle_timer);
+  idle_timer = NULL;
   qed_chain_close (chain);
   chain = NULL;
   if (img && qed_close (img) == -1)
@@ -430,8 +393,7 @@ get_below (void)
 static void
 note_write (void)
 {
-  if (idle_clean)
-    __atomic_store_n (&last_write, time (NULL), __ATOMIC_RELAXED);
+  qed_idle_timer_note_write (idle_timer);
 }
 
 static int
