@@ -60,3 +60,34 @@ uri () { echo "nbd+unix:///?socket=$tmp/$1.sock"; }
 need_check () { echo $(( ($(od -An -tu1 -j16 -N1 "$1") >> 1) & 1 )); }
 # qemu_check FILE: qemu-img check must exit 0.
 qemu_check () { qemu-img check "$1" || fail "qemu-img check $1 failed (rc $?)"; }
+# run_nbdkit ARGS...: run nbdkit (usually with --run) on $tmp/run.sock.
+run_nbdkit () { rm -f "$tmp/run.sock"; nbdkit -U "$tmp/run.sock" "$@"; }
+# allocated FILE: bytes the file occupies (its length may include holes).
+allocated () { echo $(( $(stat -c %b "$1") * $(stat -c %B "$1") )); }
+# maps_match URI IMAGE: nbdinfo's data / hole,zero runs over the export
+# equal qemu-img map's data / zero runs of IMAGE (through its chain).
+maps_match () {
+  nbdinfo --map --json "$1" > "$tmp/nbd.map"
+  qemu-img map --output=json "$2" > "$tmp/qemu.map"
+  /usr/bin/python3 - "$tmp/nbd.map" "$tmp/qemu.map" <<'EOF'
+import json, sys
+def runs(items):
+    out = []
+    for start, length, kind in items:
+        if out and out[-1][2] == kind and out[-1][1] == start:
+            out[-1][1] = start + length
+        else:
+            out.append([start, start + length, kind])
+    return out
+names = {0: "data", 3: "hole,zero"}
+nbd = runs([(e["offset"], e["length"], names.get(e["type"], "type%d" % e["type"]))
+            for e in json.load(open(sys.argv[1]))])
+qm = runs([(e["start"], e["length"],
+            "data" if e["data"] else "hole,zero" if e["zero"] else "hole")
+           for e in json.load(open(sys.argv[2]))])
+if nbd != qm:
+    print("nbdinfo --map:", nbd)
+    print("qemu-img map: ", qm)
+    sys.exit(1)
+EOF
+}

@@ -14,10 +14,9 @@ K=1024; M=$((1024*1024))
 head -c $((8*M)) /dev/urandom > base.raw
 sum=$(md5sum < base.raw)
 
-# The overlay's allocated bytes (its length grows in sparse chunks
-# while served, and is cut back at exit), and the map as "start length kind" lines
-# for the overlay's own clusters (kind = data or zero).
-fsize () { echo $(( $(stat -c %b "$1") * $(stat -c %B "$1") )); }
+# Sizes are allocated bytes (functions.sh): the overlay's length grows
+# in sparse chunks while served.  own_map prints "start length kind"
+# lines for the overlay's own clusters (kind = data or zero).
 own_map () {
   qemu-img map --output=json "$1" | /usr/bin/python3 -c '
 import json, sys
@@ -36,7 +35,7 @@ for o in out:
 start_nbdkit z1 --filter="$FILTER" file base.raw qed-overlay=ov.qed \
   qed-copy-on-read=false
 nbdinfo --size "$(uri z1)" >/dev/null
-s0=$(fsize ov.qed)
+s0=$(allocated ov.qed)
 nbdsh -u "$(uri z1)" -c "
 base = open('base.raw', 'rb').read()
 # 2M of zeros written as data, aligned.
@@ -53,7 +52,7 @@ assert h.pread($M, 6*$M) == bytes(buf)
 assert h.pread($M, 4*$M) == bytes($M)
 assert h.pread(64*1024, 5*$M) == base[5*$M:5*$M+64*1024]
 "
-s1=$(fsize ov.qed)
+s1=$(allocated ov.qed)
 # Growth: one L2 table (4 x 64K) and the 14 data clusters of the 1M write.
 grow=$((s1 - s0))
 [ $grow -le $((256*K + 14*64*K)) ] ||
@@ -80,10 +79,10 @@ expect="2097152 3145728 zero
 start_nbdkit z2 --filter="$FILTER" file base.raw qed-overlay=ov2.qed \
   qed-zero-detect=false qed-copy-on-read=false
 nbdinfo --size "$(uri z2)" >/dev/null
-s0=$(fsize ov2.qed)
+s0=$(allocated ov2.qed)
 nbdsh -u "$(uri z2)" -c "h.pwrite(bytes(2*$M), 2*$M); h.flush()"
 stop_nbdkit z2
-[ $(( $(fsize ov2.qed) - s0 )) -ge $((2*M)) ] ||
+[ $(( $(allocated ov2.qed) - s0 )) -ge $((2*M)) ] ||
   fail "qed-zero-detect=false: zeros were not written as data"
 
 # Copy-on-read over a sparse backend: holes become zero clusters without
@@ -123,8 +122,8 @@ for off in range(0, 8*$M, 512*1024):
   fi
   [ "$(cat map3.txt)" = "$expect" ] ||
     { cat map3.txt; fail "qed-zero-detect=$zd: unexpected overlay map"; }
-  [ "$(fsize ov3.qed)" -le $maxsize ] ||
-    fail "qed-zero-detect=$zd: overlay too large ($(fsize ov3.qed))"
+  [ "$(allocated ov3.qed)" -le $maxsize ] ||
+    fail "qed-zero-detect=$zd: overlay too large ($(allocated ov3.qed))"
 done
 
 [ "$(md5sum < base.raw)" = "$sum" ] || fail "base.raw was modified"

@@ -8,7 +8,6 @@
 source "$(dirname "$0")/functions.sh"
 # run_nbdkit ARGS... --run CMD: a captive nbdkit on a socket in $tmp
 # (nbdkit leaves the socket file behind, so remove it first).
-run_nbdkit () { rm -f "$tmp/run.sock"; nbdkit -U "$tmp/run.sock" "$@"; }
 requires qemu-img --version
 requires qemu-io --version
 requires nbdcopy --version
@@ -50,33 +49,6 @@ twin_ops () {
   qemu-io -f qed "${cmds[@]}" "$img" >/dev/null
 }
 
-# maps_match URI IMAGE: nbdinfo's data / hole,zero runs equal qemu-img
-# map's data / zero runs through the whole chain.
-maps_match () {
-  nbdinfo --map --json "$1" > "$tmp/nbd.map"
-  qemu-img map --output=json "$2" > "$tmp/qemu.map"
-  /usr/bin/python3 - "$tmp/nbd.map" "$tmp/qemu.map" <<'EOF'
-import json, sys
-def runs(items):
-    out = []
-    for start, length, kind in items:
-        if out and out[-1][2] == kind and out[-1][1] == start:
-            out[-1][1] = start + length
-        else:
-            out.append([start, start + length, kind])
-    return out
-names = {0: "data", 3: "hole,zero"}
-nbd = runs([(e["offset"], e["length"], names.get(e["type"], "type%d" % e["type"]))
-            for e in json.load(open(sys.argv[1]))])
-qm = runs([(e["start"], e["length"],
-            "data" if e["data"] else "hole,zero" if e["zero"] else "hole")
-           for e in json.load(open(sys.argv[2]))])
-if nbd != qm:
-    print("nbdinfo --map:", nbd)
-    print("qemu-img map: ", qm)
-    sys.exit(1)
-EOF
-}
 
 # checksums of backing files, compared at the end.
 sums () { (cd "$tmp" && md5sum "$@"); }

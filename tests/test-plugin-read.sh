@@ -12,33 +12,6 @@ requires nbdinfo --version
 
 M=$((1024 * 1024))
 
-# maps_match URI IMAGE: nbdinfo's data / hole,zero runs equal qemu-img's
-# data / zero runs (no backing file here, so nothing else may appear).
-maps_match () {
-  nbdinfo --map --json "$1" > "$tmp/nbd.map"
-  qemu-img map --output=json "$2" > "$tmp/qemu.map"
-  /usr/bin/python3 - "$tmp/nbd.map" "$tmp/qemu.map" <<'EOF'
-import json, sys
-def runs(items):
-    out = []
-    for start, length, kind in items:
-        if out and out[-1][2] == kind and out[-1][1] == start:
-            out[-1][1] = start + length
-        else:
-            out.append([start, start + length, kind])
-    return out
-names = {0: "data", 3: "hole,zero"}
-nbd = runs([(e["offset"], e["length"], names.get(e["type"], "type%d" % e["type"]))
-            for e in json.load(open(sys.argv[1]))])
-qm = runs([(e["start"], e["length"],
-            "data" if e["data"] else "hole,zero" if e["zero"] else "hole")
-           for e in json.load(open(sys.argv[2]))])
-if nbd != qm:
-    print("nbdinfo --map:", nbd)
-    print("qemu-img map: ", qm)
-    sys.exit(1)
-EOF
-}
 
 # random_reads URI RAW SEED: unaligned reads at random offsets (and
 # around cluster/table boundaries) equal the raw conversion.

@@ -8,7 +8,6 @@
 source "$(dirname "$0")/functions.sh"
 # run_nbdkit ARGS... --run CMD: a captive nbdkit on a socket in $tmp
 # (nbdkit leaves the socket file behind, so remove it first).
-run_nbdkit () { rm -f "$tmp/run.sock"; nbdkit -U "$tmp/run.sock" "$@"; }
 requires qemu-img --version
 requires qemu-io --version
 requires /usr/bin/python3 -c 'import nbd'
@@ -48,8 +47,6 @@ for off in map(int, sys.argv[2:]):
 print(" ".join(out))
 EOF
 }
-
-allocated () { echo $(( $(stat -c %b "$1") * $(stat -c %B "$1") )); }
 
 # ---- 1. No backing file.
 for zd in true false; do

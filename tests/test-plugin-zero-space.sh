@@ -11,7 +11,6 @@ requires qemu-io --version
 requires /usr/bin/python3 -c 'import nbd'
 
 K=1024 M=$((1024 * 1024))
-blocks () { echo $(( $(stat -c %b "$1") * 512 )); }
 
 # ---- 1. No backing file: punching and compaction.
 qemu-img create -q -f qed "$tmp/p.qed" 8M
@@ -42,13 +41,13 @@ assert got == data, "content after %s" % step
 EOF
 run_step () { /usr/bin/python3 "$tmp/step.py" "$(uri p)" "$1" || fail "step $1"; }
 run_step write
-b0=$(blocks "$tmp/p.qed")
+b0=$(allocated "$tmp/p.qed")
 [ $b0 -ge $((6*M)) ] || fail "6M written but only $b0 bytes allocated"
 run_step zero
-b1=$(blocks "$tmp/p.qed")
+b1=$(allocated "$tmp/p.qed")
 [ $b1 -le $((b0 - 2*M + 64*K)) ] || fail "zero MAY_TRIM freed too little: $b0 -> $b1"
 run_step trim
-b2=$(blocks "$tmp/p.qed")
+b2=$(allocated "$tmp/p.qed")
 [ $b2 -le $((b1 - 1*M + 64*K)) ] || fail "trim freed too little: $b1 -> $b2"
 size_before=$(stat -c %s "$tmp/p.qed")
 stop_nbdkit p
