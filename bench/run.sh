@@ -12,6 +12,8 @@
 #   QEMU_NBD_OPTS    qemu-nbd cache/aio options
 #                    (default: "--cache=writeback --aio=io_uring", falling
 #                    back to --aio=threads if io_uring does not work)
+#   NBDKIT_OPTS      extra nbdkit server options, given to every nbdkit
+#                    server alike (ours, raw file, filters), e.g. "-t 1"
 #   BENCH_TMPDIR     parent of the scratch directory (default /var/tmp)
 #   QED_FILTER_ARGS  filter arguments for workload 6; @OVERLAY@ is
 #                    replaced by the overlay's path (default:
@@ -107,6 +109,8 @@ if [ -z "${QEMU_NBD_OPTS:-}" ]; then
   rm -f "$tmp"/probe.*
 fi
 
+NBDKIT_OPTS=${NBDKIT_OPTS:-}
+
 # -------------------------------------------------------------- servers
 # start_server KIND IMAGE [EXTRA ARGS...]: start one server on $tmp/S.sock
 # and set SPID.  KIND: ours | qemu | raw | filter (nbdkit file plugin
@@ -118,11 +122,11 @@ start_server () {
   local kind=$1 img=$2; shift 2
   rm -f "$SOCK" "$tmp/S.pid"
   case $kind in
-    ours)   nbdkit -U "$SOCK" -P "$tmp/S.pid" "$PLUGIN" "$img" "$@" ;;
+    ours)   nbdkit $NBDKIT_OPTS -U "$SOCK" -P "$tmp/S.pid" "$PLUGIN" "$img" "$@" ;;
     qemu)   qemu-nbd -t --fork --pid-file="$tmp/S.pid" -k "$SOCK" \
               $QEMU_NBD_OPTS "$@" "$img" ;;
-    raw)    nbdkit -U "$SOCK" -P "$tmp/S.pid" file "$img" "$@" ;;
-    filter) nbdkit -U "$SOCK" -P "$tmp/S.pid" "$1" file "$img" "${@:2}" ;;
+    raw)    nbdkit $NBDKIT_OPTS -U "$SOCK" -P "$tmp/S.pid" file "$img" "$@" ;;
+    filter) nbdkit $NBDKIT_OPTS -U "$SOCK" -P "$tmp/S.pid" "$1" file "$img" "${@:2}" ;;
   esac 2>>"$tmp/servers.log" || {
     echo "server $kind $img $* failed to start:" >&2
     tail -5 "$tmp/servers.log" >&2; return 1; }
@@ -498,7 +502,8 @@ cp "$TSV" "$BENCH/results-latest.tsv"
        "runtime=${runtime}s, image=${SIZE_MB} MiB, cluster=64K"
   echo "ours: nbdkit $(nbdkit --version | awk '{print $2}') + plugin" \
        "(commit $(git -C "$TOP" rev-parse --short HEAD 2>/dev/null || echo ?)$(
-         git -C "$TOP" diff --quiet HEAD -- common plugin filter 2>/dev/null || echo '+dirty'))"
+         git -C "$TOP" diff --quiet HEAD -- common plugin filter 2>/dev/null || echo '+dirty'))" \
+       "${NBDKIT_OPTS:+, nbdkit options: $NBDKIT_OPTS}"
   echo "qemu-nbd $(qemu-nbd --version | head -1 | awk '{print $2}') $QEMU_NBD_OPTS -t;" \
        "raw: nbdkit file plugin on a raw copy"
   if [ -s "$tmp/failures.log" ]; then
