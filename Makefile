@@ -19,7 +19,8 @@ FILTERDIR := $(shell $(PKG_CONFIG) --variable=filterdir nbdkit 2>/dev/null)
 MANDIR   ?= /usr/share/man
 
 CORE_SRCS = common/header.c common/table.c common/alloc.c common/map.c \
-            common/check.c common/image.c common/backing.c common/idle.c
+            common/check.c common/image.c common/backing.c common/idle.c \
+            common/lock.c
 CORE_HDRS = common/qed.h common/qed-internal.h common/seam.h common/util.h
 
 PLUGIN = plugin/nbdkit-qed-plugin.so

@@ -196,6 +196,8 @@ open_layer (const char *path, int format, const struct qed_chain_options *o,
   }
 
   if (format == QED_FORMAT_RAW) {
+    if (qed_lock_file (l->fd, path, QED_LOCK_BACKING, o->locking) == -1)
+      goto err;
     if (S_ISBLK (st.st_mode)) {
       off_t end = lseek (l->fd, 0, SEEK_END);
       if (end == -1) {
@@ -214,7 +216,9 @@ open_layer (const char *path, int format, const struct qed_chain_options *o,
   l->fd = -1;
   {
     struct qed_open_options oo = { .readonly = true,
-                                   .l2_cache_bytes = o->l2_cache_bytes };
+                                   .l2_cache_bytes = o->l2_cache_bytes,
+                                   .locking = o->locking,
+                                   .backing_layer = true };
     const char *name;
     l->qed = qed_open (path, &oo);
     if (l->qed == NULL)

@@ -315,6 +315,12 @@ qed_open (const char *filename, const struct qed_open_options *opts)
     goto err;
   }
   fcntl (img->fd, F_SETFL, fcntl (img->fd, F_GETFL) & ~O_NONBLOCK);
+  /* Before anything is read: a repair must not race another writer. */
+  if (qed_lock_file (img->fd, filename,
+                     opts->backing_layer ? QED_LOCK_BACKING :
+                     opts->readonly ? QED_LOCK_READER : QED_LOCK_WRITER,
+                     opts->locking) == -1)
+    goto err;
   memset (hdr, 0, sizeof hdr);
   if (pread_full (img->fd, hdr, sizeof hdr, 0) == -1) {
     qed_error ("%s: cannot read the QED header: %m", filename);

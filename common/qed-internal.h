@@ -44,6 +44,12 @@
 
 #include "qed.h"
 
+/* lock.c */
+enum qed_lock_role { QED_LOCK_WRITER, QED_LOCK_READER, QED_LOCK_BACKING };
+extern int qed_lock_file (int fd, const char *filename,
+                          enum qed_lock_role role, enum qed_locking locking);
+extern void qed_unlock_file (int fd);
+
 /* L2 tables are cached in 4K pages (512 entries), so that a cache miss
  * costs one small read and the cache covers many tables sparsely.
  */

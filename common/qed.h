@@ -79,8 +79,16 @@ struct qed_below {
 
 struct qed_image;               /* opaque */
 
+/* Image locking compatible with QEMU's (lock.c).  AUTO: lock, unless
+ * the file system has no locks. */
+enum qed_locking { QED_LOCKING_AUTO = 0, QED_LOCKING_ON, QED_LOCKING_OFF };
+/* "auto", or a boolean (on/off, true/false, yes/no, 1/0).  -1 if not. */
+extern int qed_parse_locking (const char *value, enum qed_locking *locking);
+
 struct qed_open_options {
   bool readonly;
+  enum qed_locking locking;
+  bool backing_layer;           /* lock as a backing file (shared) */
   uint64_t l2_cache_bytes;      /* 0 = default */
   /* Run the check (and repair unless readonly) even if NEED_CHECK is
    * clear. */
@@ -206,6 +214,7 @@ struct qed_chain_options {
   const char *override;         /* open this instead of the stored name */
   int override_format;          /* 0 = probe, 1 = raw, 2 = qed */
   uint64_t l2_cache_bytes;
+  enum qed_locking locking;
 };
 #define QED_FORMAT_PROBE 0
 #define QED_FORMAT_RAW   1

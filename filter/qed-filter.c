@@ -3,6 +3,7 @@
  *   nbdkit --filter=qed PLUGIN [plugin args] [qed-overlay=FILE]
  *          [qed-copy-on-read=BOOL] [qed-zero-detect=BOOL]
  *          [qed-cluster-size=SIZE] [qed-backing-name=NAME]
+ *          [qed-locking=on|off|auto]
  *
  * Behaviour notes (why things are the way they are):
  *
@@ -104,6 +105,12 @@ static bool copy_on_read = true;
 static bool zero_detect = true;
 static uint32_t cluster_size;           /* 0 = default, new overlays only */
 static char *backing_name;
+static enum qed_locking locking = QED_LOCKING_AUTO;
+/* An existing overlay opened read-only after the fork into the
+ * background, kept until the first connection opens it for real, so
+ * that its locks keep QEMU from opening it for writing in between (see
+ * the plugin's probe_img). */
+static struct qed_image *probe_img;
 
 /* A temporary overlay is created in its own private directory. */
 static char *tmp_dir;
@@ -180,6 +187,13 @@ qed_filter_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
     }
     return 0;
   }
+  else if (strcmp (key, "qed-locking") == 0) {
+    if (qed_parse_locking (value, &locking) == -1) {
+      nbdkit_error ("qed-locking: expected on, off or auto, not '%s'", value);
+      return -1;
+    }
+    return 0;
+  }
   else if (strncmp (key, "qed-", 4) == 0) {
     /* No plugin uses our prefix: a typo must not reach the plugin. */
     nbdkit_error ("unknown parameter '%s'", key);
@@ -198,7 +212,8 @@ qed_filter_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
   "                           (default true).\n" \
   "qed-cluster-size=<SIZE>    Cluster size of a new overlay (default 64K).\n" \
   "qed-backing-name=<NAME>    Record NAME (raw) as the overlay's backing\n" \
-  "                           file, for other readers of the overlay."
+  "                           file, for other readers of the overlay.\n" \
+  "qed-locking=on|off|auto    Lock the overlay as QEMU does (default auto)."
 
 static int
 qed_filter_config_complete (nbdkit_next_config_complete *next,
@@ -275,7 +290,8 @@ qed_filter_get_ready (int thread_model)
 
   if (access (overlay, F_OK) == 0) {
     struct qed_open_options oo = { .readonly = true, .skip_check = true,
-                                   .l2_cache_bytes = 65536 };
+                                   .l2_cache_bytes = 65536,
+                                   .locking = locking };
     struct qed_image *probe = qed_open (overlay, &oo);
     const char *name;
     uint32_t cs;
@@ -348,6 +364,14 @@ qed_filter_after_fork (nbdkit_backend *backend)
   /* A temporary overlay is never read again: no point cleaning it. */
   if (overlay == NULL)
     return 0;
+  if (access (overlay, F_OK) == 0) {
+    struct qed_open_options oo = { .readonly = true, .skip_check = true,
+                                   .l2_cache_bytes = 65536,
+                                   .locking = locking };
+    probe_img = qed_open (overlay, &oo);
+    if (probe_img == NULL)
+      return -1;
+  }
   idle_timer = qed_idle_timer_start (IDLE_CLEAN, current_image);
   return idle_timer ? 0 : -1;
 }
@@ -365,6 +389,8 @@ qed_filter_cleanup (nbdkit_backend *backend)
       nbdkit_error ("qed-overlay: closing %s failed", overlay);
     img = NULL;
   }
+  qed_discard (probe_img);
+  probe_img = NULL;
   if (tmp_dir) {
     /* Only left if no client ever connected. */
     rmdir (tmp_dir);
@@ -395,7 +421,7 @@ open_overlay (int64_t size)
     .backing_name = backing_name,
     .backing_raw = true,
   };
-  struct qed_open_options oo = { .readonly = false };
+  struct qed_open_options oo = { .readonly = false, .locking = locking };
   CLEANUP_FREE char *tmp_file = NULL;
   struct qed_image *i;
   const char *path = overlay;
@@ -426,6 +452,9 @@ open_overlay (int64_t size)
                   backing_name ? ", backing file " : "",
                   backing_name ? backing_name : "");
   }
+  /* Its locks would conflict with ours (another open file). */
+  qed_discard (probe_img);
+  probe_img = NULL;
   i = qed_open (path, &oo);
   if (overlay == NULL) {
     /* Nothing of a temporary overlay outlives nbdkit.  The directory

@@ -2,6 +2,7 @@
  *
  *   nbdkit qed [file=]IMAGE [create=true size=SIZE ...] [zero-detect=BOOL]
  *              [l2-cache=SIZE] [follow-backing=BOOL] [backing-override=PATH]
+ *              [locking=on|off|auto]
  *
  * One image is shared by all connections (one L2 cache, one allocator),
  * so a flush on any connection covers every connection's writes and
@@ -47,6 +48,13 @@ static bool follow_backing = true;
 static char *backing_override;
 static int backing_override_format = QED_FORMAT_PROBE;
 static unsigned idle_clean = 5;          /* seconds, 0 = never */
+static enum qed_locking locking = QED_LOCKING_AUTO;
+/* The image opened read-only after the fork into the background, kept
+ * until the first connection opens it for real: its locks keep QEMU
+ * from opening the image for writing in between.  (Not kept from
+ * get_ready: the parent's copy of the descriptor would keep its locks
+ * until that process is gone, racing the first connection.) */
+static struct qed_image *probe_img;
 static bool file_writable;
 
 /* The open image and its backing chain (from the first connection). */
@@ -179,6 +187,13 @@ qed_plugin_config (const char *key, const char *value)
     return parse_format (key, value, &backing_override_format);
   else if (strcmp (key, "idle-clean") == 0)
     return nbdkit_parse_unsigned (key, value, &idle_clean);
+  else if (strcmp (key, "locking") == 0) {
+    if (qed_parse_locking (value, &locking) == -1) {
+      nbdkit_error ("locking: expected on, off or auto, not '%s'", value);
+      return -1;
+    }
+    return 0;
+  }
   else {
     nbdkit_error ("unknown parameter '%s'", key);
     return -1;
@@ -199,7 +214,8 @@ qed_plugin_config (const char *key, const char *value)
   "backing-override=<PATH>   Use PATH as the backing file instead.\n" \
   "backing-override-format=raw|qed  Its format (default: probe).\n" \
   "idle-clean=<SECONDS>      Clear NEED_CHECK after this long without\n" \
-  "                          writes (default 5, 0 = only at exit)."
+  "                          writes (default 5, 0 = only at exit).\n" \
+  "locking=on|off|auto       Lock the image as QEMU does (default auto)."
 
 static int
 qed_plugin_config_complete (void)
@@ -245,10 +261,12 @@ static int
 qed_plugin_get_ready (void)
 {
   struct qed_open_options oo = { .readonly = true, .skip_check = true,
-                                 .l2_cache_bytes = 65536 };
+                                 .l2_cache_bytes = 65536,
+                                 .locking = locking };
   struct qed_chain_options co = {
     .follow = follow_backing, .override = backing_override,
     .override_format = backing_override_format, .l2_cache_bytes = 65536,
+    .locking = locking,
   };
   struct qed_image *probe;
   struct qed_chain *c;
@@ -286,6 +304,13 @@ current_image (void)
 static int
 qed_plugin_after_fork (void)
 {
+  struct qed_open_options oo = { .readonly = true, .skip_check = true,
+                                 .l2_cache_bytes = 65536,
+                                 .locking = locking };
+
+  probe_img = qed_open (filename, &oo);
+  if (probe_img == NULL)
+    return -1;
   if (idle_clean == 0)
     return 0;
   idle_timer = qed_idle_timer_start (idle_clean, current_image);
@@ -302,6 +327,8 @@ qed_plugin_cleanup (void)
   if (img && qed_close (img) == -1)
     nbdkit_error ("%s: closing the image failed", filename);
   img = NULL;
+  qed_discard (probe_img);
+  probe_img = NULL;
 }
 
 static void *
@@ -313,14 +340,19 @@ qed_plugin_open (int readonly)
     readonly = 1;
   if (img == NULL) {
     struct qed_open_options oo = { .readonly = readonly,
-                                   .l2_cache_bytes = l2_cache };
+                                   .l2_cache_bytes = l2_cache,
+                                   .locking = locking };
     struct qed_chain_options co = {
       .follow = follow_backing, .override = backing_override,
       .override_format = backing_override_format,
       .l2_cache_bytes = l2_cache / 4,
+      .locking = locking,
     };
     bool none;
 
+    /* Its locks would conflict with ours (another open file). */
+    qed_discard (probe_img);
+    probe_img = NULL;
     img = qed_open (filename, &oo);
     if (img == NULL)
       return NULL;

@@ -60,15 +60,20 @@ uri () { echo "nbd+unix:///?socket=$tmp/$1.sock"; }
 need_check () { echo $(( ($(od -An -tu1 -j16 -N1 "$1") >> 1) & 1 )); }
 # qemu_check FILE: qemu-img check must exit 0.
 qemu_check () { qemu-img check "$1" || fail "qemu-img check $1 failed (rc $?)"; }
+# qemu_check_live IMAGE: the same while a server has IMAGE open for
+# writing (its lock makes QEMU refuse without -U, force-share).
+qemu_check_live () {
+  qemu-img check -U "$1" || fail "qemu-img check -U $1 failed (rc $?)"; }
 # run_nbdkit ARGS...: run nbdkit (usually with --run) on $tmp/run.sock.
 run_nbdkit () { rm -f "$tmp/run.sock"; nbdkit -U "$tmp/run.sock" "$@"; }
 # allocated FILE: bytes the file occupies (its length may include holes).
 allocated () { echo $(( $(stat -c %b "$1") * $(stat -c %B "$1") )); }
 # maps_match URI IMAGE: nbdinfo's data / hole,zero runs over the export
 # equal qemu-img map's data / zero runs of IMAGE (through its chain).
+# IMAGE may be open in the server (-U: share its lock).
 maps_match () {
   nbdinfo --map --json "$1" > "$tmp/nbd.map"
-  qemu-img map --output=json "$2" > "$tmp/qemu.map"
+  qemu-img map -U --output=json "$2" > "$tmp/qemu.map"
   /usr/bin/python3 - "$tmp/nbd.map" "$tmp/qemu.map" <<'EOF'
 import json, sys
 def runs(items):

@@ -94,7 +94,7 @@ for _ in $(seq 1 100); do
   sleep 0.2
 done
 [ "$(need_check idle.qed)" = 0 ] || fail "NEED_CHECK not cleared while idle"
-qemu_check idle.qed
+qemu_check_live idle.qed
 stop_nbdkit idle
 
 # Other readers see the same disk: qemu-img, and the QED plugin (which

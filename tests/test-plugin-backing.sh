@@ -64,7 +64,7 @@ cp "$tmp/o1.qed" "$tmp/o1-twin.qed"
 before=$(sums base.raw)
 start_nbdkit o1 "$PLUGIN" "$tmp/o1.qed"
 nbdcopy "$(uri o1)" "$tmp/got.raw"
-qemu-img convert -O raw "$tmp/o1.qed" "$tmp/want.raw"
+qemu-img convert -U -O raw "$tmp/o1.qed" "$tmp/want.raw"
 cmp "$tmp/want.raw" "$tmp/got.raw" || fail "raw backing: read differs"
 # Partial-cluster writes (COW of head and tail from the backing file),
 # one spanning three clusters, one in an already allocated cluster.
@@ -92,7 +92,7 @@ cp "$tmp/o2.qed" "$tmp/o2-twin.qed"
 before=$(sums b2.qed)
 start_nbdkit o2 "$PLUGIN" "$tmp/o2.qed"
 rm -f "$tmp/got.raw"; nbdcopy "$(uri o2)" "$tmp/got.raw"
-qemu-img convert -O raw "$tmp/o2.qed" "$tmp/want.raw"
+qemu-img convert -U -O raw "$tmp/o2.qed" "$tmp/want.raw"
 cmp "$tmp/want.raw" "$tmp/got.raw" || fail "qed backing: read differs"
 ops=(10:100:0x61 $((1*M+5)):10:0x62 $((200*K-4)):8:0x63)
 apply_ops "$(uri o2)" "${ops[@]}"
@@ -125,7 +125,7 @@ before=$(sums d/base3.raw d/sub/mid.qed)
 grep -q 'backing chain: .*mid.qed (qed.*base3.raw (raw' "$tmp/o3.log" ||
   fail "chain not described in the log"
 rm -f "$tmp/got.raw"; nbdcopy "$(uri o3)" "$tmp/got.raw"
-qemu-img convert -O raw "$tmp/d/top.qed" "$tmp/want.raw"
+qemu-img convert -U -O raw "$tmp/d/top.qed" "$tmp/want.raw"
 cmp "$tmp/want.raw" "$tmp/got.raw" || fail "chain: read differs"
 maps_match "$(uri o3)" "$tmp/d/top.qed" || fail "chain: map differs from qemu-img map"
 ops=($((5*M+100)):50:0x41 $((2*M-100)):200:0x42 $((8*M-1)):2:0x43

@@ -148,8 +148,8 @@ EOF
   _alive "$(cat "$tmp/i.pid")" || fail "idle: the server is gone"
   # The file on disk is clean and complete while the server still runs:
   # QEMU can read it, and a crash now loses nothing.
-  qemu-img check "$img" || fail "idle: qemu-img check of the live file"
-  out=$(qemu-io -r -f qed -c "read -P 0x21 12345 300000" -c "read -P 0x22 5M 4k" \
+  qemu-img check -U "$img" || fail "idle: qemu-img check of the live file"
+  out=$(qemu-io -r -U -f qed -c "read -P 0x21 12345 300000" -c "read -P 0x22 5M 4k" \
     "$img") || fail "idle: QEMU reads: $out"
   kill9_nbdkit i
   [ "$(need_check "$img")" = 0 ] || fail "idle: NEED_CHECK set by nothing"
