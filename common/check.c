@@ -66,25 +66,41 @@ hide_entry (const struct qed_image *img)
   return img->has_backing ? QED_ENTRY_ZERO : QED_ENTRY_UNALLOCATED;
 }
 
+/* Write the first n entries of a table (the L1 in memory may be only
+ * its head: the rest is zero on disk). */
 static int
-write_table (struct checker *ck, const uint64_t *t, uint64_t offset)
+write_entries (struct checker *ck, const uint64_t *t, uint64_t n,
+               uint64_t offset)
 {
   struct qed_image *img = ck->img;
-  CLEANUP_FREE uint64_t *le = malloc (img->table_bytes);
+  CLEANUP_FREE uint64_t *le = malloc (n * 8);
 
   if (le == NULL) {
     qed_error ("malloc: %m");
     return -1;
   }
-  for (uint64_t i = 0; i < img->table_entries; ++i)
+  for (uint64_t i = 0; i < n; ++i)
     le[i] = htole64 (t[i]);
-  if (pwrite_full (img->fd, le, img->table_bytes, offset) == -1) {
+  if (pwrite_full (img->fd, le, n * 8, offset) == -1) {
     qed_error ("%s: cannot write table at 0x%" PRIx64 ": %m",
                img->filename, offset);
     return -1;
   }
   ck->wrote = true;
   return 0;
+}
+
+static int
+write_table (struct checker *ck, const uint64_t *t, uint64_t offset)
+{
+  return write_entries (ck, t, ck->img->table_entries, offset);
+}
+
+static int
+write_l1 (struct checker *ck)
+{
+  return write_entries (ck, ck->img->l1, ck->img->l1_entries,
+                        ck->img->l1_start);
 }
 
 static bool
@@ -223,7 +239,7 @@ walk (struct checker *ck)
   struct qed_image *img = ck->img;
   bool l1_changed = false;
 
-  for (uint64_t i = 0; i < img->table_entries; ++i) {
+  for (uint64_t i = 0; i < img->l1_entries; ++i) {
     uint64_t t = img->l1[i];
     uint64_t guest = (i << img->table_bits) << img->cs_bits;
 
@@ -283,7 +299,7 @@ walk (struct checker *ck)
       return -1;
   }
 
-  if (l1_changed && write_table (ck, img->l1, img->l1_start) == -1)
+  if (l1_changed && write_l1 (ck) == -1)
     return -1;
   return 0;
 }
@@ -364,13 +380,13 @@ reclaim (struct checker *ck)
       if (top - first < ts)
         break;
       t = top - ts;
-      for (i = 0; i < img->table_entries; ++i)
+      for (i = 0; i < img->l1_entries; ++i)
         if (img->l1[i] == t << img->cs_bits)
           break;
       for (size_t k = 0; k < ntmoves; ++k)
         if (tmoves[k].dst == t << img->cs_bits)
           i = tmoves[k].l1i;    /* moved in this pass */
-      if (i == img->table_entries)
+      if (i == img->l1_entries)
         break;                  /* the L1 or the header */
       for (p = lo; p < t && run < ts; ++p)
         run = bm_get (&ck->used, p) ? 0 : run + 1;
@@ -402,7 +418,7 @@ reclaim (struct checker *ck)
           bm_set (&ck->used, lo);
           hi--;
         }
-        for (uint64_t l = 0; l < img->table_entries; ++l) {
+        for (uint64_t l = 0; l < img->l1_entries; ++l) {
           uint64_t s = img->l1[l] >> img->cs_bits;
           bool moved = false;
           if (img->l1[l] == 0 || s < lo || s >= top)
@@ -484,7 +500,7 @@ reclaim (struct checker *ck)
     qsort (moves, nmoves, sizeof *moves, move_cmp);
     for (size_t k = 0; k < ntmoves; ++k)
       img->l1[tmoves[k].l1i] = tmoves[k].dst;
-    for (uint64_t i = 0; i < img->table_entries; ++i) {
+    for (uint64_t i = 0; i < img->l1_entries; ++i) {
       uint64_t t = img->l1[i];
       bool changed = false;
       if (t == 0)
@@ -511,7 +527,7 @@ reclaim (struct checker *ck)
         return -1;
       }
     }
-    if (ntmoves > 0 && write_table (ck, img->l1, img->l1_start) == -1)
+    if (ntmoves > 0 && write_l1 (ck) == -1)
       return -1;
   }
 

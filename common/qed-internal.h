@@ -102,8 +102,12 @@ struct qed_image {
   pthread_cond_t cond;
   pthread_mutex_t flush_lock;
 
-  /* L1, always resident. */
+  /* L1, always resident: the first l1_entries, the ones the guest size
+   * reaches (the rest of the table on disk is zero, checked at open;
+   * else all of it).  A 64M-cluster image has a 1 GiB L1 table, of
+   * which a 1 TiB disk uses 64 bytes. */
   uint64_t *l1;
+  uint64_t l1_entries;          /* a multiple of L2_PAGE_ENTRIES */
   bool *l1_dirty;               /* per 4K page of the L1 */
   uint64_t l1_pages;
 

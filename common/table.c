@@ -30,23 +30,61 @@ le_to_host (uint64_t *e, size_t n)
 #endif
 }
 
-int
-qed_tables_init (struct qed_image *img, uint64_t cache_bytes)
+/* Keep in memory only the L1 entries that guest offsets reach, if all
+ * the others are zero (as QEMU and we always leave them). */
+static int
+load_l1 (struct qed_image *img)
 {
-  size_t hash_size;
+  uint64_t need = img->nr_clusters
+    ? ((img->nr_clusters - 1) >> img->table_bits) + 1 : 1;
+  uint64_t n = MIN (ROUND_UP (need, (uint64_t) L2_PAGE_ENTRIES),
+                    img->table_entries);
 
-  img->l1 = malloc (img->table_bytes);
-  img->l1_pages = img->table_bytes / L2_PAGE_BYTES;
+  if (n < img->table_entries) {
+    const uint64_t chunk = 1u << 20;
+    uint64_t off = img->l1_start + n * 8;
+    CLEANUP_FREE uint64_t *buf = malloc (MIN (chunk, img->table_bytes));
+
+    if (buf == NULL) {
+      qed_error ("malloc: %m");
+      return -1;
+    }
+    while (off < img->l1_end && n < img->table_entries) {
+      uint64_t len = MIN (chunk, img->l1_end - off);
+      if (pread_full (img->fd, buf, len, off) == -1) {
+        qed_error ("%s: cannot read the L1 table: %m", img->filename);
+        return -1;
+      }
+      for (uint64_t i = 0; i < len / 8; ++i)
+        if (buf[i] != 0)
+          n = img->table_entries;       /* keep it all */
+      off += len;
+    }
+  }
+
+  img->l1_entries = n;
+  img->l1_pages = n / L2_PAGE_ENTRIES;
+  img->l1 = malloc (n * 8);
   img->l1_dirty = calloc (img->l1_pages, sizeof (bool));
   if (img->l1 == NULL || img->l1_dirty == NULL) {
     qed_error ("%s: cannot allocate the L1 table: %m", img->filename);
     return -1;
   }
-  if (pread_full (img->fd, img->l1, img->table_bytes, img->l1_start) == -1) {
+  if (pread_full (img->fd, img->l1, n * 8, img->l1_start) == -1) {
     qed_error ("%s: cannot read the L1 table: %m", img->filename);
     return -1;
   }
-  le_to_host (img->l1, img->table_entries);
+  le_to_host (img->l1, n);
+  return 0;
+}
+
+int
+qed_tables_init (struct qed_image *img, uint64_t cache_bytes)
+{
+  size_t hash_size;
+
+  if (load_l1 (img) == -1)
+    return -1;
 
   if (cache_bytes == 0)
     cache_bytes = DEFAULT_L2_CACHE;
