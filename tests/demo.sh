@@ -30,7 +30,8 @@ Try, from another terminal:
   nbdinfo --map 'nbd+unix:///?socket=$sock'
   qemu-img map --output=json 'nbd+unix:///?socket=$sock'
   qemu-img info 'nbd+unix:///?socket=$sock'
-  qemu-img map --output=json $dir/disk.qed     (the zero clusters, in the file)
+  qemu-img map -U --output=json $dir/disk.qed  (the zero clusters, in the file;
+                                               -U: nbdkit holds its write lock)
   guestfish --format=raw -a 'nbd://?socket=$sock'      (then: run, list-devices)
 Press ^C to stop (the image is flushed and marked clean on exit).
 MSG
