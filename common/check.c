@@ -564,7 +564,7 @@ qed_check (struct qed_image *img, bool repair, struct qed_check_result *res)
    * in memory first (nothing is dirty at open or in qed_compact). */
   if (!img->readonly) {
     bool dirty = img->ndirty > 0;
-    for (uint64_t i = 0; i < img->l1_pages; ++i)
+    for (uint64_t i = 0; i < qed_l1_pages (img); ++i)
       dirty |= img->l1_dirty[i];
     if (dirty && qed_writeback (img) == -1)
       return -1;

@@ -482,7 +482,7 @@ try_clear_need_check (struct qed_image *img)
       img->ndirty || img->pending_free.len || img->flushed_free.len ||
       img->free_list.len)
     return 0;
-  for (uint64_t i = 0; i < img->l1_pages; ++i)
+  for (uint64_t i = 0; i < qed_l1_pages (img); ++i)
     if (img->l1_dirty[i])
       return 0;
   if (qed_cut_tail (img) == -1 ||

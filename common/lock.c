@@ -27,6 +27,7 @@
 #include <strings.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <unistd.h>
 
 #include "qed-internal.h"
 #include "seam.h"
@@ -170,6 +171,22 @@ qed_parse_locking (const char *value, enum qed_locking *locking)
     }
   }
   return -1;
+}
+
+int
+qed_hold_reader_locks (const char *filename, enum qed_locking locking)
+{
+  int fd = open (filename, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+
+  if (fd == -1) {
+    qed_error ("%s: %m", filename);
+    return -1;
+  }
+  if (qed_lock_file (fd, filename, QED_LOCK_READER, locking) == -1) {
+    close (fd);
+    return -1;
+  }
+  return fd;
 }
 
 void

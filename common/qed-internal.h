@@ -108,8 +108,7 @@ struct qed_image {
    * which a 1 TiB disk uses 64 bytes. */
   uint64_t *l1;
   uint64_t l1_entries;          /* a multiple of L2_PAGE_ENTRIES */
-  bool *l1_dirty;               /* per 4K page of the L1 */
-  uint64_t l1_pages;
+  bool *l1_dirty;               /* per 4K page: l1_entries / 512 of them */
 
   /* L2 page cache: hash for lookup, LRU for eviction. */
   struct l2_page **hash;
@@ -196,5 +195,12 @@ extern void qed_recycle_free (struct qed_image *img);     /* lock held */
 
 /* check.c */
 extern int qed_compact (struct qed_image *img);
+
+/* Pages of the resident L1 (each has an l1_dirty flag). */
+static inline uint64_t
+qed_l1_pages (const struct qed_image *img)
+{
+  return img->l1_entries / L2_PAGE_ENTRIES;
+}
 
 #endif /* NBDKIT_QED_INTERNAL_H */

@@ -84,6 +84,10 @@ struct qed_image;               /* opaque */
 enum qed_locking { QED_LOCKING_AUTO = 0, QED_LOCKING_ON, QED_LOCKING_OFF };
 /* "auto", or a boolean (on/off, true/false, yes/no, 1/0).  -1 if not. */
 extern int qed_parse_locking (const char *value, enum qed_locking *locking);
+/* Open filename only to hold a reader's locks on it (until the
+ * returned descriptor is closed).  -1 on error or conflict. */
+extern int qed_hold_reader_locks (const char *filename,
+                                  enum qed_locking locking);
 
 struct qed_open_options {
   bool readonly;

@@ -63,9 +63,8 @@ load_l1 (struct qed_image *img)
   }
 
   img->l1_entries = n;
-  img->l1_pages = n / L2_PAGE_ENTRIES;
   img->l1 = malloc (n * 8);
-  img->l1_dirty = calloc (img->l1_pages, sizeof (bool));
+  img->l1_dirty = calloc (qed_l1_pages (img), sizeof (bool));
   if (img->l1 == NULL || img->l1_dirty == NULL) {
     qed_error ("%s: cannot allocate the L1 table: %m", img->filename);
     return -1;
@@ -365,7 +364,7 @@ qed_writeback (struct qed_image *img)
   pthread_mutex_lock (&img->lock);
   {
     size_t cap = img->ndirty;
-    for (i = 0; i < img->l1_pages; ++i)
+    for (i = 0; i < qed_l1_pages (img); ++i)
       cap += img->l1_dirty[i];
     /* mmap, not malloc: a large freed malloc block would raise glibc's
      * mmap threshold and stay in some thread's arena for good. */
@@ -393,7 +392,7 @@ qed_writeback (struct qed_image *img)
     }
     img->dirty_list = NULL;
     img->ndirty = 0;
-    for (i = 0; i < img->l1_pages; ++i) {
+    for (i = 0; i < qed_l1_pages (img); ++i) {
       if (img->l1_dirty[i]) {
         copies[n].offset = img->l1_start + i * L2_PAGE_BYTES;
         copies[n].page = NULL;

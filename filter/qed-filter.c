@@ -106,11 +106,9 @@ static bool zero_detect = true;
 static uint32_t cluster_size;           /* 0 = default, new overlays only */
 static char *backing_name;
 static enum qed_locking locking = QED_LOCKING_AUTO;
-/* An existing overlay opened read-only after the fork into the
- * background, kept until the first connection opens it for real, so
- * that its locks keep QEMU from opening it for writing in between (see
- * the plugin's probe_img). */
-static struct qed_image *probe_img;
+/* Reader's locks on an existing overlay, from after the fork until the
+ * first connection opens it (see the plugin's lock_fd). */
+static int lock_fd = -1;
 
 /* A temporary overlay is created in its own private directory. */
 static char *tmp_dir;
@@ -365,11 +363,8 @@ qed_filter_after_fork (nbdkit_backend *backend)
   if (overlay == NULL)
     return 0;
   if (access (overlay, F_OK) == 0) {
-    struct qed_open_options oo = { .readonly = true, .skip_check = true,
-                                   .l2_cache_bytes = 65536,
-                                   .locking = locking };
-    probe_img = qed_open (overlay, &oo);
-    if (probe_img == NULL)
+    lock_fd = qed_hold_reader_locks (overlay, locking);
+    if (lock_fd == -1)
       return -1;
   }
   idle_timer = qed_idle_timer_start (IDLE_CLEAN, current_image);
@@ -389,8 +384,9 @@ qed_filter_cleanup (nbdkit_backend *backend)
       nbdkit_error ("qed-overlay: closing %s failed", overlay);
     img = NULL;
   }
-  qed_discard (probe_img);
-  probe_img = NULL;
+  if (lock_fd >= 0)
+    close (lock_fd);
+  lock_fd = -1;
   if (tmp_dir) {
     /* Only left if no client ever connected. */
     rmdir (tmp_dir);
@@ -453,8 +449,9 @@ open_overlay (int64_t size)
                   backing_name ? backing_name : "");
   }
   /* Its locks would conflict with ours (another open file). */
-  qed_discard (probe_img);
-  probe_img = NULL;
+  if (lock_fd >= 0)
+    close (lock_fd);
+  lock_fd = -1;
   i = qed_open (path, &oo);
   if (overlay == NULL) {
     /* Nothing of a temporary overlay outlives nbdkit.  The directory

@@ -49,12 +49,12 @@ static char *backing_override;
 static int backing_override_format = QED_FORMAT_PROBE;
 static unsigned idle_clean = 5;          /* seconds, 0 = never */
 static enum qed_locking locking = QED_LOCKING_AUTO;
-/* The image opened read-only after the fork into the background, kept
- * until the first connection opens it for real: its locks keep QEMU
- * from opening the image for writing in between.  (Not kept from
+/* Reader's locks on the image, taken after the fork into the
+ * background and held until the first connection opens it for real, so
+ * that QEMU cannot open it for writing in between.  (Not from
  * get_ready: the parent's copy of the descriptor would keep its locks
  * until that process is gone, racing the first connection.) */
-static struct qed_image *probe_img;
+static int lock_fd = -1;
 static bool file_writable;
 
 /* The open image and its backing chain (from the first connection). */
@@ -304,12 +304,8 @@ current_image (void)
 static int
 qed_plugin_after_fork (void)
 {
-  struct qed_open_options oo = { .readonly = true, .skip_check = true,
-                                 .l2_cache_bytes = 65536,
-                                 .locking = locking };
-
-  probe_img = qed_open (filename, &oo);
-  if (probe_img == NULL)
+  lock_fd = qed_hold_reader_locks (filename, locking);
+  if (lock_fd == -1)
     return -1;
   if (idle_clean == 0)
     return 0;
@@ -327,8 +323,9 @@ qed_plugin_cleanup (void)
   if (img && qed_close (img) == -1)
     nbdkit_error ("%s: closing the image failed", filename);
   img = NULL;
-  qed_discard (probe_img);
-  probe_img = NULL;
+  if (lock_fd >= 0)
+    close (lock_fd);
+  lock_fd = -1;
 }
 
 static void *
@@ -351,8 +348,9 @@ qed_plugin_open (int readonly)
     bool none;
 
     /* Its locks would conflict with ours (another open file). */
-    qed_discard (probe_img);
-    probe_img = NULL;
+    if (lock_fd >= 0)
+      close (lock_fd);
+    lock_fd = -1;
     img = qed_open (filename, &oo);
     if (img == NULL)
       return NULL;
