@@ -35,9 +35,12 @@ $(PLUGIN): plugin/qed-plugin.c $(CORE_SRCS) $(SEAM_SRC) $(CORE_HDRS)
 	$(CC) $(CFLAGS) $(QED_CFLAGS) $(NBDKIT_CFLAGS) -shared \
 	  -o $@ plugin/qed-plugin.c $(CORE_SRCS) $(SEAM_SRC)
 
-$(FILTER): filter/qed-filter.c $(CORE_SRCS) $(SEAM_SRC) $(CORE_HDRS)
+FILTER_SRCS = filter/qed-filter.c filter/readahead.c
+
+$(FILTER): $(FILTER_SRCS) filter/readahead.h $(CORE_SRCS) $(SEAM_SRC) \
+           $(CORE_HDRS)
 	$(CC) $(CFLAGS) $(QED_CFLAGS) $(NBDKIT_CFLAGS) -shared \
-	  -o $@ filter/qed-filter.c $(CORE_SRCS) $(SEAM_SRC)
+	  -o $@ $(FILTER_SRCS) $(CORE_SRCS) $(SEAM_SRC)
 
 nbdkit-qed.1: nbdkit-qed.pod
 	pod2man --section=1 --center="nbdkit-qed" --release="nbdkit-qed" \

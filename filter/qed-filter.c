@@ -3,6 +3,7 @@
  *   nbdkit --filter=qed PLUGIN [plugin args] [qed-overlay=FILE]
  *          [qed-copy-on-read=BOOL] [qed-zero-detect=BOOL]
  *          [qed-cluster-size=SIZE] [qed-backing-name=NAME]
+ *          [qed-readahead=SIZE]
  *          [qed-locking=on|off|auto]
  *
  * Behaviour notes (why things are the way they are):
@@ -85,6 +86,7 @@
 #include "qed.h"
 #include "seam.h"
 #include "util.h"
+#include "readahead.h"
 
 /* -D qedfilter.verbose=1: log every request. */
 NBDKIT_DLL_PUBLIC int qedfilter_debug_verbose = 0;
@@ -103,6 +105,7 @@ NBDKIT_DLL_PUBLIC int qedfilter_debug_verbose = 0;
 static char *overlay;                   /* NULL = temporary */
 static bool copy_on_read = true;
 static bool zero_detect = true;
+static uint32_t readahead = RA_DEFAULT_WINDOW;  /* the window's bound */
 static uint32_t cluster_size;           /* 0 = default, new overlays only */
 static char *backing_name;
 static enum qed_locking locking = QED_LOCKING_AUTO;
@@ -126,6 +129,8 @@ qed_filter_unload (void)
   free (overlay);
   free (backing_name);
   free (tmp_dir);
+  ra_log_stats ();
+  extcache_free ();
 }
 
 static int
@@ -172,6 +177,20 @@ qed_filter_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
     cluster_size = v;
     return 0;
   }
+  else if (strcmp (key, "qed-readahead") == 0) {
+    int64_t v = nbdkit_parse_size (value);
+    if (v == -1) {
+      nbdkit_error ("qed-readahead: invalid size '%s'", value);
+      return -1;
+    }
+    if (v > RA_MAX_WINDOW) {
+      nbdkit_error ("qed-readahead: at most %uM", RA_MAX_WINDOW >> 20);
+      return -1;
+    }
+    readahead = v;
+    ra_set_max_window (v);
+    return 0;
+  }
   else if (strcmp (key, "qed-backing-name") == 0) {
     free (backing_name);
     if (*value == '\0') {
@@ -209,6 +228,8 @@ qed_filter_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
   "qed-zero-detect=<BOOL>     All-zero clusters become zero clusters\n" \
   "                           (default true).\n" \
   "qed-cluster-size=<SIZE>    Cluster size of a new overlay (default 64K).\n" \
+  "qed-readahead=<SIZE>       Largest read-ahead on sequential copy-on-read\n" \
+  "                           misses (default 8M; 0 disables).\n" \
   "qed-backing-name=<NAME>    Record NAME (raw) as the overlay's backing\n" \
   "                           file, for other readers of the overlay.\n" \
   "qed-locking=on|off|auto    Lock the overlay as QEMU does (default auto)."
@@ -589,8 +610,10 @@ backend_read (void *opaque, void *buf, uint64_t count, uint64_t offset)
 /* Copy the whole clusters [start, end) from the plugin into wbuf and
  * into the overlay (end is cluster aligned or the overlay's size).
  * Ranges the plugin's extents call zero are not read: they become zero
- * clusters.  Returns -1 only if the plugin could not be read; a failed
- * fill is logged by the core and leaves the clusters unallocated.
+ * clusters.  Everything is read before anything is stored, so a failed
+ * fetch stores nothing.  Returns -1 only if the plugin could not be
+ * read; a failed fill is logged by the core and leaves the clusters
+ * unallocated.
  */
 static int
 fetch_clusters (nbdkit_next *next, char *wbuf, uint64_t start, uint64_t end)
@@ -598,71 +621,40 @@ fetch_clusters (nbdkit_next *next, char *wbuf, uint64_t start, uint64_t end)
   uint64_t cs = qed_get_cluster_size (img);
   uint64_t n = (end - start + cs - 1) / cs, i, j;
   int64_t size = next->get_size (next);
-  uint64_t dend;
   CLEANUP_FREE bool *zero = NULL;
-  int err = 0;
 
   if (size == -1) {
     errno = EIO;
     return -1;
   }
-  dend = MIN (end, (uint64_t) size);
-  zero = calloc (n, sizeof *zero);
+  zero = malloc (n * sizeof *zero);
   if (zero == NULL) {
-    nbdkit_error ("calloc: %m");
+    nbdkit_error ("malloc: %m");
     return -1;
   }
+  extcache_zero_clusters (next, start, MIN (end, (uint64_t) size), cs, n,
+                          zero);
 
-  /* A cluster is known to be zero if the plugin's extents say so for
-   * all of it (past the plugin's end it reads as zeros anyway). */
-  if (start < dend && next->can_extents (next) == 1) {
-    struct nbdkit_extents *exts;
-
-    exts = nbdkit_extents_full (next, dend - start, start, 0, &err);
-    if (exts == NULL)
-      nbdkit_debug ("copy-on-read: plugin extents failed (ignored): %s",
-                    strerror (err));
-    else {
-      uint64_t covered = start;
-      for (i = 0; i < n; ++i)
-        zero[i] = true;
-      for (size_t k = 0; k < nbdkit_extents_count (exts); ++k) {
-        struct nbdkit_extent e = nbdkit_get_extent (exts, k);
-        uint64_t s = MAX (e.offset, start);
-        uint64_t t = MIN (e.offset + e.length, dend);
-        if (t <= s)
-          continue;
-        if (s > covered)        /* a gap: assume data */
-          for (i = (covered - start) / cs; i <= (s - 1 - start) / cs; ++i)
-            zero[i] = false;
-        if (!(e.type & NBDKIT_EXTENT_ZERO))
-          for (i = (s - start) / cs; i <= (t - 1 - start) / cs; ++i)
-            zero[i] = false;
-        covered = MAX (covered, t);
-      }
-      if (covered < dend)
-        for (i = (covered - start) / cs; i < n; ++i)
-          zero[i] = false;
-      nbdkit_extents_free (exts);
-    }
-  }
-
-  /* Runs of clusters: read the data runs, fill each run. */
+  /* Runs of clusters: read the data runs, then fill each run. */
   for (i = 0; i < n; i = j) {
     uint64_t s = start + i * cs, t;
 
     for (j = i + 1; j < n && zero[j] == zero[i]; ++j)
       ;
     t = MIN (start + j * cs, end);
-    if (zero[i]) {
+    if (zero[i])
       memset (wbuf + (s - start), 0, t - s);
-      qed_fill (img, NULL, t - s, s, false, true);
-    }
-    else {
-      if (backend_read (next, wbuf + (s - start), t - s, s) == -1)
-        return -1;
-      qed_fill (img, wbuf + (s - start), t - s, s, zero_detect, false);
-    }
+    else if (backend_read (next, wbuf + (s - start), t - s, s) == -1)
+      return -1;
+  }
+  for (i = 0; i < n; i = j) {
+    uint64_t s = start + i * cs, t;
+
+    for (j = i + 1; j < n && zero[j] == zero[i]; ++j)
+      ;
+    t = MIN (start + j * cs, end);
+    qed_fill (img, zero[i] ? NULL : wbuf + (s - start), t - s, s,
+              zero_detect, zero[i]);
   }
   note_write ();
   return 0;
@@ -709,10 +701,60 @@ cor_fetch (nbdkit_next *next, void *buf, uint64_t count, uint64_t offset)
   return 0;
 }
 
+/* Fetch [start, fetch_end), the clusters of the read [offset,
+ * offset+count) and a read-ahead after them, in one go.  A failure
+ * stores nothing and is not the client's: returns -1 and the caller
+ * fetches only what the client asked for.
+ */
+static int
+fetch_ahead (nbdkit_next *next, void *buf, uint64_t count, uint64_t offset,
+             uint64_t start, uint64_t fetch_end)
+{
+  CLEANUP_FREE char *bounce = malloc (fetch_end - start);
+
+  if (bounce == NULL || fetch_clusters (next, bounce, start, fetch_end) == -1) {
+    nbdkit_debug ("read-ahead of [%" PRIu64 ", %" PRIu64 ") failed: "
+                  "reading only the request", start, fetch_end);
+    return -1;
+  }
+  memcpy (buf, bounce + (offset - start), count);
+  return 0;
+}
+
 static int
 cor_read (void *opaque, void *buf, uint64_t count, uint64_t offset)
 {
-  return cor_fetch (opaque, buf, count, offset);
+  nbdkit_next *next = opaque;
+  uint64_t cs = qed_get_cluster_size (img);
+  uint64_t isize = qed_get_size (img);
+  uint64_t start = ROUND_DOWN (offset, cs);
+  uint64_t end = MIN (ROUND_UP (offset + count, cs), isize);
+  uint64_t limit = end, fetch_end;
+  struct qed_map m;
+  int r;
+
+  /* How far the unallocated run goes on (a read-ahead stops there). */
+  if (readahead >= cs && end < isize &&
+      qed_map (img, end, MIN ((uint64_t) readahead, isize - end), &m) == 0 &&
+      m.type == QED_MAP_UNALLOCATED)
+    limit = end + m.length;
+
+  fetch_end = ra_plan (start, end, limit, cs);
+  if (fetch_end == 0) {
+    /* Another request is fetching some of these clusters: wait, then
+     * read again (what it stored is now local). */
+    struct qed_below below = { .read = cor_read, .opaque = next };
+    ra_wait_in_flight (start, end);
+    return qed_read (img, &below, buf, count, offset);
+  }
+  if (fetch_end > end &&
+      fetch_ahead (next, buf, count, offset, start, fetch_end) == 0) {
+    ra_done (start, fetch_end, true);
+    return 0;
+  }
+  r = cor_fetch (next, buf, count, offset);
+  ra_done (start, fetch_end, fetch_end == end && r == 0);
+  return r;
 }
 
 static int

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # ThreadSanitizer over the filter: parallel copy-on-read reads, writes,
 # zeroes, trims, cache and flushes from several connections over the
-# same clusters of a persistent overlay (with the idle timer running).
+# same clusters of a persistent overlay (with the idle timer running),
+# and sequential readers (read-ahead) at the same time.
 # Any TSan report fails.
 . "$(dirname "$0")/functions.sh"
 requires fio --version
@@ -13,7 +14,7 @@ cd "$tmp"
 so=$tmp/tsan-filter.so
 gcc -O1 -g -std=gnu11 -D_GNU_SOURCE -fPIC -fvisibility=hidden -pthread \
     -I"$TOP/common" -fsanitize=thread -shared -o "$so" \
-    "$TOP/filter/qed-filter.c" "$TOP"/common/*.c
+    "$TOP"/filter/*.c "$TOP"/common/*.c
 
 M=$((1024*1024))
 head -c $((6*M)) /dev/urandom > base.raw
@@ -32,6 +33,10 @@ fio --name=a --ioengine=nbd --uri="nbd+unix:///?socket=$sock" \
     --rw=randrw --bs=6k --size=8M --iodepth=16 --numjobs=2 \
     --randrepeat=1 --time_based --runtime=5 --fsync=50 >fio.log 2>&1 &
 fiopid=$!
+fio --name=s --ioengine=nbd --uri="nbd+unix:///?socket=$sock" \
+    --rw=read --bs=64k --size=8M --iodepth=4 --numjobs=2 \
+    --time_based --runtime=5 >fio-seq.log 2>&1 &
+seqpid=$!
 nbdsh -u "nbd+unix:///?socket=$sock" -c '
 import random
 random.seed(1)
@@ -47,6 +52,7 @@ for i in range(400):
     else: h.flush()
 '
 wait $fiopid || { cat fio.log; fail "fio failed"; }
+wait $seqpid || { cat fio-seq.log; fail "sequential fio failed"; }
 sleep 6.5                               # let the idle timer run
 kill $pid; wait $pid || true
 
