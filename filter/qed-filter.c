@@ -597,7 +597,12 @@ backend_read (void *opaque, void *buf, uint64_t count, uint64_t offset)
     n = MIN (count, (uint64_t) size - offset);
     n = MIN (n, (uint64_t) MAX_BACKEND_READ);
     if (next->pread (next, p, n, offset, 0, &err) == -1) {
-      errno = err ? err : EIO;
+      /* Whatever the plugin's reason (a dead connection reports
+       * EINVAL, ENOTCONN...), for the client the data is unreadable:
+       * EIO, not an error that blames its request. */
+      nbdkit_debug ("plugin read of %" PRIu64 " bytes at %" PRIu64
+                    " failed: %s", n, offset, strerror (err));
+      errno = EIO;
       return -1;
     }
     p += n;

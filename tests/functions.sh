@@ -96,3 +96,57 @@ if nbd != qm:
     sys.exit(1)
 EOF
 }
+# start_nginx DOCROOT: serve DOCROOT over HTTP (with Range support, as
+# any static server) on 127.0.0.1 and a free port, set NGINX_URL
+# (http://127.0.0.1:PORT); stopped at exit.  The access log
+# $tmp/nginx/access.log has one line per request: METHOD STATUS
+# BODY-BYTES "RANGE".
+start_nginx () {
+  local root=$1 port try d=$tmp/nginx
+  command -v nginx >/dev/null || skip "nginx is not installed (apt-get install nginx-light)"
+  mkdir -p "$d"
+  for try in 1 2 3 4 5; do
+    port=$(/usr/bin/python3 -c 'import socket; s = socket.socket()
+s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    cat > "$d/nginx.conf" <<NGINX
+daemon off;
+master_process off;
+pid $d/nginx.pid;
+error_log $d/error.log;
+events { worker_connections 64; }
+http {
+  log_format bytes '\$request_method \$status \$body_bytes_sent "\$http_range"';
+  access_log $d/access.log bytes;
+  client_body_temp_path $d/body;
+  proxy_temp_path $d/proxy;
+  fastcgi_temp_path $d/fastcgi;
+  uwsgi_temp_path $d/uwsgi;
+  scgi_temp_path $d/scgi;
+  types { }
+  default_type application/octet-stream;
+  server { listen 127.0.0.1:$port; root $root; }
+}
+NGINX
+    nginx -p "$d" -c "$d/nginx.conf" -e "$d/error.log" &
+    NGINX_PID=$!
+    for _ in $(seq 1 50); do
+      /usr/bin/python3 -c 'import socket, sys
+socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1)' "$port" \
+        2>/dev/null && break
+      _alive "$NGINX_PID" || break
+      sleep 0.1
+    done
+    if _alive "$NGINX_PID"; then
+      cleanup_fn "kill $NGINX_PID; wait $NGINX_PID"
+      NGINX_URL=http://127.0.0.1:$port
+      return 0
+    fi
+    wait "$NGINX_PID" || true              # the port was taken: again
+  done
+  cat "$d/error.log" >&2
+  fail "nginx did not start"
+}
+# http_body_bytes: bytes of data (GET bodies) the nginx of start_nginx
+# has sent so far.
+http_body_bytes () {
+  awk '$1 == "GET" { n += $3 } END { print n + 0 }' "$tmp/nginx/access.log"; }
