@@ -20,8 +20,9 @@ MANDIR   ?= /usr/share/man
 
 CORE_SRCS = common/header.c common/table.c common/alloc.c common/map.c \
             common/check.c common/image.c common/backing.c common/idle.c \
-            common/lock.c
-CORE_HDRS = common/qed.h common/qed-internal.h common/seam.h common/util.h
+            common/lock.c common/safe-open.c
+CORE_HDRS = common/qed.h common/qed-internal.h common/seam.h common/util.h \
+            common/safe-open.h
 
 PLUGIN = plugin/nbdkit-qed-plugin.so
 FILTER = filter/nbdkit-qed-filter.so

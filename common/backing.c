@@ -6,6 +6,12 @@
  * reads as zeros past its end.  Loops are found by device and inode.
  * The stored format is used when NO_PROBE says raw; otherwise the file
  * is probed by its magic, like QEMU.
+ *
+ * Each file is opened as the owner of the image that names it, and
+ * devices, pseudo file systems and magic links are refused
+ * (safe-open.c); with follow-backing=beneath every name must resolve
+ * beneath the top image's directory.  A file the user named
+ * (backing-override) is opened as the server.
  */
 
 #include <stdio.h>
@@ -19,6 +25,7 @@
 #include <sys/stat.h>
 
 #include "qed-internal.h"
+#include "safe-open.h"
 #include "seam.h"
 #include "util.h"
 
@@ -105,30 +112,72 @@ resolve (const char *base, const char *name)
   return r;
 }
 
-static struct layer *open_layer (const char *path, int format,
-                                 const struct qed_chain_options *o,
+/* One walk down the chain. */
+struct walk {
+  const struct qed_chain_options *o;
+  int dirfd;                    /* follow-backing=beneath: the top's dir */
+  char *dir;                    /* its name */
+};
+
+/* Who names a backing file. */
+struct namer {
+  const char *path;             /* the image naming it */
+  uid_t uid;                    /* its owner */
+  gid_t gid;
+};
+
+static struct layer *open_layer (const struct walk *w, const char *path,
+                                 int format, const struct namer *namer,
                                  const struct visited *seen);
+
+/* The directory part of path. */
+static char *
+dir_of (const char *path)
+{
+  const char *slash = strrchr (path, '/');
+
+  if (slash == NULL)
+    return strdup (".");
+  if (slash == path)
+    return strdup ("/");
+  return strndup (path, slash - path);
+}
+
+/* path (resolved as QEMU does) relative to the walk's directory, for
+ * openat2 RESOLVE_BENEATH; an absolute path elsewhere stays as it is,
+ * and is refused. */
+static const char *
+beneath_name (const struct walk *w, const char *path)
+{
+  size_t len = strlen (w->dir);
+
+  if (strcmp (w->dir, "/") == 0 && path[0] == '/')
+    return path + 1;
+  if (strncmp (path, w->dir, len) == 0 && path[len] == '/')
+    return path + len + 1;
+  return path;                  /* relative to "." already, or refused */
+}
 
 /* Open what lies beneath the QED layer `l` (whose own file is `st`). */
 static int
-open_below (struct layer *l, const char *path, const char *name, bool raw,
-            const struct qed_chain_options *o, const struct visited *seen)
+open_below (const struct walk *w, struct layer *l, const char *name,
+            bool raw, const struct namer *namer, const struct visited *seen)
 {
   CLEANUP_FREE char *bpath = NULL;
 
-  if (!o->follow) {
+  if (!w->o->follow) {
     qed_error ("%s names a backing file (%s) but following backing files "
-               "is disabled (follow-backing=false)", path, name);
+               "is disabled (follow-backing=false)", l->path, name);
     errno = EPERM;
     return -1;
   }
-  bpath = resolve (path, name);
+  bpath = resolve (l->path, name);
   if (bpath == NULL) {
     qed_error ("malloc: %m");
     return -1;
   }
-  l->below = open_layer (bpath, raw ? QED_FORMAT_RAW : QED_FORMAT_PROBE,
-                         o, seen);
+  l->below = open_layer (w, bpath, raw ? QED_FORMAT_RAW : QED_FORMAT_PROBE,
+                         namer, seen);
   if (l->below == NULL)
     return -1;
   l->below_ops.read = layer_read;
@@ -137,14 +186,96 @@ open_below (struct layer *l, const char *path, const char *name, bool raw,
   return 0;
 }
 
+/* Open the file of a layer.  namer == NULL: the user named it
+ * (backing-override), so it is opened as the server. */
+static int
+open_layer_file (const struct walk *w, const char *path,
+                 const struct namer *namer, struct stat *st)
+{
+  struct qed_backing_open bo = {
+    .path = path, .dirfd = AT_FDCWD, .name = path, .devices = w->o->devices,
+  };
+
+  if (namer) {
+    bo.as_owner = true;
+    bo.uid = namer->uid;
+    bo.gid = namer->gid;
+    if (w->dirfd >= 0) {
+      bo.beneath = true;
+      bo.dirfd = w->dirfd;
+      bo.name = beneath_name (w, path);
+    }
+  }
+  return qed_open_backing (&bo, st);
+}
+
+/* Probe the format of a layer by its magic. */
+static int
+probe_format (struct layer *l)
+{
+  unsigned char magic[4] = { 0 };
+
+  if (pread_full (l->fd, magic, 4, 0) == -1) {
+    qed_error ("backing file %s: read: %m", l->path);
+    return -1;
+  }
+  if (memcmp (magic, "QED\0", 4) == 0)
+    return QED_FORMAT_QED;
+  if (memcmp (magic, "QFI\xfb", 4) == 0) {
+    qed_error ("backing file %s is a qcow2 image: only raw and QED "
+               "backing files are supported", l->path);
+    errno = ENOTSUP;
+    return -1;
+  }
+  return QED_FORMAT_RAW;
+}
+
+static bool warned_probe;
+
+/* Open the QED layer l, whose file is open as l->fd (taken over). */
+static int
+open_qed_layer (const struct walk *w, struct layer *l, bool probed,
+                const struct namer *namer, const struct stat *st,
+                const struct visited *me)
+{
+  struct qed_open_options oo = { .readonly = true,
+                                 .l2_cache_bytes = w->o->l2_cache_bytes,
+                                 .locking = w->o->locking,
+                                 .backing_layer = true,
+                                 .use_fd = true, .fd = l->fd };
+  struct namer next = { .path = l->path,
+                        .uid = st->st_uid, .gid = st->st_gid };
+  const char *name;
+
+  l->fd = -1;
+  l->qed = qed_open (l->path, &oo);
+  if (l->qed == NULL)
+    return -1;
+  l->size = qed_get_size (l->qed);
+  name = qed_get_backing_name (l->qed);
+  if (name == NULL)
+    return 0;
+  /* A raw disk holding a QED header (a guest can write one) would be
+   * taken for a QED image here, and its name followed.  Said once: the
+   * plugin opens the chain at start-up and again for its first client. */
+  if (probed && namer && !__atomic_test_and_set (&warned_probe,
+                                                 __ATOMIC_RELAXED))
+    qed_error ("warning: %s names %s without a format, which was probed "
+               "as QED and names a backing file of its own (%s); if %s is "
+               "a raw disk, record that: qemu-img rebase -u -f qed -F raw "
+               "-b %s %s", namer->path, l->path, name, l->path, l->path,
+               namer->path);
+  return open_below (w, l, name, qed_get_backing_raw (l->qed), &next, me);
+}
+
 static struct layer *
-open_layer (const char *path, int format, const struct qed_chain_options *o,
-            const struct visited *seen)
+open_layer (const struct walk *w, const char *path, int format,
+            const struct namer *namer, const struct visited *seen)
 {
   struct layer *l;
   struct stat st;
   struct visited me;
-  unsigned char magic[4] = { 0 };
+  bool probed = format == QED_FORMAT_PROBE;
 
   l = calloc (1, sizeof *l);
   if (l == NULL || (l->path = strdup (path)) == NULL) {
@@ -152,23 +283,9 @@ open_layer (const char *path, int format, const struct qed_chain_options *o,
     qed_error ("malloc: %m");
     return NULL;
   }
-  /* O_NONBLOCK: a hostile name (a FIFO) must not hang the open. */
-  l->fd = open (path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-  if (l->fd == -1) {
-    qed_error ("cannot open backing file %s: %m", path);
+  l->fd = open_layer_file (w, path, namer, &st);
+  if (l->fd == -1)
     goto err;
-  }
-  if (fstat (l->fd, &st) == -1) {
-    qed_error ("backing file %s: fstat: %m", path);
-    goto err;
-  }
-  if (!S_ISREG (st.st_mode) && !S_ISBLK (st.st_mode)) {
-    qed_error ("backing file %s is not a regular file or a block device",
-               path);
-    errno = EINVAL;
-    goto err;
-  }
-  fcntl (l->fd, F_SETFL, fcntl (l->fd, F_GETFL) & ~O_NONBLOCK);
   for (const struct visited *v = seen; v; v = v->next) {
     if (v->dev == st.st_dev && v->ino == st.st_ino) {
       qed_error ("backing file %s: the backing chain loops", path);
@@ -178,57 +295,26 @@ open_layer (const char *path, int format, const struct qed_chain_options *o,
   }
   me = (struct visited) { st.st_dev, st.st_ino, seen };
 
-  if (format == QED_FORMAT_PROBE) {
-    if (pread_full (l->fd, magic, 4, 0) == -1) {
-      qed_error ("backing file %s: read: %m", path);
+  if (format == QED_FORMAT_PROBE && (format = probe_format (l)) == -1)
+    goto err;
+  if (format == QED_FORMAT_QED) {
+    if (open_qed_layer (w, l, probed, namer, &st, &me) == -1)
       goto err;
-    }
-    if (memcmp (magic, "QED\0", 4) == 0)
-      format = QED_FORMAT_QED;
-    else if (memcmp (magic, "QFI\xfb", 4) == 0) {
-      qed_error ("backing file %s is a qcow2 image: only raw and QED "
-                 "backing files are supported", path);
-      errno = ENOTSUP;
-      goto err;
-    }
-    else
-      format = QED_FORMAT_RAW;
-  }
-
-  if (format == QED_FORMAT_RAW) {
-    if (qed_lock_file (l->fd, path, QED_LOCK_BACKING, o->locking) == -1)
-      goto err;
-    if (S_ISBLK (st.st_mode)) {
-      off_t end = lseek (l->fd, 0, SEEK_END);
-      if (end == -1) {
-        qed_error ("backing file %s: lseek: %m", path);
-        goto err;
-      }
-      l->size = end;
-    }
-    else
-      l->size = st.st_size;
     return l;
   }
 
-  /* A QED layer. */
-  close (l->fd);
-  l->fd = -1;
-  {
-    struct qed_open_options oo = { .readonly = true,
-                                   .l2_cache_bytes = o->l2_cache_bytes,
-                                   .locking = o->locking,
-                                   .backing_layer = true };
-    const char *name;
-    l->qed = qed_open (path, &oo);
-    if (l->qed == NULL)
+  if (qed_lock_file (l->fd, path, QED_LOCK_BACKING, w->o->locking) == -1)
+    goto err;
+  if (S_ISBLK (st.st_mode)) {
+    off_t end = lseek (l->fd, 0, SEEK_END);
+    if (end == -1) {
+      qed_error ("backing file %s: lseek: %m", path);
       goto err;
-    l->size = qed_get_size (l->qed);
-    name = qed_get_backing_name (l->qed);
-    if (name && open_below (l, path, name, qed_get_backing_raw (l->qed),
-                            o, &me) == -1)
-      goto err;
+    }
+    l->size = end;
   }
+  else
+    l->size = st.st_size;
   return l;
 
  err:
@@ -240,6 +326,45 @@ open_layer (const char *path, int format, const struct qed_chain_options *o,
   return NULL;
 }
 
+static char *
+describe (struct layer *top)
+{
+  char *desc = NULL;
+  size_t len = 0;
+  FILE *fp = open_memstream (&desc, &len);
+
+  if (fp == NULL)
+    return NULL;
+  for (struct layer *l = top; l; l = l->below)
+    fprintf (fp, "%s%s (%s, %" PRIu64 " bytes)", l == top ? "" : " <- ",
+             l->path, l->qed ? "qed" : "raw", l->size);
+  fclose (fp);
+  return desc;
+}
+
+/* follow-backing=beneath: names must stay beneath the directory of
+ * `top` (the image, or the override the user chose). */
+static int
+walk_init (struct walk *w, const struct qed_chain_options *o,
+           const char *top)
+{
+  *w = (struct walk) { .o = o, .dirfd = -1 };
+  if (!o->beneath)
+    return 0;
+  w->dir = dir_of (top);
+  if (w->dir == NULL) {
+    qed_error ("malloc: %m");
+    return -1;
+  }
+  w->dirfd = open (w->dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+  if (w->dirfd == -1) {
+    qed_error ("%s: %m", w->dir);
+    free (w->dir);
+    return -1;
+  }
+  return 0;
+}
+
 struct qed_chain *
 qed_chain_open (struct qed_image *img, const struct qed_chain_options *o,
                 bool *none)
@@ -247,8 +372,10 @@ qed_chain_open (struct qed_image *img, const struct qed_chain_options *o,
   struct qed_chain *chain;
   struct stat st;
   struct visited top;
+  struct walk w;
   const char *name = qed_get_backing_name (img);
   CLEANUP_FREE char *path = NULL;
+  struct namer namer = { .path = qed_get_filename (img) };
   int format;
 
   *none = false;
@@ -276,32 +403,34 @@ qed_chain_open (struct qed_image *img, const struct qed_chain_options *o,
     qed_error ("malloc: %m");
     return NULL;
   }
-  if (stat (qed_get_filename (img), &st) == -1) {
-    qed_error ("%s: stat: %m", qed_get_filename (img));
+  if (fstat (img->fd, &st) == -1) {
+    qed_error ("%s: fstat: %m", qed_get_filename (img));
     return NULL;
   }
   top = (struct visited) { st.st_dev, st.st_ino, NULL };
+  namer.uid = st.st_uid;
+  namer.gid = st.st_gid;
 
   chain = calloc (1, sizeof *chain);
   if (chain == NULL) {
     qed_error ("calloc: %m");
     return NULL;
   }
-  chain->top = open_layer (path, format, o, &top);
+  if (walk_init (&w, o, o->override ? o->override
+                 : qed_get_filename (img)) == -1) {
+    free (chain);
+    return NULL;
+  }
+  chain->top = open_layer (&w, path, format, o->override ? NULL : &namer,
+                           &top);
+  if (w.dirfd >= 0)
+    close (w.dirfd);
+  free (w.dir);
   if (chain->top == NULL) {
     free (chain);
     return NULL;
   }
-  {
-    size_t len = 0;
-    FILE *fp = open_memstream (&chain->desc, &len);
-    if (fp) {
-      for (struct layer *l = chain->top; l; l = l->below)
-        fprintf (fp, "%s%s (%s, %" PRIu64 " bytes)", l == chain->top ? ""
-                 : " <- ", l->path, l->qed ? "qed" : "raw", l->size);
-      fclose (fp);
-    }
-  }
+  chain->desc = describe (chain->top);
   return chain;
 }
 

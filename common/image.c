@@ -205,7 +205,8 @@ qed_create (const char *filename, const struct qed_create_options *opts)
     slash[slash == dir] = '\0';
   for (unsigned i = 0; ; ++i) {
     sprintf (tmpname, "%s/.qed-create.%ld.%u", dir, (long) getpid (), i);
-    fd = open (tmpname, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    fd = open (tmpname, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC,
+               opts->private_file ? 0600 : 0644);
     if (fd >= 0 || errno != EEXIST || i >= 1000)
       break;
   }
@@ -218,6 +219,7 @@ qed_create (const char *filename, const struct qed_create_options *opts)
    */
   zeros = calloc (1, (size_t) ts * cs);
   if (zeros == NULL ||
+      (opts->private_file && fchmod (fd, 0600) == -1) ||
       pwrite_full (fd, hdr, sizeof hdr, 0) == -1 ||
       (name_len && pwrite_full (fd, opts->backing_name, name_len, 64) == -1) ||
       pwrite_full (fd, zeros, (size_t) ts * cs, cs) == -1 ||
@@ -284,9 +286,11 @@ qed_open (const char *filename, const struct qed_open_options *opts)
   img = calloc (1, sizeof *img);
   if (img == NULL) {
     qed_error ("calloc: %m");
+    if (opts->use_fd)
+      close (opts->fd);
     return NULL;
   }
-  img->fd = -1;
+  img->fd = opts->use_fd ? opts->fd : -1;
   pthread_mutex_init (&img->lock, NULL);
   pthread_mutex_init (&img->flush_lock, NULL);
   pthread_cond_init (&img->cond, NULL);
@@ -299,8 +303,9 @@ qed_open (const char *filename, const struct qed_open_options *opts)
   }
 
   /* O_NONBLOCK: opening a FIFO must fail below, not hang. */
-  img->fd = open (filename, (opts->readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC |
-                  O_NONBLOCK);
+  if (!opts->use_fd)
+    img->fd = open (filename, (opts->readonly ? O_RDONLY : O_RDWR) |
+                    O_CLOEXEC | O_NONBLOCK);
   if (img->fd == -1) {
     qed_error ("%s: %m", filename);
     goto err;

@@ -99,6 +99,10 @@ struct qed_open_options {
   bool force_check;
   /* Only validate the header and L1 (for early errors at start-up). */
   bool skip_check;
+  /* Use this open descriptor instead of opening filename (taken over:
+   * closed with the image, or on failure). */
+  bool use_fd;
+  int fd;
 };
 
 struct qed_create_options {
@@ -107,6 +111,7 @@ struct qed_create_options {
   uint32_t table_size;          /* 0 = default */
   const char *backing_name;     /* stored as given; NULL = none */
   bool backing_raw;             /* sets BACKING_FORMAT_NO_PROBE */
+  bool private_file;            /* mode 0600 whatever the umask */
   /* Allow geometries QEMU cannot open (only for tests). */
   bool allow_qemu_incompatible;
 };
@@ -215,6 +220,8 @@ extern void qed_idle_timer_stop (struct qed_idle_timer *t);
 struct qed_chain;
 struct qed_chain_options {
   bool follow;                  /* follow stored names (else refuse) */
+  bool beneath;                 /* only names beneath the top's directory */
+  bool devices;                 /* allow block devices as backing files */
   const char *override;         /* open this instead of the stored name */
   int override_format;          /* 0 = probe, 1 = raw, 2 = qed */
   uint64_t l2_cache_bytes;

@@ -1,8 +1,9 @@
 /* nbdkit-qed: the QED plugin.
  *
  *   nbdkit qed [file=]IMAGE [create=true size=SIZE ...] [zero-detect=BOOL]
- *              [l2-cache=SIZE] [follow-backing=BOOL] [backing-override=PATH]
- *              [locking=on|off|auto]
+ *              [l2-cache=SIZE] [follow-backing=true|false|beneath]
+ *              [backing-devices=BOOL] [backing-override=PATH
+ *              backing-override-format=raw|qed] [locking=on|off|auto]
  *
  * One image is shared by all connections (one L2 cache, one allocator),
  * so a flush on any connection covers every connection's writes and
@@ -45,6 +46,8 @@ static int create_backing_format = QED_FORMAT_PROBE;
 static bool zero_detect;
 static int64_t l2_cache;
 static bool follow_backing = true;
+static bool follow_beneath;             /* follow-backing=beneath */
+static bool backing_devices;
 static char *backing_override;
 static int backing_override_format = QED_FORMAT_PROBE;
 static unsigned idle_clean = 5;          /* seconds, 0 = never */
@@ -176,8 +179,16 @@ qed_plugin_config (const char *key, const char *value)
     }
     return 0;
   }
-  else if (strcmp (key, "follow-backing") == 0)
+  else if (strcmp (key, "follow-backing") == 0) {
+    follow_beneath = strcmp (value, "beneath") == 0;
+    if (follow_beneath) {
+      follow_backing = true;
+      return 0;
+    }
     return parse_bool (key, value, &follow_backing);
+  }
+  else if (strcmp (key, "backing-devices") == 0)
+    return parse_bool (key, value, &backing_devices);
   else if (strcmp (key, "backing-override") == 0) {
     free (backing_override);
     backing_override = nbdkit_realpath (value);
@@ -209,10 +220,12 @@ qed_plugin_config (const char *key, const char *value)
   "backing-format=raw|qed    Format of that backing file.\n" \
   "zero-detect=<BOOL>        Store zero clusters for all-zero writes.\n" \
   "l2-cache=<SIZE>           Memory for cached L2 tables (default 32M).\n" \
-  "follow-backing=<BOOL>     Open the backing file the image names\n" \
-  "                          (default true).\n" \
+  "follow-backing=true|false|beneath  Open the backing files images\n" \
+  "                          name (default true); beneath: only names\n" \
+  "                          beneath the image's directory.\n" \
+  "backing-devices=<BOOL>    Allow block devices as backing files.\n" \
   "backing-override=<PATH>   Use PATH as the backing file instead.\n" \
-  "backing-override-format=raw|qed  Its format (default: probe).\n" \
+  "backing-override-format=raw|qed  Its format (required with it).\n" \
   "idle-clean=<SECONDS>      Clear NEED_CHECK after this long without\n" \
   "                          writes (default 5, 0 = only at exit).\n" \
   "locking=on|off|auto       Lock the image as QEMU does (default auto)."
@@ -223,6 +236,18 @@ qed_plugin_config_complete (void)
   if (filename == NULL) {
     nbdkit_error ("you must supply the file=<IMAGE> parameter "
                   "after the plugin name on the command line");
+    return -1;
+  }
+  /* A raw disk that is probed could be taken for a QED image whose
+   * header (written by a guest) names any file. */
+  if (create && create_backing && create_backing_format == QED_FORMAT_PROBE) {
+    nbdkit_error ("backing=%s needs backing-format=raw|qed (a probed raw "
+                  "disk could name any file)", create_backing);
+    return -1;
+  }
+  if (backing_override && backing_override_format == QED_FORMAT_PROBE) {
+    nbdkit_error ("backing-override=%s needs backing-override-format=raw|qed "
+                  "(a probed raw disk could name any file)", backing_override);
     return -1;
   }
   if (create) {
@@ -264,7 +289,8 @@ qed_plugin_get_ready (void)
                                  .l2_cache_bytes = 65536,
                                  .locking = locking };
   struct qed_chain_options co = {
-    .follow = follow_backing, .override = backing_override,
+    .follow = follow_backing, .beneath = follow_beneath,
+    .devices = backing_devices, .override = backing_override,
     .override_format = backing_override_format, .l2_cache_bytes = 65536,
     .locking = locking,
   };
@@ -340,7 +366,8 @@ qed_plugin_open (int readonly)
                                    .l2_cache_bytes = l2_cache,
                                    .locking = locking };
     struct qed_chain_options co = {
-      .follow = follow_backing, .override = backing_override,
+      .follow = follow_backing, .beneath = follow_beneath,
+      .devices = backing_devices, .override = backing_override,
       .override_format = backing_override_format,
       .l2_cache_bytes = l2_cache / 4,
       .locking = locking,

@@ -202,9 +202,13 @@ echo "ok: loop, missing backing file, follow-backing=false"
 qemu-img create -q -f raw "$tmp/alt.raw" 1M
 qemu-io -f raw -c "write -P 0x99 0 1M" "$tmp/alt.raw" >/dev/null
 before=$(sums alt.raw)
-for extra in "" "backing-override-format=raw" "follow-backing=false"; do
+# Without a format it is refused (a probed raw disk could name any file).
+expect_fail 'needs backing-override-format' "$PLUGIN" "$tmp/o5.qed" \
+  backing-override="$tmp/alt.raw"
+for extra in "" "follow-backing=false"; do
   cp "$tmp/o5.qed" "$tmp/o6.qed"
-  run_nbdkit "$PLUGIN" "$tmp/o6.qed" backing-override="$tmp/alt.raw" $extra \
+  run_nbdkit "$PLUGIN" "$tmp/o6.qed" backing-override="$tmp/alt.raw" \
+    backing-override-format=raw $extra \
     --run '/usr/bin/python3 -c "
 import nbd, sys
 h = nbd.NBD(); h.connect_uri(sys.argv[1])
