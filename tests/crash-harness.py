@@ -34,6 +34,13 @@ scenario  Hand-made sequences (freed clusters below the last L2 table),
           reconstructions biased towards the close.
 filter    SIGKILL (and, in the long form, power-loss) trials through the
           QED filter over the file plugin with a raw base.
+ordering  Every power-loss and exhaustive journal, checked directly: no
+          table write makes an L2 entry point at a data cluster whose
+          first write (since it was last a hole) no completed fdatasync
+          covers (the data-before-tables rule of the writeback).
+--min CAT=N makes a run with fewer than N trials of a category fail
+(the time limit never stops a category below its minimum), and a
+missing journal shim or a filter that cannot serve is a failure.
 
 Every crashed image is checked the same way:
   0. `qemu-img check` finds no corruption (leaks are allowed);
@@ -1177,6 +1184,86 @@ def reconstruct(initial, out, buf, recs, k, policy, rng):
                                                policy, kept, torn, dropped))
 
 
+def ordering_errors(initial, buf, recs):
+    """The writeback order, checked directly on a journal: no write of a
+    table may make an L2 entry point at a data cluster whose contents
+    (the first write since the cluster was last a hole) no completed
+    fdatasync covers yet.  Returns a list of errors."""
+    with open(initial, 'rb') as f:
+        img = bytearray(f.read())
+    errs = []
+    durable = 0             # records [0, durable) are durable
+    first = {}              # cluster -> first content record since a hole
+
+    def geometry():
+        if len(img) < 64:
+            return None
+        magic, cs, ts, _hs, _f, _c, _a, l1, size, _bo, _bs = \
+            struct.unpack_from('<IIIIQQQQQII', img, 0)
+        if magic != 0x00444551 or cs == 0 or ts == 0:
+            return None
+        tb = cs * ts
+        ents = struct.unpack_from('<%dQ' % (tb // 8),
+                                  bytes(img[l1:l1 + tb]).ljust(tb, b'\0'))
+        return cs, tb, [t for t in ents if t]
+
+    geo = geometry()
+    for i, r in enumerate(recs):
+        if r.type == R_BARRIER:
+            durable = max(durable, r.aux)
+            continue
+        if r.type == R_START or geo is None:
+            continue
+        cs, tb, tables = geo
+        if r.type == R_WRITE:
+            data = buf[r.doff:r.doff + r.len]
+            for t in tables:
+                lo, hi = max(r.off, t), min(r.off + r.len, t + tb)
+                lo = (lo + 7) // 8 * 8
+                for e in range(lo, hi - 7, 8):
+                    new = struct.unpack_from('<Q', data, e - r.off)[0]
+                    old = struct.unpack_from(
+                        '<Q', bytes(img[e:e + 8]).ljust(8, b'\0'))[0]
+                    if new == old or new <= 1:
+                        continue
+                    c = new // cs
+                    if first.get(c, -1) >= durable:
+                        errs.append(
+                            'record %d (table write at %d) points an L2 '
+                            'entry at cluster 0x%x, written by record %d, '
+                            'which no completed fdatasync covers (durable '
+                            'prefix %d)' % (i, r.off, new, first[c],
+                                            durable))
+            end = r.off + r.len
+            if end > len(img):
+                img.extend(bytes(end - len(img)))
+            for c in range(r.off // cs, (end + cs - 1) // cs):
+                first.setdefault(c, i)
+            img[r.off:end] = data
+        elif r.type == R_TRUNCATE:
+            if r.off < len(img):
+                del img[r.off:]
+                for c in [c for c in first if c * cs >= r.off]:
+                    del first[c]
+            else:
+                img.extend(bytes(r.off - len(img)))
+        elif r.type == R_FALLOCATE:
+            lo, hi = r.off, min(r.off + r.len, len(img))
+            if r.aux & (FL_PUNCH_HOLE | FL_ZERO_RANGE) and lo < hi:
+                img[lo:hi] = bytes(hi - lo)
+            for c in range(r.off // cs, (r.off + r.len + cs - 1) // cs):
+                whole = r.off <= c * cs and (c + 1) * cs <= r.off + r.len
+                if r.aux & FL_PUNCH_HOLE and whole:
+                    first.pop(c, None)      # a hole again
+                elif r.aux & FL_ZERO_RANGE:
+                    first.setdefault(c, i)
+        l1 = struct.unpack_from('<Q', img, 40)[0]
+        if r.type == R_WRITE and (r.off < 64 or
+                                  (r.off < l1 + tb and r.off + r.len > l1)):
+            geo = geometry()
+    return errs[:5]
+
+
 # ---------------------------------------------------------------------
 # Trials.
 
@@ -1432,6 +1519,9 @@ def power_run(ctx, kind, run_no, nrecon, nested_budget, scenario=None):
         ctx.result('power run %d' % run_no, ['nothing was journalled'])
         shutil.rmtree(target.dir, ignore_errors=True)
         return 0
+    ctx.result('power run %d: data before tables' % run_no,
+               ordering_errors(initial, buf, recs), [initial, journal],
+               cat='ordering')
     if how == 'term':
         # The journal is complete: replaying all of it must give the
         # file exactly (checks the shim and the replay).
@@ -1519,6 +1609,9 @@ def exhaustive_run(ctx, n):
         return
     model.index()
     buf, recs = read_journal(journal)
+    ctx.result('exhaustive "%s": data before tables' % name,
+               ordering_errors(initial, buf, recs), [initial, journal],
+               cat='ordering')
     for b, r in enumerate(recs):
         if r.type != R_BARRIER or b < 2:
             continue
@@ -1633,6 +1726,12 @@ def main():
     ap.add_argument('--tmpdir', default=None)
     ap.add_argument('--time-limit', type=float, default=0,
                     help='stop starting trials after this many seconds')
+    ap.add_argument('--min', default='', metavar='CAT=N,...',
+                    help='fail unless at least N trials of each category '
+                    'ran (categories as in the summary line, with "-" '
+                    'for spaces: plugin_SIGKILL=8,plugin_power-loss=10); '
+                    'the time limit does not stop a category below its '
+                    'minimum')
     ap.add_argument('-v', '--verbose', action='store_true')
     opts = ap.parse_args()
     if opts.seed is None:
@@ -1648,8 +1747,23 @@ def main():
             shutil.copy(path, copy)
             globals()[name] = copy
 
-    def time_left():
+    mins = {}
+    for want in filter(None, opts.min.split(',')):
+        cat, n = want.rsplit('=', 1)
+        mins[cat.replace('_', ' ')] = int(n)
+
+    def time_left(cat=None):
+        if cat and ctx.stats.get(cat, 0) < mins.get(cat, 0):
+            return True
         return not opts.time_limit or time.time() - t_start < opts.time_limit
+
+    # The journal shim is required when power-loss trials are asked for:
+    # without it they would quietly not run.
+    if (opts.scenario_power or opts.exhaustive or
+            (opts.power_runs and opts.power) or opts.filter_power) and \
+            not os.path.exists(SHIM):
+        print('crash-harness: FAIL: %s is not built' % SHIM, flush=True)
+        sys.exit(1)
 
     try:
         for n in range(opts.scenarios):
@@ -1661,7 +1775,7 @@ def main():
             if opts.exhaustive and os.path.exists(SHIM):
                 exhaustive_run(ctx, n)
         for n in range(opts.kill):
-            if not time_left():
+            if not time_left('plugin SIGKILL'):
                 break
             kill_trial(ctx, 'plugin', n)
         if opts.power_runs and opts.power:
@@ -1673,24 +1787,27 @@ def main():
                 # Nested images: each gives --nested-per trials.
                 images = -(-opts.nested // opts.nested_per)
                 for r in range(opts.power_runs):
-                    if not time_left():
+                    if not (time_left('plugin power-loss') or
+                            time_left('crash in repair')):
                         break
                     want = -(-images // (opts.power_runs - r))
                     images -= power_run(ctx, 'plugin', r, per, want)
         if opts.filter_kill or opts.filter_power:
             why = filter_usable(ctx)
             if why:
-                print('crash-harness: SKIP filter trials: %s' % why,
+                # A filter that is built but cannot serve is a failure.
+                print('crash-harness: FAIL: filter trials: %s' % why,
                       flush=True)
+                ctx.failures += 1
             else:
                 for n in range(opts.filter_kill):
-                    if not time_left():
+                    if not time_left('filter SIGKILL'):
                         break
                     kill_trial(ctx, 'filter', n)
                 if opts.filter_power_runs and opts.filter_power:
                     per = max(1, opts.filter_power // opts.filter_power_runs)
                     for r in range(opts.filter_power_runs):
-                        if not time_left():
+                        if not time_left('filter power-loss'):
                             break
                         power_run(ctx, 'filter', r, per, 0)
     except Exception:
@@ -1701,6 +1818,12 @@ def main():
     print('crash-harness: %.0f s, seed %d; %s' % (
         time.time() - t_start, opts.seed,
         ', '.join('%s %d' % kv for kv in sorted(ctx.stats.items()))))
+    for cat, n in sorted(mins.items()):
+        got = ctx.stats.get(cat, 0)
+        if got < n:
+            print('crash-harness: FAIL: %d %s trials, fewer than the '
+                  'minimum %d' % (got, cat, n), flush=True)
+            ctx.failures += 1
     print('trials %d, failures %d' % (ctx.trials, ctx.failures), flush=True)
     sys.exit(1 if ctx.failures else 0)
 

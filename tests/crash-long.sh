@@ -23,11 +23,8 @@ if [ ! -f "$shim" ] || [ tests/crashsim.c -nt "$shim" ]; then
 fi
 
 nested=$((trials / 10))
-if [ -f "$filter" ]; then
-  fkill=$((trials * 15 / 100)); fpower=$((trials * 10 / 100))
-else
-  fkill=0; fpower=0
-fi
+[ -f "$filter" ] || { echo "crash-long: the filter is not built"; exit 1; }
+fkill=$((trials * 15 / 100)); fpower=$((trials * 10 / 100))
 kill=$((trials * 30 / 100))
 power=$((trials - kill - nested - fkill - fpower))
 runs=$(( (power + 11) / 12 ))
@@ -37,4 +34,5 @@ exec /usr/bin/python3 tests/crash-harness.py --idle --scenario-power 8 \
   --exhaustive 4 \
   --kill $kill --power-runs $runs --power $power --nested $nested \
   --filter-kill $fkill --filter-power-runs $fruns --filter-power $fpower \
+  --min plugin_SIGKILL=$((kill / 2)),plugin_power-loss=$((power / 2)),filter_SIGKILL=$((fkill / 2)),filter_power-loss=$((fpower / 2)),crash_in_repair=1,ordering=$runs \
   --time-limit 840 --keep tests/logs ${CRASH_SEED:+--seed $CRASH_SEED}

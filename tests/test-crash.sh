@@ -10,7 +10,9 @@
 # - hand-made scenarios (clusters freed below the last L2 table, a clean
 #   close): for every fdatasync, a power loss just before it keeping
 #   every subset of the unsynced mutations (up to 2; else a sample).
-# - SIGKILL trials through the filter, if it is built.
+# - data before tables, directly: in every journal no table write makes
+#   an L2 entry point at data that no completed fdatasync covers.
+# - SIGKILL trials through the filter (which must be built).
 # Each crashed image must: keep every write acknowledged before a
 # completed flush (or with FUA); be left byte-identical by a -r open;
 # repair at a writable open; and after a clean stop have NEED_CHECK clear
@@ -29,10 +31,12 @@ if [ ! -f "$shim" ] || [ "$TOP/tests/crashsim.c" -nt "$shim" ]; then
   mv -f "$shim.$$" "$shim"
 fi
 
-filter=()
-[ -f "$FILTER" ] && filter=(--filter-kill 3)
+[ -f "$FILTER" ] || fail "the filter is not built (make builds both)"
+# --min: the time limit stops starting trials, but never below these
+# counts (a loaded machine runs fewer trials, never none).
 /usr/bin/python3 "$TOP/tests/crash-harness.py" \
-  --kill 10 --power-runs 2 --power 20 --nested 3 "${filter[@]}" \
+  --kill 10 --power-runs 2 --power 20 --nested 3 --filter-kill 3 \
   --scenario-power 2 --exhaustive 2 \
+  --min plugin_SIGKILL=5,plugin_power-loss=10,crash_in_repair=1,filter_SIGKILL=2,exhaustive=20,scenario=4,ordering=4 \
   --time-limit 45 --keep "$TOP/tests/logs" --tmpdir "$tmp" \
   ${CRASH_SEED:+--seed $CRASH_SEED}

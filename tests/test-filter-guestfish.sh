@@ -67,5 +67,7 @@ written through the filter" ] || fail "plugin over the overlay: read '$out'"
 stop_nbdkit p2
 
 # And qemu-img agrees that the overlay differs from its base.
-qemu-img compare -q ov.qed copy.raw && fail "the overlay holds no changes?"
+# (exit 1: they differ; 0: equal; 2 or more: compare itself failed).
+rc=0; qemu-img compare -q ov.qed copy.raw || rc=$?
+[ $rc = 1 ] || fail "qemu-img compare ov.qed copy.raw: exit $rc, expected 1 (differ)"
 echo OK

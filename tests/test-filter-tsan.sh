@@ -54,7 +54,10 @@ for i in range(400):
 wait $fiopid || { cat fio.log; fail "fio failed"; }
 wait $seqpid || { cat fio-seq.log; fail "sequential fio failed"; }
 sleep 6.5                               # let the idle timer run
-kill $pid; wait $pid || true
+# nbdkit must exit 0 after SIGTERM (a crash, or an error at close,
+# gives another status).
+kill $pid; rc=0; wait $pid || rc=$?
+[ $rc = 0 ] || fail "nbdkit exited with status $rc"
 
 if ls "$tmp"/tsan.log* >/dev/null 2>&1; then
   cat "$tmp"/tsan.log*
