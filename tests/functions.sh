@@ -150,3 +150,30 @@ socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1)' "$port" \
 # has sent so far.
 http_body_bytes () {
   awk '$1 == "GET" { n += $3 } END { print n + 0 }' "$tmp/nginx/access.log"; }
+
+# Fault injection (tests/faultsim.c): build_faultsim builds the shim and
+# sets $FAULTSIM; with FAULTSIM_FILE and FAULTSIM_DIR exported and
+# LD_PRELOAD=$FAULTSIM, `inject KIND SPEC` makes calls of KIND
+# (pread|pwrite|fdatasync|ftruncate|fallocate) on that file fail,
+# `uninject KIND` stops it, `fault_hits KIND` counts injected failures.
+build_faultsim () {
+  FAULTSIM=$TOP/tests/faultsim.so
+  if [ ! -f "$FAULTSIM" ] || [ "$TOP/tests/faultsim.c" -nt "$FAULTSIM" ]; then
+    gcc -O2 -Wall -shared -fPIC -o "$FAULTSIM.$$" "$TOP/tests/faultsim.c" \
+        -ldl || fail "cannot build the fault shim"
+    mv -f "$FAULTSIM.$$" "$FAULTSIM"
+  fi
+  export FAULTSIM_DIR=$tmp/faults
+  mkdir -p "$FAULTSIM_DIR"
+}
+inject () { echo "$2" > "$FAULTSIM_DIR/$1.new"; mv -f "$FAULTSIM_DIR/$1.new" "$FAULTSIM_DIR/$1"; }
+uninject () { rm -f "$FAULTSIM_DIR/$1"; }
+fault_hits () { grep -c "^$1 " "$FAULTSIM_DIR/log" 2>/dev/null || true; }
+# small_fs DIR SIZE: mount a tmpfs of SIZE on DIR (unmounted at exit),
+# for ENOSPC; fill_fs DIR: use up its free space (leaves DIR/filler).
+small_fs () {
+  mkdir -p "$1"
+  mount -t tmpfs -o size="$2" tmpfs "$1" || skip "cannot mount a tmpfs (not root?)"
+  cleanup_fn "umount -l '$1'"
+}
+fill_fs () { dd if=/dev/zero of="$1/filler" bs=64k status=none 2>/dev/null || true; }

@@ -8,7 +8,7 @@ Every image is derived from a valid image written by qemu-img/qemu-io
 loops, huge geometries) by patching raw bytes with struct.pack.
 OUTDIR/manifest.tsv lists one image per line:
 
-    NAME <tab> EXPECT_RO <tab> EXPECT_RW <tab> DESCRIPTION
+    NAME <tab> EXPECT_RO <tab> EXPECT_RW <tab> DESCRIPTION [<tab> EXPECT_FILTER]
 
 where EXPECT is one of
     refuse:PHRASE    nbdkit refuses to start; PHRASE is in its log
@@ -17,6 +17,11 @@ where EXPECT is one of
     serve0           served; every read succeeds
     serveE           served; some reads fail with EIO, others succeed
     serve            served; reads may or may not fail with EIO
+EXPECT_FILTER is for the image as the filter's overlay over a memory
+disk of its size; it defaults to EXPECT_RW (the test script expects
+"connect:is an overlay of a" when the sizes cannot match).  Every
+image must be served or refused with a peak RSS under 64 MiB, and a
+writable open must not grow the file (by allocated blocks).
 With --corpus, the images up to --max-corpus bytes (default 256K) are
 also copied into CORPUSDIR as a seed corpus for tests/fuzz-open.
 """
@@ -105,9 +110,9 @@ def new(name, base):
     return p
 
 
-def add(name, ro, rw, desc):
+def add(name, ro, rw, desc, filt=None):
     assert "\t" not in desc
-    manifest.append((name, ro, rw or ro, desc))
+    manifest.append((name, ro, rw or ro, desc) + ((filt,) if filt else ()))
 
 
 def make_qemu_base(name, cs, ts, size, writes, hs=None):
@@ -252,7 +257,12 @@ def main():
         set_field(p, "backing_filename_size", size)
         if data is not None:
             patch_bytes(p, off, data)
-        add(name, ro, None, desc)
+        # The filter ignores the backing file name: a name that is valid
+        # but leads nowhere does not stop it.
+        filt = None
+        if ro.startswith("refuse:") and data and b"\0" not in data:
+            filt = "serve0"
+        add(name, ro, None, desc, filt)
 
     backing("bk-outside", 4000, 200, "refuse:backing file name location",
             "name runs past the header cluster")
