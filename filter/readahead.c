@@ -54,13 +54,17 @@ struct ra_stream {
 struct ra_fetch {
   uint64_t start, end;
   bool used;
+  /* Signalled when this fetch ends: only its waiters wake (nbdcopy
+   * keeps dozens of requests waiting on different fetches). */
+  pthread_cond_t done;
 };
 
 static pthread_mutex_t ra_lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t ra_cond = PTHREAD_COND_INITIALIZER;
 static uint64_t max_window = RA_DEFAULT_WINDOW;
 static struct ra_stream streams[RA_STREAMS];
-static struct ra_fetch in_flight[RA_IN_FLIGHT];
+static struct ra_fetch in_flight[RA_IN_FLIGHT] = {
+  [0 ... RA_IN_FLIGHT - 1] = { .done = PTHREAD_COND_INITIALIZER },
+};
 static uint64_t tick;
 /* Counters for the debug log. */
 static uint64_t n_misses, n_sequential, n_waits, n_failed, bytes_ahead;
@@ -71,14 +75,15 @@ ra_set_max_window (uint64_t bytes)
   max_window = bytes;
 }
 
-static bool
-overlaps_in_flight (uint64_t start, uint64_t end)
+/* A fetch in flight overlapping [start, end), or NULL. */
+static struct ra_fetch *
+overlapping_fetch (uint64_t start, uint64_t end)
 {
   for (size_t i = 0; i < RA_IN_FLIGHT; ++i)
     if (in_flight[i].used && in_flight[i].start < end &&
         start < in_flight[i].end)
-      return true;
-  return false;
+      return &in_flight[i];
+  return NULL;
 }
 
 /* The start of the nearest fetch in flight beyond end, or limit. */
@@ -129,7 +134,7 @@ ra_plan (uint64_t start, uint64_t end, uint64_t limit, uint64_t cs)
   bool continued;
 
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&ra_lock);
-  if (overlaps_in_flight (start, end))
+  if (overlapping_fetch (start, end))
     return 0;
   n_misses++;
   if (max_window >= cs) {
@@ -147,7 +152,9 @@ ra_plan (uint64_t start, uint64_t end, uint64_t limit, uint64_t cs)
   }
   for (size_t i = 0; i < RA_IN_FLIGHT; ++i)
     if (!in_flight[i].used) {
-      in_flight[i] = (struct ra_fetch) { start, fetch_end, true };
+      in_flight[i].start = start;
+      in_flight[i].end = fetch_end;
+      in_flight[i].used = true;
       break;
     }
   return fetch_end;
@@ -161,6 +168,7 @@ ra_done (uint64_t start, uint64_t fetch_end, bool ok)
     if (in_flight[i].used && in_flight[i].start == start &&
         in_flight[i].end == fetch_end) {
       in_flight[i].used = false;
+      pthread_cond_broadcast (&in_flight[i].done);
       break;
     }
   if (!ok) {
@@ -170,20 +178,20 @@ ra_done (uint64_t start, uint64_t fetch_end, bool ok)
       if (streams[i].valid && streams[i].next == fetch_end)
         streams[i].window = 0;
   }
-  pthread_cond_broadcast (&ra_cond);
 }
 
 bool
 ra_wait_in_flight (uint64_t start, uint64_t end)
 {
+  struct ra_fetch *f;
   bool waited = false;
 
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&ra_lock);
-  while (overlaps_in_flight (start, end)) {
+  while ((f = overlapping_fetch (start, end)) != NULL) {
     if (!waited)
       n_waits++;
     waited = true;
-    pthread_cond_wait (&ra_cond, &ra_lock);
+    pthread_cond_wait (&f->done, &ra_lock);
   }
   return waited;
 }
