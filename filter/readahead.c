@@ -9,7 +9,10 @@
  * that doubles on each such miss, up to qed-readahead.  Any other miss
  * starts a new run with no window, so random reads fetch only the
  * clusters they need.  A few runs are tracked at once (interleaved
- * readers, several connections).
+ * readers, several connections).  A miss issued while an earlier fetch
+ * of its run is still in flight gets no read-ahead: that client keeps
+ * several reads in flight, which hide the latency already, and
+ * measured with nbdcopy one large fetch only made them wait for it.
  *
  * The extension is part of the client's own backend read (one larger
  * request, not a second one in the background): measured over a
@@ -48,11 +51,13 @@ struct ra_stream {
   uint64_t next;                /* where the run's last fetch ended */
   uint64_t window;              /* its current read-ahead, bytes */
   uint64_t last_used;           /* for replacing the oldest run */
+  uint64_t id;                  /* unique, for its fetches in flight */
   bool valid;
 };
 
 struct ra_fetch {
   uint64_t start, end;
+  uint64_t stream_id;           /* the run it belongs to (0: none) */
   bool used;
   /* Signalled when this fetch ends: only its waiters wake (nbdcopy
    * keeps dozens of requests waiting on different fetches). */
@@ -65,7 +70,7 @@ static struct ra_stream streams[RA_STREAMS];
 static struct ra_fetch in_flight[RA_IN_FLIGHT] = {
   [0 ... RA_IN_FLIGHT - 1] = { .done = PTHREAD_COND_INITIALIZER },
 };
-static uint64_t tick;
+static uint64_t tick, last_stream_id;
 /* Counters for the debug log. */
 static uint64_t n_misses, n_sequential, n_waits, n_failed, bytes_ahead;
 
@@ -84,6 +89,16 @@ overlapping_fetch (uint64_t start, uint64_t end)
         start < in_flight[i].end)
       return &in_flight[i];
   return NULL;
+}
+
+/* Whether a fetch of the run s is in flight. */
+static bool
+run_in_flight (const struct ra_stream *s)
+{
+  for (size_t i = 0; i < RA_IN_FLIGHT; ++i)
+    if (in_flight[i].used && in_flight[i].stream_id == s->id)
+      return true;
+  return false;
 }
 
 /* The start of the nearest fetch in flight beyond end, or limit. */
@@ -113,7 +128,8 @@ find_stream (uint64_t start, bool *continued)
   }
   /* Not a continuation: a new run, with no read-ahead yet. */
   *continued = false;
-  *oldest = (struct ra_stream) { .valid = true, .window = 0 };
+  *oldest = (struct ra_stream) { .valid = true, .window = 0,
+                                 .id = ++last_stream_id };
   return oldest;
 }
 
@@ -130,7 +146,7 @@ uint64_t
 ra_plan (uint64_t start, uint64_t end, uint64_t limit, uint64_t cs)
 {
   struct ra_stream *s;
-  uint64_t ahead = 0, fetch_end = end;
+  uint64_t ahead = 0, fetch_end = end, stream_id = 0;
   bool continued;
 
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&ra_lock);
@@ -139,8 +155,13 @@ ra_plan (uint64_t start, uint64_t end, uint64_t limit, uint64_t cs)
   n_misses++;
   if (max_window >= cs) {
     s = find_stream (start, &continued);
-    if (continued)
+    /* If an earlier fetch of the run is still in flight, the client
+     * keeps several reads in flight itself (nbdcopy, a VM at a high
+     * queue depth): they already hide the latency, and one large
+     * fetch would only make them wait for it in turn. */
+    if (continued && !run_in_flight (s))
       ahead = grow_window (s, start, end, cs);
+    stream_id = s->id;
     if (ahead) {
       n_sequential++;
       fetch_end = MIN (end + ahead, next_in_flight (end, limit));
@@ -154,6 +175,7 @@ ra_plan (uint64_t start, uint64_t end, uint64_t limit, uint64_t cs)
     if (!in_flight[i].used) {
       in_flight[i].start = start;
       in_flight[i].end = fetch_end;
+      in_flight[i].stream_id = stream_id;
       in_flight[i].used = true;
       break;
     }
