@@ -48,10 +48,12 @@ if [ $quick = 1 ]; then
   : "${reps:=1}" "${runtime:=1}"
   SIZE_MB=256                   # the data image
   ZERO_MB=256                   # workload 7
+  RSIZE_MB=64                   # workload 9
 else
   : "${reps:=3}" "${runtime:=2}"
   SIZE_MB=1024
   ZERO_MB=1024
+  RSIZE_MB=128
 fi
 SIZE=$((SIZE_MB << 20))
 section () { echo "== [${SECONDS}s] $*" >&2; }
@@ -127,6 +129,12 @@ start_server () {
               $QEMU_NBD_OPTS "$@" "$img" ;;
     raw)    nbdkit $NBDKIT_OPTS -U "$SOCK" -P "$tmp/S.pid" file "$img" "$@" ;;
     filter) nbdkit $NBDKIT_OPTS -U "$SOCK" -P "$tmp/S.pid" "$1" file "$img" "${@:2}" ;;
+    # stack IMAGE OPTIONS... -- PARAMS...: filters (options) over the
+    # file plugin.
+    stack)  local pre=()
+            while [ "$1" != -- ]; do pre+=("$1"); shift; done; shift
+            nbdkit $NBDKIT_OPTS -U "$SOCK" -P "$tmp/S.pid" "${pre[@]}" \
+              file "$img" "$@" ;;
   esac 2>>"$tmp/servers.log" || {
     echo "server $kind $img $* failed to start:" >&2
     tail -5 "$tmp/servers.log" >&2; return 1; }
@@ -368,15 +376,15 @@ fi
 
 # 6: the filter's populating and second full read, against nbdkit's cow
 # and cache filters (and the bare file plugin).
-copy_read () {                  # copy_read WORKLOAD ROLE REP
-  local c0 c1 t0 t1 bw
+copy_read () {                  # copy_read WORKLOAD ROLE REP [SIZE]
+  local c0 c1 t0 t1 bw size=${4:-$SIZE}
   c0=$(cpu_ticks "$SPID") || return 1
   t0=$(date +%s%N)
   nbdcopy --no-extents "$URI" null: || return 1
   t1=$(date +%s%N)
   c1=$(cpu_ticks "$SPID") || return 1
-  bw=$(echo "$SIZE $t0 $t1" | awk '{printf "%.1f", $1 / 1048576 / (($3 - $2) / 1e9)}')
-  record "$1" "$2" "$3" "$bw" $((c1 - c0)) "$SIZE"
+  bw=$(echo "$size $t0 $t1" | awk '{printf "%.1f", $1 / 1048576 / (($3 - $2) / 1e9)}')
+  record "$1" "$2" "$3" "$bw" $((c1 - c0)) "$size"
   printf '  %-10s %-7s rep %s: %10s MiB/s cpu %.2fs\n' "$1" "$2" "$3" "$bw" \
     "$(echo "$c1 $c0 $TICK" | awk '{print ($1-$2)/$3}')" >&2
 }
@@ -405,6 +413,62 @@ if want filter && [ $have_filter = 1 ]; then
   section "6: filter first (populating) and second full read (nbdcopy)"
   for ((rep = 1; rep <= reps; rep++)); do
     for s in $(order $rep qed cow cache file); do step step_filter $s $rep; done
+  done
+fi
+
+# 9: a remote disk: the file plugin under nbdkit's delay filter (every
+# read waits rdelay, as a round trip), 1 and 5 ms.  The filter with
+# read-ahead (qed), without (qedra0, qed-readahead=0), and nbdkit's
+# cache + readahead filters; sequential 64K reads at queue depth 1
+# (first and second pass), random 4K reads at queue depth 1 on a cold
+# cache, and nbdcopy against the delayed plugin read with no filter.
+RSIZE=$((RSIZE_MB << 20))
+start_remote () {               # start_remote ROLE DELAY_MS
+  local d=$2
+  rm -f "$tmp/rov.qed"
+  case $1 in
+    qed)    start_server stack "$tmp/remote.raw" --filter="$FILTER" \
+              --filter=delay -- rdelay=${d}ms qed-overlay="$tmp/rov.qed" ;;
+    qedra0) start_server stack "$tmp/remote.raw" --filter="$FILTER" \
+              --filter=delay -- rdelay=${d}ms qed-overlay="$tmp/rov.qed" \
+              qed-readahead=0 ;;
+    cache)  start_server stack "$tmp/remote.raw" --filter=cache \
+              --filter=readahead --filter=delay -- rdelay=${d}ms \
+              cache-on-read=true ;;
+    direct) start_server stack "$tmp/remote.raw" --filter=delay -- \
+              rdelay=${d}ms ;;
+  esac
+}
+step_remote () {                # step_remote ROLE REP DELAY_MS
+  local s=$1 rep=$2 d=$3
+  if [ $s != direct ]; then
+    start_remote $s $d || return 1
+    measure remote-seq1-$d $s $rep bw --rw=read --bs=64k --iodepth=1 \
+      --size=$RSIZE || return 1
+    measure remote-seq2-$d $s $rep bw --rw=read --bs=64k --iodepth=1 \
+      --size=$RSIZE || return 1
+    stop_server
+    start_remote $s $d || return 1
+    measure remote-rand-$d $s $rep iops --rw=randread $RAND --iodepth=1 \
+      --size=$RSIZE $TB || return 1
+    stop_server
+  fi
+  if [ $s = qed ] || [ $s = direct ]; then
+    start_remote $s $d || return 1
+    copy_read remote-copy-$d $s $rep $RSIZE || return 1
+    stop_server
+  fi
+  rm -f "$tmp/rov.qed"
+}
+if want remote && [ $have_filter = 1 ]; then
+  section "9: remote disk ($RSIZE_MB MiB) under the delay filter, 1 and 5 ms"
+  head -c $RSIZE "$tmp/data.raw" > "$tmp/remote.raw"
+  for ((rep = 1; rep <= reps; rep++)); do
+    for d in 1 5; do
+      for s in $(order $rep qed qedra0 cache direct); do
+        step step_remote $s $rep $d
+      done
+    done
   done
 fi
 

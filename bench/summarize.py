@@ -159,6 +159,29 @@ if ('1t-open', 'ours') in runs:
         'VmRSS after the random reads, MiB',
         *(fmt(med('1t-rss', x, 3), 'MiB') for x in ('ours', 'qemu', 'raw'))))
 
+if any(w.startswith('remote-') for w, _ in runs):
+    print()
+    print('9: remote disk = file plugin under the delay filter (rdelay per'
+          ' read); medians')
+    print('   %-34s %10s %10s %10s %10s %10s' % (
+        '', 'qed', 'qed ra=0', 'cache+ra', 'no filter', 'qed/peer'))
+    for d in ('1', '5'):
+        for w, label, unit, peer in (
+                ('remote-seq1-', 'seq 64K qd1, 1st pass, MiB/s', 'MiB/s', 'cache'),
+                ('remote-seq2-', 'seq 64K qd1, 2nd pass, MiB/s', 'MiB/s', 'cache'),
+                ('remote-rand-', 'rand 4K qd1, 1st pass, IOPS', 'IOPS', 'qedra0'),
+                ('remote-copy-', 'nbdcopy 1st pass, MiB/s', 'MiB/s', 'direct')):
+            w += d
+            if not any(k[0] == w for k in runs):
+                continue
+            print('   %-34s %10s %10s %10s %10s %10s' % (
+                '%s ms: %s' % (d, label),
+                *(fmt(med(w, x), unit) for x in ('qed', 'qedra0', 'cache', 'direct')),
+                fr(ratio(med(w, 'qed'), med(w, peer)))))
+    print('   (qed/peer: against cache+ra for the sequential passes, against'
+          ' qed ra=0 (no read-ahead) for random reads, against no filter for'
+          ' nbdcopy)')
+
 # ---------------------------------------------------------------- targets
 print()
 print('Targets (from the issue).  "cpu" is the same ratio measured as CPU')
@@ -215,3 +238,12 @@ for w, qd in (('1t-randread', 1), ('1t-randread16', 16)):
     x = ratio(med(w, 'ours'), med(w, 'qemu'))
     target('1T random reads qd%d: ours/qemu-nbd' % qd, fr(x), '>= 10',
            x is not None and x >= 10)
+for d in ('1', '5'):
+    for w, peer, label, goal in (
+            ('remote-seq1-', 'cache', 'seq 1st pass: qed/cache+readahead', 4.0),
+            ('remote-seq2-', 'cache', 'seq 2nd pass: qed/cache+readahead', 1.0),
+            ('remote-rand-', 'qedra0', 'rand 4K 1st pass: qed/qed-readahead=0', 0.9),
+            ('remote-copy-', 'direct', 'nbdcopy: qed/no filter', 0.8)):
+        x = ratio(med(w + d, 'qed'), med(w + d, peer))
+        target('remote %s ms, %s' % (d, label), fr(x), '>= %.2f' % goal,
+               x is not None and x >= goal)
