@@ -68,14 +68,21 @@ unsupported (int e)
     e == ENOSYS;
 }
 
+/* Protection that silently went away is said once (in the log). */
+static bool warned_off, warned_unsupported;
+
 int
 qed_lock_file (int fd, const char *filename, enum qed_lock_role role,
                enum qed_locking locking)
 {
   unsigned use, unshare;
 
-  if (locking == QED_LOCKING_OFF)
+  if (locking == QED_LOCKING_OFF) {
+    if (!__atomic_test_and_set (&warned_off, __ATOMIC_RELAXED))
+      qed_error ("warning: %s: locking is off: another writer (QEMU, "
+                 "qemu-img, another nbdkit) can corrupt the image", filename);
     return 0;
+  }
   switch (role) {
   case QED_LOCK_WRITER:
     use = BIT (PERM_READ) | BIT (PERM_WRITE) | BIT (PERM_RESIZE);
@@ -136,7 +143,10 @@ qed_lock_file (int fd, const char *filename, enum qed_lock_role role,
 
  lock_error:
   if (locking == QED_LOCKING_AUTO && unsupported (errno)) {
-    qed_debug ("%s: no file locking here (%m): not locked", filename);
+    if (!__atomic_test_and_set (&warned_unsupported, __ATOMIC_RELAXED))
+      qed_error ("warning: %s: this file system has no OFD locks (%m): the "
+                 "image is not locked, so QEMU or another nbdkit could "
+                 "write it at the same time", filename);
     qed_unlock_file (fd);
     return 0;
   }
