@@ -349,7 +349,7 @@ symlink_is_ours (const char *path, const struct stat *lst)
 }
 
 int
-qed_open_overlay_fd (const char *path, int flags, bool *missing)
+qed_open_overlay_fd (const char *path, bool writable, bool *missing)
 {
   struct stat lst, st;
   int fd, e;
@@ -367,7 +367,7 @@ qed_open_overlay_fd (const char *path, int flags, bool *missing)
     return -1;
   }
   /* If it was a file, it must still be one (not a symlink now). */
-  fd = open (path, flags | O_CLOEXEC | O_NONBLOCK | O_NOCTTY |
+  fd = open (path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NONBLOCK | O_NOCTTY |
              (S_ISLNK (lst.st_mode) ? 0 : O_NOFOLLOW));
   if (fd == -1) {
     qed_error ("qed-overlay: %s: %m", path);
@@ -404,4 +404,19 @@ qed_open_overlay_fd (const char *path, int flags, bool *missing)
   close (fd);
   errno = e;
   return -1;
+}
+
+int
+qed_hold_overlay_locks (const char *path, enum qed_locking locking)
+{
+  bool missing;
+  int fd = qed_open_overlay_fd (path, false, &missing);
+
+  if (fd == -1)
+    return missing ? -1 : -2;
+  if (qed_lock_file (fd, path, QED_LOCK_READER, locking) == -1) {
+    close (fd);
+    return -2;
+  }
+  return fd;
 }

@@ -10,6 +10,8 @@
 #include <sys/types.h>
 #include <sys/stat.h>
 
+#include "qed.h"
+
 /* How to open one backing file (read-only). */
 struct qed_backing_open {
   const char *path;             /* for messages */
@@ -31,12 +33,18 @@ struct qed_backing_open {
 extern int qed_open_backing (const struct qed_backing_open *bo,
                              struct stat *st);
 
-/* Open an existing overlay (flags: O_RDONLY or O_RDWR) only if it is
+/* Open an existing overlay (read-write or read-only) only if it is
  * ours: a symbolic link is followed only if the server's user owns it
  * and its directory is not world-writable, and the file must be a
  * regular file owned by the server's user that no one else can write.
  * -1 with the error logged, or with *missing set (and nothing logged)
  * if nothing exists at path. */
-extern int qed_open_overlay_fd (const char *path, int flags, bool *missing);
+extern int qed_open_overlay_fd (const char *path, bool writable,
+                                bool *missing);
+
+/* Open an existing overlay as above only to hold a reader's locks on
+ * it: the descriptor, -1 if there is no overlay yet, -2 on error. */
+extern int qed_hold_overlay_locks (const char *path,
+                                   enum qed_locking locking);
 
 #endif /* NBDKIT_QED_SAFE_OPEN_H */

@@ -84,6 +84,7 @@
 #include <nbdkit-filter.h>
 
 #include "qed.h"
+#include "safe-open.h"
 #include "seam.h"
 #include "util.h"
 #include "readahead.h"
@@ -113,7 +114,9 @@ static enum qed_locking locking = QED_LOCKING_AUTO;
  * first connection opens it (see the plugin's lock_fd). */
 static int lock_fd = -1;
 
-/* A temporary overlay is created in its own private directory. */
+/* A temporary overlay is created in its own private directory, made
+ * in tmp_parent when the first connection needs it. */
+static char *tmp_parent;
 static char *tmp_dir;
 
 /* The overlay (opened at the first prepare). */
@@ -128,6 +131,7 @@ qed_filter_unload (void)
 {
   free (overlay);
   free (backing_name);
+  free (tmp_parent);
   free (tmp_dir);
   ra_log_stats ();
   extcache_free ();
@@ -274,6 +278,9 @@ dir_of (const char *path)
 static int
 qed_filter_get_ready (int thread_model)
 {
+  bool missing;
+  int fd;
+
   if (backing_name && overlay) {
     /* Only other readers of the overlay open it: just a hint. */
     CLEANUP_FREE char *dir = dir_of (overlay);
@@ -287,30 +294,25 @@ qed_filter_get_ready (int thread_model)
   }
   if (overlay == NULL) {
     const char *t = getenv ("TMPDIR");
-    CLEANUP_FREE char *tmpl = NULL;
-    CLEANUP_FREE char *abs_t = NULL;
 
-    abs_t = nbdkit_absolute_path (t && *t ? t : "/var/tmp");
-    if (abs_t == NULL)
+    /* Its directory is made only when a client needs it. */
+    tmp_parent = nbdkit_absolute_path (t && *t ? t : "/var/tmp");
+    if (tmp_parent == NULL)
       return -1;
-    if (asprintf (&tmpl, "%s/nbdkit-qed-XXXXXX", abs_t) == -1) {
-      nbdkit_error ("asprintf: %m");
-      return -1;
-    }
-    if (mkdtemp (tmpl) == NULL) {
-      nbdkit_error ("%s: cannot create a temporary directory: %m", tmpl);
+    if (access (tmp_parent, W_OK | X_OK) == -1) {
+      nbdkit_error ("%s: cannot create a temporary overlay there: %m",
+                    tmp_parent);
       return -1;
     }
-    tmp_dir = tmpl;
-    tmpl = NULL;
-    nbdkit_debug ("temporary overlay in %s", tmp_dir);
     return 0;
   }
 
-  if (access (overlay, F_OK) == 0) {
+  fd = qed_open_overlay_fd (overlay, true, &missing);
+  if (fd >= 0) {
     struct qed_open_options oo = { .readonly = true, .skip_check = true,
                                    .l2_cache_bytes = 65536,
-                                   .locking = locking };
+                                   .locking = locking,
+                                   .use_fd = true, .fd = fd };
     struct qed_image *probe = qed_open (overlay, &oo);
     const char *name;
     uint32_t cs;
@@ -323,11 +325,7 @@ qed_filter_get_ready (int thread_model)
     }
     name = qed_get_backing_name (probe);
     cs = qed_get_cluster_size (probe);
-    if (access (overlay, R_OK | W_OK) == -1) {
-      nbdkit_error ("qed-overlay: %s: %m", overlay);
-      r = -1;
-    }
-    else if (backing_name && (name == NULL || strcmp (name, backing_name))) {
+    if (backing_name && (name == NULL || strcmp (name, backing_name))) {
       /* Silently serving an overlay that claims another base would make
        * the next reader (qemu-img, the plugin) see a different disk. */
       nbdkit_error ("qed-overlay: %s records %s%s%s as its backing file, "
@@ -349,6 +347,8 @@ qed_filter_get_ready (int thread_model)
     qed_close (probe);
     return r;
   }
+  else if (!missing)
+    return -1;
   else {
     CLEANUP_FREE char *dir = dir_of (overlay);
 
@@ -383,11 +383,9 @@ qed_filter_after_fork (nbdkit_backend *backend)
   /* A temporary overlay is never read again: no point cleaning it. */
   if (overlay == NULL)
     return 0;
-  if (access (overlay, F_OK) == 0) {
-    lock_fd = qed_hold_reader_locks (overlay, locking);
-    if (lock_fd == -1)
-      return -1;
-  }
+  lock_fd = qed_hold_overlay_locks (overlay, locking);
+  if (lock_fd == -2)
+    return -1;
   idle_timer = qed_idle_timer_start (IDLE_CLEAN, current_image);
   return idle_timer ? 0 : -1;
 }
@@ -426,62 +424,98 @@ qed_filter_open (nbdkit_next_open *next, nbdkit_context *context,
   return NBDKIT_HANDLE_NOT_NEEDED;
 }
 
-/* Create (if needed) and open the overlay for a plugin of this size.
- * open_lock held.
- */
-static struct qed_image *
-open_overlay (int64_t size)
+/* The temporary overlay's private directory, made at first need, so
+ * that a start that fails (or serves no client) leaves nothing. */
+static int
+make_tmp_dir (void)
+{
+  CLEANUP_FREE char *tmpl = NULL;
+
+  if (tmp_dir)
+    return 0;
+  if (asprintf (&tmpl, "%s/nbdkit-qed-XXXXXX", tmp_parent) == -1) {
+    nbdkit_error ("asprintf: %m");
+    return -1;
+  }
+  if (mkdtemp (tmpl) == NULL) {
+    nbdkit_error ("%s: cannot create a temporary directory: %m", tmpl);
+    return -1;
+  }
+  tmp_dir = tmpl;
+  tmpl = NULL;
+  nbdkit_debug ("temporary overlay in %s", tmp_dir);
+  return 0;
+}
+
+/* A new overlay at path, mode 0600 whatever the umask: copy-on-read
+ * fills it with the source's data, which may be private. */
+static int
+create_overlay (const char *path, int64_t size)
 {
   struct qed_create_options co = {
     .size = size,
     .cluster_size = cluster_size,
     .backing_name = backing_name,
     .backing_raw = true,
+    .private_file = true,
   };
-  struct qed_open_options oo = { .readonly = false, .locking = locking };
+  uint32_t cs = cluster_size ? cluster_size : QED_DEFAULT_CLUSTER_SIZE;
+  uint64_t max = qed_max_image_size (cs, QED_DEFAULT_TABLE_SIZE);
+
+  if (ROUND_UP ((uint64_t) size, 512) > max) {
+    nbdkit_error ("the plugin's disk (%" PRIi64 " bytes) is larger than a "
+                  "QED overlay with %" PRIu32 "-byte clusters can address "
+                  "(%" PRIu64 " bytes): use a larger qed-cluster-size",
+                  size, cs, max);
+    return -1;
+  }
+  if (qed_create (path, &co) == -1)
+    return -1;
+  nbdkit_debug ("created overlay %s: size %" PRIu64 ", cluster size %"
+                PRIu32 "%s%s", path, ROUND_UP ((uint64_t) size, 512), cs,
+                backing_name ? ", backing file " : "",
+                backing_name ? backing_name : "");
+  return 0;
+}
+
+/* Create (if needed) and open the overlay for a plugin of this size.
+ * An existing one must be ours (qed_open_overlay_fd).  open_lock held.
+ */
+static struct qed_image *
+open_overlay (int64_t size)
+{
+  struct qed_open_options oo = { .readonly = false, .locking = locking,
+                                 .use_fd = true };
   CLEANUP_FREE char *tmp_file = NULL;
-  struct qed_image *i;
+  struct qed_image *i = NULL;
   const char *path = overlay;
+  bool missing = true;
 
   if (overlay == NULL) {
+    if (make_tmp_dir () == -1)
+      return NULL;
     if (asprintf (&tmp_file, "%s/overlay.qed", tmp_dir) == -1) {
       nbdkit_error ("asprintf: %m");
       return NULL;
     }
     path = tmp_file;
   }
-  if (overlay == NULL || access (overlay, F_OK) == -1) {
-    uint32_t cs = cluster_size ? cluster_size : QED_DEFAULT_CLUSTER_SIZE;
-    uint64_t max = qed_max_image_size (cs, QED_DEFAULT_TABLE_SIZE);
-
-    if (ROUND_UP ((uint64_t) size, 512) > max) {
-      nbdkit_error ("the plugin's disk (%" PRIi64 " bytes) is larger than a "
-                    "QED overlay with %" PRIu32 "-byte clusters can address "
-                    "(%" PRIu64 " bytes): use a larger qed-cluster-size",
-                    size, cs, max);
-      return NULL;
-    }
-    if (qed_create (path, &co) == -1)
-      return NULL;
-    nbdkit_debug ("created overlay %s: size %" PRIu64 ", cluster size %"
-                  PRIu32 "%s%s", path, ROUND_UP ((uint64_t) size, 512),
-                  cluster_size ? cluster_size : QED_DEFAULT_CLUSTER_SIZE,
-                  backing_name ? ", backing file " : "",
-                  backing_name ? backing_name : "");
-  }
+  oo.fd = overlay ? qed_open_overlay_fd (path, true, &missing) : -1;
+  if (oo.fd == -1 && missing && create_overlay (path, size) == 0)
+    oo.fd = qed_open_overlay_fd (path, true, &missing);
   /* Its locks would conflict with ours (another open file). */
   if (lock_fd >= 0)
     close (lock_fd);
   lock_fd = -1;
-  i = qed_open (path, &oo);
+  if (oo.fd >= 0)
+    i = qed_open (path, &oo);
   if (overlay == NULL) {
-    /* Nothing of a temporary overlay outlives nbdkit.  The directory
-     * stays if the open failed (the next connection tries again). */
+    /* Nothing of a temporary overlay outlives nbdkit (after a failure,
+     * the next connection starts again). */
     unlink (path);
-    if (i && rmdir (tmp_dir) == 0) {
-      free (tmp_dir);
-      tmp_dir = NULL;
-    }
+    rmdir (tmp_dir);
+    free (tmp_dir);
+    tmp_dir = NULL;
   }
   return i;
 }
