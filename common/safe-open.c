@@ -134,11 +134,14 @@ become_owner (uid_t uid, gid_t gid, struct saved_id *s)
     free (s->groups);
     return -1;
   }
+  /* An invalid id (-1) changes nothing and returns the current one. */
+  s->fsuid = syscall (SYS_setfsuid, (uid_t) -1);
+  s->fsgid = syscall (SYS_setfsgid, (gid_t) -1);
   s->switched = true;
   if (syscall (SYS_setgroups, (size_t) n, groups) == -1)
     goto err;
-  s->fsgid = syscall (SYS_setfsgid, gid);
-  s->fsuid = syscall (SYS_setfsuid, uid);
+  syscall (SYS_setfsgid, gid);
+  syscall (SYS_setfsuid, uid);
   /* setfs[ug]id report the old value even on failure: ask again. */
   if ((uid_t) syscall (SYS_setfsuid, uid) != uid ||
       (gid_t) syscall (SYS_setfsgid, gid) != gid) {
