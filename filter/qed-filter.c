@@ -54,6 +54,12 @@
  *   qed-overlay) is unlinked at once; flush and FUA are no-ops for it,
  *   since nothing of it survives nbdkit anyway.
  *
+ * - An existing overlay must be ours (owned by the server's user, not
+ *   writable by others, not reached through someone else's symlink),
+ *   or a local user could redirect or read the guest's writes; new
+ *   overlays are 0600, since copy-on-read fills them with the source's
+ *   data (safe-open.c).
+ *
  * - qed-backing-name only records a name in the overlay's header (as
  *   a raw backing file, so the data is never probed).  The filter never
  *   opens that file; it is for other readers of the overlay, such as

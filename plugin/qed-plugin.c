@@ -217,7 +217,7 @@ qed_plugin_config (const char *key, const char *value)
   "cluster-size=<SIZE>       Cluster size of a new image (default 64K).\n" \
   "table-size=<N>            Table size of a new image (default 4).\n" \
   "backing=<PATH>            Backing file of a new image.\n" \
-  "backing-format=raw|qed    Format of that backing file.\n" \
+  "backing-format=raw|qed    Its format (required with backing).\n" \
   "zero-detect=<BOOL>        Store zero clusters for all-zero writes.\n" \
   "l2-cache=<SIZE>           Memory for cached L2 tables (default 32M).\n" \
   "follow-backing=true|false|beneath  Open the backing files images\n" \
