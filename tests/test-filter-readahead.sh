@@ -10,7 +10,8 @@
 #    nothing beyond what the client read;
 #  - several requests in flight on one stream fetch each cluster once;
 #  - the backend's extents are asked for once per 64M window, not at
-#    every fill; zero ranges still become zero clusters.
+#    every fill; zero ranges still become zero clusters;
+#  - bad qed-readahead values are refused.
 . "$(dirname "$0")/functions.sh"
 requires nbdsh --version
 requires qemu-img --version
@@ -150,6 +151,15 @@ echo "nbdcopy: $(ops copy.stats) ops $(bytes copy.stats) bytes"
 qemu-img map --output=json copy.qed | grep -q '"zero": true, "data": false' ||
   fail "zero extents did not become zero clusters"
 qemu_check copy.qed
+
+# 6. Bad values are refused with a message naming the parameter.
+for v in 64M abc -1; do
+  if nbdkit -U - --filter="$FILTER" file base.raw qed-readahead=$v \
+       --run true 2>bad.err; then
+    fail "qed-readahead=$v was accepted"
+  fi
+  grep -q "qed-readahead" bad.err || { cat bad.err; fail "no message for $v"; }
+done
 
 [ "$(md5sum < base.raw)" = "$sum" ] || fail "the backend file was modified"
 echo OK
