@@ -420,14 +420,37 @@ qed_filter_cleanup (nbdkit_backend *backend)
   }
 }
 
+/* Per connection. */
+struct qed_handle {
+  unsigned reads_in_progress;   /* atomic */
+  /* Reads to go before the connection counts as reading one at a time
+   * again, after it was seen with several in progress (atomic). */
+  unsigned pipelined_for;
+};
+
+/* How long a connection seen with several reads in progress is taken
+ * as one that keeps reads in flight (its queue drains now and then). */
+#define PIPELINED_READS 256
+
 static void *
 qed_filter_open (nbdkit_next_open *next, nbdkit_context *context,
                  int readonly, const char *exportname, int is_tls)
 {
+  struct qed_handle *h;
+
   /* Always open the plugin read-only: it never receives a write. */
   if (next (context, 1, exportname) == -1)
     return NULL;
-  return NBDKIT_HANDLE_NOT_NEEDED;
+  h = calloc (1, sizeof *h);
+  if (h == NULL)
+    nbdkit_error ("calloc: %m");
+  return h;
+}
+
+static void
+qed_filter_close (void *handle)
+{
+  free (handle);
 }
 
 /* The temporary overlay's private directory, made at first need, so
@@ -766,10 +789,21 @@ fetch_ahead (nbdkit_next *next, void *buf, uint64_t count, uint64_t offset,
   return 0;
 }
 
+/* What a copy-on-read miss needs to know of its request. */
+struct cor_request {
+  nbdkit_next *next;
+  /* The connection had other reads in progress when this one came,
+   * or lately: the client keeps several in flight itself, which hide
+   * the plugin's latency already, and a read-ahead would make them
+   * wait for it in turn (measured with nbdcopy). */
+  bool pipelined;
+};
+
 static int
 cor_read (void *opaque, void *buf, uint64_t count, uint64_t offset)
 {
-  nbdkit_next *next = opaque;
+  struct cor_request *req = opaque;
+  nbdkit_next *next = req->next;
   uint64_t cs = qed_get_cluster_size (img);
   uint64_t isize = qed_get_size (img);
   uint64_t start = ROUND_DOWN (offset, cs);
@@ -784,11 +818,11 @@ cor_read (void *opaque, void *buf, uint64_t count, uint64_t offset)
       m.type == QED_MAP_UNALLOCATED)
     limit = end + m.length;
 
-  fetch_end = ra_plan (start, end, limit, cs);
+  fetch_end = ra_plan (start, end, req->pipelined ? end : limit, cs);
   if (fetch_end == 0) {
     /* Another request is fetching some of these clusters: wait, then
      * read again (what it stored is now local). */
-    struct qed_below below = { .read = cor_read, .opaque = next };
+    struct qed_below below = { .read = cor_read, .opaque = req };
     ra_wait_in_flight (start, end);
     return qed_read (img, &below, buf, count, offset);
   }
@@ -813,19 +847,28 @@ qed_filter_pread (nbdkit_next *next, void *handle,
                   void *buf, uint32_t count, uint64_t offset,
                   uint32_t flags, int *err)
 {
+  struct qed_handle *h = handle;
+  struct cor_request req = { .next = next };
   struct qed_below below = {
     .read = copy_on_read ? cor_read : backend_read,
-    .opaque = next,
+    .opaque = copy_on_read ? (void *) &req : (void *) next,
   };
+  int r = 0;
 
   if (qedfilter_debug_verbose)
     nbdkit_debug ("pread count=%" PRIu32 " offset=%" PRIu64, count, offset);
+  if (__atomic_add_fetch (&h->reads_in_progress, 1, __ATOMIC_RELAXED) > 1)
+    __atomic_store_n (&h->pipelined_for, PIPELINED_READS, __ATOMIC_RELAXED);
+  else if (__atomic_load_n (&h->pipelined_for, __ATOMIC_RELAXED) > 0)
+    __atomic_sub_fetch (&h->pipelined_for, 1, __ATOMIC_RELAXED);
+  req.pipelined = __atomic_load_n (&h->pipelined_for, __ATOMIC_RELAXED) > 0;
   errno = 0;
   if (qed_read (img, &below, buf, count, offset) == -1) {
     *err = errno ? errno : EIO;
-    return -1;
+    r = -1;
   }
-  return 0;
+  __atomic_sub_fetch (&h->reads_in_progress, 1, __ATOMIC_RELAXED);
+  return r;
 }
 
 /* FUA on a temporary overlay would only cost time. */
@@ -1041,6 +1084,7 @@ static struct nbdkit_filter filter = {
   .after_fork        = qed_filter_after_fork,
   .cleanup           = qed_filter_cleanup,
   .open              = qed_filter_open,
+  .close             = qed_filter_close,
   .prepare           = qed_filter_prepare,
   .get_size          = qed_filter_get_size,
   .block_size        = qed_filter_block_size,

@@ -9,10 +9,11 @@
  * that doubles on each such miss, up to qed-readahead.  Any other miss
  * starts a new run with no window, so random reads fetch only the
  * clusters they need.  A few runs are tracked at once (interleaved
- * readers, several connections).  A miss issued while an earlier fetch
- * of its run is still in flight gets no read-ahead: that client keeps
- * several reads in flight, which hide the latency already, and
- * measured with nbdcopy one large fetch only made them wait for it.
+ * readers, several connections).  A client that keeps several reads
+ * in flight gets no read-ahead (the filter passes limit = end for its
+ * misses, and a miss while an earlier fetch of its run is in flight
+ * gets none either): its reads hide the latency already, and measured
+ * with nbdcopy one large fetch only made them wait for it in turn.
  *
  * The extension is part of the client's own backend read (one larger
  * request, not a second one in the background): measured over a
@@ -159,7 +160,7 @@ ra_plan (uint64_t start, uint64_t end, uint64_t limit, uint64_t cs)
      * keeps several reads in flight itself (nbdcopy, a VM at a high
      * queue depth): they already hide the latency, and one large
      * fetch would only make them wait for it in turn. */
-    if (continued && !run_in_flight (s))
+    if (continued && limit > end && !run_in_flight (s))
       ahead = grow_window (s, start, end, cs);
     stream_id = s->id;
     if (ahead) {

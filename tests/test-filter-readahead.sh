@@ -8,7 +8,8 @@
 #  - a write that lands while a read-ahead is in flight is kept;
 #  - a read-ahead the backend refuses fails no client read and stores
 #    nothing beyond what the client read;
-#  - several requests in flight on one stream fetch each cluster once;
+#  - several requests in flight on one stream fetch each cluster once,
+#    and get no read-ahead;
 #  - the backend's extents are asked for once per 64M window, not at
 #    every fill; zero ranges still become zero clusters;
 #  - bad qed-readahead values are refused.
@@ -148,6 +149,11 @@ cmp -s copy.raw base.raw || fail "nbdcopy through the filter: data differs"
 echo "nbdcopy: $(ops copy.stats) ops $(bytes copy.stats) bytes"
 # The 224M of zeros are extents, not reads.
 [ "$(bytes copy.stats)" -le $((33*M)) ] || fail "nbdcopy fetched data twice"
+# nbdcopy keeps many reads in flight: they get no read-ahead (it would
+# make them wait for one large fetch in turn).
+seqn=$(sed -n 's/.*read-ahead: [0-9]* misses, \([0-9]*\) sequential.*/\1/p' copy.log)
+echo "nbdcopy: $seqn misses read ahead"
+[ -n "$seqn" ] && [ "$seqn" -le 3 ] || fail "nbdcopy's reads were read ahead"
 qemu-img map --output=json copy.qed | grep -q '"zero": true, "data": false' ||
   fail "zero extents did not become zero clusters"
 qemu_check copy.qed
