@@ -18,9 +18,10 @@ PLUGINDIR := $(shell $(PKG_CONFIG) --variable=plugindir nbdkit 2>/dev/null)
 FILTERDIR := $(shell $(PKG_CONFIG) --variable=filterdir nbdkit 2>/dev/null)
 MANDIR   ?= /usr/share/man
 
-CORE_SRCS = common/header.c common/table.c common/alloc.c common/map.c \
-            common/check.c common/image.c common/backing.c common/idle.c \
-            common/lock.c common/safe-open.c
+# The core, bottom layer first (HACKING.md).
+CORE_SRCS = common/io.c common/header.c common/alloc.c common/table.c \
+            common/map.c common/check.c common/image.c common/backing.c \
+            common/idle.c common/lock.c common/safe-open.c
 CORE_HDRS = common/qed.h common/qed-internal.h common/seam.h common/util.h \
             common/safe-open.h
 
@@ -91,8 +92,12 @@ fuzz:
 bench: all
 	@bash bench/run.sh $(if $(QUICK),--quick)
 
+# For scripts that build the core themselves (tests/fuzz.sh).
+print-core-srcs:
+	@echo $(CORE_SRCS)
+
 clean:
 	rm -f $(PLUGIN) $(FILTER) nbdkit-qed.1 tests/unit-tests \
 	  tests/unit-tests-asan
 
-.PHONY: all check install run deps clean crash-test fuzz bench
+.PHONY: all check install run deps clean crash-test fuzz bench print-core-srcs

@@ -90,6 +90,23 @@ cluster_end (const struct qed_image *img, uint64_t c)
   return MIN ((c + 1) << img->cs_bits, img->h.image_size);
 }
 
+int
+offset_list_append (struct offset_list *l, uint64_t v)
+{
+  if (l->len == l->cap) {
+    size_t cap = l->cap ? l->cap * 2 : 64;
+    uint64_t *p = realloc (l->ptr, cap * sizeof *p);
+    if (p == NULL) {
+      qed_error ("realloc: %m");
+      return -1;
+    }
+    l->ptr = p;
+    l->cap = cap;
+  }
+  l->ptr[l->len++] = v;
+  return 0;
+}
+
 void
 qed_recycle_free (struct qed_image *img)
 {
@@ -167,30 +184,6 @@ qed_cut_tail (struct qed_image *img)
       return -1;
     }
     img->alloc_end = img->file_end;
-  }
-  return 0;
-}
-
-static int
-pwritev_full (int fd, struct iovec *iov, int iovcnt, uint64_t off)
-{
-  while (iovcnt > 0) {
-    ssize_t r = pwritev (fd, iov, iovcnt, off);
-    if (r == -1) {
-      if (errno == EINTR)
-        continue;
-      return -1;
-    }
-    off += r;
-    while (iovcnt > 0 && (size_t) r >= iov->iov_len) {
-      r -= iov->iov_len;
-      iov++;
-      iovcnt--;
-    }
-    if (iovcnt > 0) {
-      iov->iov_base = (char *) iov->iov_base + r;
-      iov->iov_len -= r;
-    }
   }
   return 0;
 }

@@ -215,7 +215,7 @@ probe_format (struct layer *l)
 {
   unsigned char magic[4] = { 0 };
 
-  if (pread_full (l->fd, magic, 4, 0) == -1) {
+  if (pread_zeros_past_eof (l->fd, magic, 4, 0) == -1) {
     qed_error ("backing file %s: read: %m", l->path);
     return -1;
   }

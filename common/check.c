@@ -634,13 +634,8 @@ qed_check (struct qed_image *img, bool repair, struct qed_check_result *res)
   }
   if (ck.repair && res->check_errors == 0 &&
       res->corruptions == res->corruptions_fixed && img->need_check) {
-    uint64_t f = htole64 (img->h.features & ~(uint64_t) QED_F_NEED_CHECK);
-    if (pwrite_full (img->fd, &f, 8, 16) == -1 || fdatasync (img->fd) == -1) {
-      qed_error ("%s: cannot update the header: %m", img->filename);
+    if (qed_clear_need_check (img) == -1)
       goto out;
-    }
-    img->h.features &= ~(uint64_t) QED_F_NEED_CHECK;
-    img->need_check = false;
   }
   r = 0;
  out:

@@ -2,20 +2,29 @@
  *
  * The header is 64 little-endian bytes at offset 0.  We decode it once
  * into host order and validate every field before anything else looks
- * at the file.  Our checks are a superset of QEMU's (shared/qed-notes.md
- * §1): we also refuse header_size 0 (the L1 would overlap the header)
- * and backing names that overlap the 64-byte header, and we compute the
- * maximum image size without QEMU's 64-bit overflow.
+ * at the file.  Our checks are a superset of QEMU's (magic, known
+ * features, cluster and table size, image size, L1 offset, backing name
+ * inside the header clusters; see docs/qemu-differences.md): we also
+ * refuse header_size 0 (the L1 would overlap the header) and backing
+ * names that overlap the 64-byte header, and we compute the maximum
+ * image size without QEMU's 64-bit overflow.
+ *
+ * Updates rewrite only the field they change (8 bytes at offset 16 or
+ * 32) and are made durable at once, never the bytes after the header.
  */
 
+#include <assert.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <stdint.h>
 #include <string.h>
 #include <errno.h>
 #include <endian.h>
 #include <inttypes.h>
+#include <unistd.h>
 
-#include "qed.h"
+#include "qed-internal.h"
+#include "seam.h"
 #include "util.h"
 
 static uint32_t
@@ -177,4 +186,119 @@ qed_header_validate (const struct qed_header *h, uint64_t file_size,
   }
   return 0;
 #undef FAIL
+}
+
+/* Read, decode and validate the header of img->fd (file_size bytes
+ * long), and read the backing file name.  Messages name the file.
+ */
+int
+qed_header_load (struct qed_image *img, uint64_t file_size)
+{
+  unsigned char raw[QED_HEADER_BYTES];
+  char msg[256];
+
+  /* A file shorter than the header reads zero-padded and fails the
+   * size check below with a clear message. */
+  if (pread_zeros_past_eof (img->fd, raw, sizeof raw, 0) == -1) {
+    qed_error ("%s: cannot read the QED header: %m", img->filename);
+    return -1;
+  }
+  qed_header_decode (&img->h, raw);
+  if (qed_header_validate (&img->h, file_size, msg, sizeof msg) == -1) {
+    int e = errno;
+    qed_error ("%s: %s", img->filename, msg);
+    errno = e;
+    return -1;
+  }
+  if (img->h.features & QED_F_BACKING_FILE &&
+      img->h.backing_filename_size > 0) {
+    size_t n = img->h.backing_filename_size;
+    img->backing_name = calloc (1, n + 1);
+    if (img->backing_name == NULL) {
+      qed_error ("calloc: %m");
+      return -1;
+    }
+    if (pread_full (img->fd, img->backing_name, n,
+                    img->h.backing_filename_offset) == -1) {
+      qed_error ("%s: cannot read the backing file name: %m", img->filename);
+      return -1;
+    }
+    if (strlen (img->backing_name) != n) {
+      qed_error ("%s: the backing file name contains a NUL byte",
+                 img->filename);
+      errno = EINVAL;
+      return -1;
+    }
+    img->has_backing = true;
+    img->backing_raw = img->h.features & QED_F_BACKING_FORMAT_NO_PROBE;
+  }
+  return 0;
+}
+
+/* Write one 8-byte field of the header durably. */
+static int
+write_field (struct qed_image *img, uint64_t offset, uint64_t value,
+             const char *what)
+{
+  uint64_t le = htole64 (value);
+
+  if (pwrite_full (img->fd, &le, 8, offset) == -1 ||
+      fdatasync (img->fd) == -1) {
+    qed_error ("%s: cannot %s: %m", img->filename, what);
+    return -1;
+  }
+  return 0;
+}
+
+static int
+write_features (struct qed_image *img, uint64_t features)
+{
+  if (write_field (img, 16, features, "update the header") == -1)
+    return -1;
+  img->h.features = features;
+  return 0;
+}
+
+int
+qed_mark_need_check (struct qed_image *img)
+{
+  if (img->need_check)
+    return 0;
+  if (img->readonly) {
+    errno = EROFS;
+    return -1;
+  }
+  if (write_features (img, img->h.features | QED_F_NEED_CHECK) == -1)
+    return -1;
+  img->need_check = true;
+  return 0;
+}
+
+int
+qed_clear_need_check (struct qed_image *img)
+{
+  assert (!img->readonly);
+  if (write_features (img, img->h.features & ~(uint64_t) QED_F_NEED_CHECK)
+      == -1)
+    return -1;
+  img->need_check = false;
+  return 0;
+}
+
+/* Unknown autoclear bits guard data we may be about to make stale:
+ * clear them on a writable open (durably), leave them when read-only.
+ */
+int
+qed_clear_unknown_autoclear (struct qed_image *img)
+{
+  uint64_t unknown = img->h.autoclear_features;
+
+  if (img->readonly || unknown == 0)
+    return 0;
+  if (write_field (img, 32, 0, "clear autoclear features") == -1)
+    return -1;
+  qed_debug ("%s: cleared unknown autoclear features 0x%" PRIx64,
+             img->filename, unknown);
+  img->h.autoclear_features = 0;
+  return 0;
 }

@@ -24,89 +24,6 @@
 #include "seam.h"
 #include "util.h"
 
-int
-pread_full (int fd, void *buf, size_t count, uint64_t off)
-{
-  while (count > 0) {
-    ssize_t r = pread (fd, buf, count, off);
-    if (r == -1) {
-      if (errno == EINTR)
-        continue;
-      return -1;
-    }
-    if (r == 0) {               /* past EOF reads as zeros */
-      memset (buf, 0, count);
-      return 0;
-    }
-    buf = (char *) buf + r;
-    count -= r;
-    off += r;
-  }
-  return 0;
-}
-
-int
-pwrite_full (int fd, const void *buf, size_t count, uint64_t off)
-{
-  while (count > 0) {
-    ssize_t r = pwrite (fd, buf, count, off);
-    if (r == -1) {
-      if (errno == EINTR)
-        continue;
-      return -1;
-    }
-    buf = (const char *) buf + r;
-    count -= r;
-    off += r;
-  }
-  return 0;
-}
-
-int
-offset_list_append (struct offset_list *l, uint64_t v)
-{
-  if (l->len == l->cap) {
-    size_t cap = l->cap ? l->cap * 2 : 64;
-    uint64_t *p = realloc (l->ptr, cap * sizeof *p);
-    if (p == NULL) {
-      qed_error ("realloc: %m");
-      return -1;
-    }
-    l->ptr = p;
-    l->cap = cap;
-  }
-  l->ptr[l->len++] = v;
-  return 0;
-}
-
-static int
-write_features (struct qed_image *img, uint64_t features)
-{
-  uint64_t le = htole64 (features);
-
-  if (pwrite_full (img->fd, &le, 8, 16) == -1 || fdatasync (img->fd) == -1) {
-    qed_error ("%s: cannot update the header: %m", img->filename);
-    return -1;
-  }
-  img->h.features = features;
-  return 0;
-}
-
-int
-qed_mark_need_check (struct qed_image *img)
-{
-  if (img->need_check)
-    return 0;
-  if (img->readonly) {
-    errno = EROFS;
-    return -1;
-  }
-  if (write_features (img, img->h.features | QED_F_NEED_CHECK) == -1)
-    return -1;
-  img->need_check = true;
-  return 0;
-}
-
 void
 qed_op_begin (struct qed_image *img)
 {
@@ -278,10 +195,7 @@ struct qed_image *
 qed_open (const char *filename, const struct qed_open_options *opts)
 {
   struct qed_image *img;
-  unsigned char hdr[QED_HEADER_BYTES];
   struct stat st;
-  char msg[256];
-  uint64_t unknown_autoclear;
 
   img = calloc (1, sizeof *img);
   if (img == NULL) {
@@ -326,18 +240,8 @@ qed_open (const char *filename, const struct qed_open_options *opts)
                      opts->readonly ? QED_LOCK_READER : QED_LOCK_WRITER,
                      opts->locking) == -1)
     goto err;
-  memset (hdr, 0, sizeof hdr);
-  if (pread_full (img->fd, hdr, sizeof hdr, 0) == -1) {
-    qed_error ("%s: cannot read the QED header: %m", filename);
+  if (qed_header_load (img, st.st_size) == -1)
     goto err;
-  }
-  qed_header_decode (&img->h, hdr);
-  if (qed_header_validate (&img->h, st.st_size, msg, sizeof msg) == -1) {
-    int e = errno;
-    qed_error ("%s: %s", filename, msg);
-    errno = e;
-    goto err;
-  }
 
   img->cs = img->h.cluster_size;
   img->cs_bits = log_2 (img->cs);
@@ -351,28 +255,6 @@ qed_open (const char *filename, const struct qed_open_options *opts)
   img->file_end = img->alloc_end = ROUND_DOWN ((uint64_t) st.st_size, img->cs);
   img->tail_garbage = (uint64_t) st.st_size != img->file_end;
   img->need_check = img->h.features & QED_F_NEED_CHECK;
-
-  if (img->h.features & QED_F_BACKING_FILE &&
-      img->h.backing_filename_size > 0) {
-    size_t n = img->h.backing_filename_size;
-    img->backing_name = calloc (1, n + 1);
-    if (img->backing_name == NULL) {
-      qed_error ("calloc: %m");
-      goto err;
-    }
-    if (pread_full (img->fd, img->backing_name, n,
-                    img->h.backing_filename_offset) == -1) {
-      qed_error ("%s: cannot read the backing file name: %m", filename);
-      goto err;
-    }
-    if (strlen (img->backing_name) != n) {
-      qed_error ("%s: the backing file name contains a NUL byte", filename);
-      errno = EINVAL;
-      goto err;
-    }
-    img->has_backing = true;
-    img->backing_raw = img->h.features & QED_F_BACKING_FORMAT_NO_PROBE;
-  }
 
   /* A cluster of zeros for fills: an anonymous mapping costs no memory
    * until written, and we never write it.
@@ -388,21 +270,8 @@ qed_open (const char *filename, const struct qed_open_options *opts)
   if (qed_tables_init (img, opts->l2_cache_bytes) == -1)
     goto err;
 
-  /* Unknown autoclear bits guard data we may be about to make stale:
-   * clear them on a writable open (durably), leave them when read-only.
-   */
-  unknown_autoclear = img->h.autoclear_features;
-  if (!img->readonly && unknown_autoclear) {
-    uint64_t zero = 0;
-    if (pwrite_full (img->fd, &zero, 8, 32) == -1 ||
-        fdatasync (img->fd) == -1) {
-      qed_error ("%s: cannot clear autoclear features: %m", filename);
-      goto err;
-    }
-    qed_debug ("%s: cleared unknown autoclear features 0x%" PRIx64,
-               filename, unknown_autoclear);
-    img->h.autoclear_features = 0;
-  }
+  if (qed_clear_unknown_autoclear (img) == -1)
+    goto err;
 
   if ((img->need_check || opts->force_check) && !opts->skip_check) {
     struct qed_check_result res;
@@ -490,11 +359,8 @@ try_clear_need_check (struct qed_image *img)
   for (uint64_t i = 0; i < qed_l1_pages (img); ++i)
     if (img->l1_dirty[i])
       return 0;
-  if (qed_cut_tail (img) == -1 ||
-      write_features (img, img->h.features & ~(uint64_t) QED_F_NEED_CHECK)
-      == -1)
+  if (qed_cut_tail (img) == -1 || qed_clear_need_check (img) == -1)
     return -1;
-  img->need_check = false;
   qed_debug ("%s: clean: NEED_CHECK cleared", img->filename);
   return 0;
 }

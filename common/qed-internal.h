@@ -154,11 +154,30 @@ valid_cluster_offset (const struct qed_image *img, uint64_t off, uint64_t len)
     (off >= img->l1_end || off + len <= img->l1_start);
 }
 
-/* image.c */
-extern int qed_mark_need_check (struct qed_image *img);   /* lock held */
-extern int pwrite_full (int fd, const void *buf, size_t count, uint64_t off);
+/* The core's files, bottom up; each calls only the ones above it in
+ * this list (HACKING.md walks a request through them).
+ */
+
+/* io.c: whole transfers, retrying EINTR and short writes. */
+#include <sys/uio.h>
+/* Exactly count bytes; a read past the end of the file is an error
+ * (EIO): callers read only what the checks at open put in the file. */
 extern int pread_full (int fd, void *buf, size_t count, uint64_t off);
-extern int offset_list_append (struct offset_list *l, uint64_t v);
+/* The same, but the part past the end of the file reads as zeros (for
+ * probing files that may be shorter than what is read). */
+extern int pread_zeros_past_eof (int fd, void *buf, size_t count,
+                                 uint64_t off);
+extern int pwrite_full (int fd, const void *buf, size_t count, uint64_t off);
+/* Consumes iov (its entries are advanced). */
+extern int pwritev_full (int fd, struct iovec *iov, int iovcnt, uint64_t off);
+
+/* header.c: fields written in place and made durable. */
+extern int qed_header_load (struct qed_image *img, uint64_t file_size);
+extern int qed_mark_need_check (struct qed_image *img);   /* lock held */
+extern int qed_clear_need_check (struct qed_image *img);
+extern int qed_clear_unknown_autoclear (struct qed_image *img);
+
+/* image.c */
 extern void qed_op_begin (struct qed_image *img);         /* lock held */
 extern void qed_op_end (struct qed_image *img);           /* lock held */
 
@@ -186,6 +205,7 @@ extern bool qed_table_absent (struct qed_image *img, uint64_t cluster);
 extern int qed_writeback (struct qed_image *img);
 
 /* alloc.c */
+extern int offset_list_append (struct offset_list *l, uint64_t v);
 /* Cut the file back to file_end (before it is marked clean). */
 extern int qed_cut_tail (struct qed_image *img);
 /* Allocate n contiguous zeroed (hole) clusters.  Lock held. */

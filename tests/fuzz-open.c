@@ -5,8 +5,7 @@
  *   clang -g -O1 -std=gnu11 -D_GNU_SOURCE -pthread -Icommon \
  *     -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
  *     -fno-omit-frame-pointer -o tests/fuzz-open tests/fuzz-open.c \
- *     common/header.c common/table.c common/alloc.c common/map.c \
- *     common/check.c common/image.c common/backing.c
+ *     $(make -s print-core-srcs)
  *
  * Run (seed corpus: the hostile catalogue, see tests/make-hostile.py):
  *

@@ -15,9 +15,8 @@ export PATH=/usr/bin:/usr/sbin:/bin:/sbin:$PATH
 CLANG=${CLANG:-clang}
 command -v "$CLANG" >/dev/null || { echo "SKIP: $CLANG not found"; exit 77; }
 
-CORE="common/header.c common/table.c common/alloc.c common/map.c
-      common/check.c common/image.c common/backing.c common/lock.c
-      common/safe-open.c"
+CORE=$(make -s --no-print-directory print-core-srcs) ||
+  { echo "FAIL: make print-core-srcs"; exit 1; }
 echo "building tests/fuzz-open"
 $CLANG -g -O1 -std=gnu11 -D_GNU_SOURCE -pthread -Icommon \
   -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
