@@ -28,6 +28,7 @@
 #include <linux/falloc.h>
 
 #include "qed-internal.h"
+#include "geometry.h"
 #include "seam.h"
 #include "util.h"
 
@@ -83,13 +84,6 @@ run_length (struct qed_image *img, uint64_t c, uint64_t limit)
   return k;
 }
 
-/* The end of guest cluster c, clipped to the image size. */
-static uint64_t
-cluster_end (const struct qed_image *img, uint64_t c)
-{
-  return MIN ((c + 1) << img->cs_bits, img->h.image_size);
-}
-
 int
 offset_list_append (struct offset_list *l, uint64_t v)
 {
@@ -118,7 +112,7 @@ qed_recycle_free (struct qed_image *img)
 int
 qed_alloc_clusters (struct qed_image *img, uint64_t n, uint64_t *offset)
 {
-  uint64_t bytes = n << img->cs_bits, new_end;
+  uint64_t bytes = qed_clusters_to_bytes (img, n), new_end;
 
   if (qed_mark_need_check (img) == -1)
     return -1;
@@ -208,8 +202,8 @@ write_data (struct qed_image *img, const struct qed_below *below,
             const char *buf, uint64_t count, uint64_t offset)
 {
   while (count > 0) {
-    uint64_t c = offset >> img->cs_bits;
-    uint64_t in = offset & (img->cs - 1);
+    uint64_t c = qed_cluster_index (img, offset);
+    uint64_t in = qed_offset_into_cluster (img, offset);
     uint64_t e, last_e, k, len, head, tail, last_c, newoff, start;
     struct reservation res;
     CLEANUP_FREE char *hb = NULL, *tb = NULL;
@@ -225,7 +219,8 @@ write_data (struct qed_image *img, const struct qed_below *below,
       uint64_t fo = e + in, done = MIN (count, img->cs - in);
       while (done < count) {
         uint64_t e2;
-        if (qed_get_entry (img, (offset + done) >> img->cs_bits, &e2) == -1)
+        if (qed_get_entry (img, qed_cluster_index (img, offset + done),
+                           &e2) == -1)
           goto err_unlock;
         if (e2 != fo + done)
           break;
@@ -249,7 +244,7 @@ write_data (struct qed_image *img, const struct qed_below *below,
     }
 
     /* An allocating run: clusters that are unallocated or zero. */
-    last_c = (offset + count - 1) >> img->cs_bits;
+    last_c = qed_cluster_index (img, offset + count - 1);
     k = run_length (img, c, last_c - c + 1);
     last_e = e;
     for (uint64_t i = 1; i < k; ++i) {
@@ -262,9 +257,9 @@ write_data (struct qed_image *img, const struct qed_below *below,
       }
       last_e = e2;
     }
-    len = MIN (count, (k << img->cs_bits) - in);
+    len = MIN (count, qed_clusters_to_bytes (img, k) - in);
     head = in;
-    tail = (k << img->cs_bits) - in - len;
+    tail = qed_clusters_to_bytes (img, k) - in - len;
     reserve (img, &res, c, c + k - 1);
     if (qed_alloc_clusters (img, k, &newoff) == -1) {
       unreserve (img, &res);
@@ -276,7 +271,8 @@ write_data (struct qed_image *img, const struct qed_below *below,
     start = newoff + head;
     if (head > 0 && e == QED_ENTRY_UNALLOCATED && below) {
       hb = malloc (head);
-      if (hb == NULL || read_below (img, below, hb, head, c << img->cs_bits))
+      if (hb == NULL ||
+          read_below (img, below, hb, head, qed_cluster_start (img, c)))
         goto err_unreserve;
       iov[n++] = (struct iovec) { hb, head };
       start = newoff;
@@ -299,7 +295,8 @@ write_data (struct qed_image *img, const struct qed_below *below,
 
     pthread_mutex_lock (&img->lock);
     for (uint64_t i = 0; i < k; ++i) {
-      if (qed_set_entry (img, c + i, newoff + (i << img->cs_bits)) == -1) {
+      if (qed_set_entry (img, c + i,
+                         newoff + qed_clusters_to_bytes (img, i)) == -1) {
         unreserve (img, &res);
         goto err_unlock;
       }
@@ -315,10 +312,11 @@ write_data (struct qed_image *img, const struct qed_below *below,
     {
       int err = errno ? errno : EIO;
       /* Give the unused clusters back (they are reclaimed at close). */
-      if (punch (img, newoff, k << img->cs_bits) == 1) {
+      if (punch (img, newoff, qed_clusters_to_bytes (img, k)) == 1) {
         pthread_mutex_lock (&img->lock);
         for (uint64_t i = 0; i < k; ++i)
-          offset_list_append (&img->pending_free, newoff + (i << img->cs_bits));
+          offset_list_append (&img->pending_free,
+                              newoff + qed_clusters_to_bytes (img, i));
         pthread_mutex_unlock (&img->lock);
       }
       pthread_mutex_lock (&img->lock);
@@ -410,7 +408,8 @@ zero_whole (struct qed_image *img, const struct qed_below *below,
 
   /* Data clusters: punch (unmap) or zero in place, outside the lock. */
   for (uint64_t i = 0; i < k; ++i) {
-    uint64_t len = cluster_end (img, c + i) - ((c + i) << img->cs_bits);
+    uint64_t len = qed_cluster_end (img, c + i)
+      - qed_cluster_start (img, c + i);
     freed[i] = false;
     if (entries[i] <= QED_ENTRY_ZERO)
       continue;
@@ -465,7 +464,7 @@ static int
 zero_partial (struct qed_image *img, const struct qed_below *below,
               uint64_t count, uint64_t offset, unsigned flags, bool trim)
 {
-  uint64_t c = offset >> img->cs_bits, e;
+  uint64_t c = qed_cluster_index (img, offset), e;
 
   pthread_mutex_lock (&img->lock);
   if (qed_get_entry (img, c, &e) == -1) {
@@ -475,7 +474,7 @@ zero_partial (struct qed_image *img, const struct qed_below *below,
   pthread_mutex_unlock (&img->lock);
 
   if (e > QED_ENTRY_ZERO) {
-    uint64_t fo = e + (offset & (img->cs - 1));
+    uint64_t fo = e + qed_offset_into_cluster (img, offset);
     if (trim)                   /* reads as zeros afterwards: allowed */
       return punch (img, fo, count) == -1 ? -1 : 0;
     return zero_in_place (img, fo, count, flags & QED_ZERO_FAST);
@@ -496,21 +495,21 @@ zero_range (struct qed_image *img, const struct qed_below *below,
             uint64_t count, uint64_t offset, unsigned flags, bool trim)
 {
   while (count > 0) {
-    uint64_t c = offset >> img->cs_bits;
-    uint64_t cend = cluster_end (img, c);
+    uint64_t c = qed_cluster_index (img, offset);
+    uint64_t cend = qed_cluster_end (img, c);
     uint64_t n = MIN (count, cend - offset);
 
-    if ((offset & (img->cs - 1)) == 0 && n == cend - offset) {
+    if (qed_offset_is_cluster_aligned (img, offset) && n == cend - offset) {
       /* Whole clusters. */
       uint64_t k = 1;
       int64_t done;
-      while (((c + k) << img->cs_bits) < offset + count &&
-             cluster_end (img, c + k) <= offset + count)
+      while (qed_cluster_start (img, c + k) < offset + count &&
+             qed_cluster_end (img, c + k) <= offset + count)
         k++;
       done = zero_whole (img, below, c, k, flags, trim);
       if (done == -1)
         return -1;
-      n = done > 0 ? cluster_end (img, c + done - 1) - offset : 0;
+      n = done > 0 ? qed_cluster_end (img, c + done - 1) - offset : 0;
     }
     else if (zero_partial (img, below, n, offset, flags, trim) == -1)
       return -1;
@@ -527,13 +526,13 @@ write_detect_zero (struct qed_image *img, const struct qed_below *below,
                    const char *buf, uint64_t count, uint64_t offset)
 {
   uint64_t end = offset + count, seg = offset;
-  uint64_t c = (offset + img->cs - 1) >> img->cs_bits;
+  uint64_t c = qed_bytes_to_clusters (img, offset);
 
   for (;; c++) {
-    uint64_t cs_start = c << img->cs_bits, cend;
+    uint64_t cs_start = qed_cluster_start (img, c), cend;
     if (cs_start >= end)
       break;
-    cend = cluster_end (img, c);
+    cend = qed_cluster_end (img, c);
     if (cend > end)
       break;
     if (!is_zero (buf + (cs_start - offset), cend - cs_start))
@@ -635,8 +634,8 @@ int
 qed_fill (struct qed_image *img, const void *buf, uint64_t count,
           uint64_t offset, bool detect_zero, bool known_zero)
 {
-  uint64_t c = offset >> img->cs_bits;
-  uint64_t end_c = (offset + count + img->cs - 1) >> img->cs_bits;
+  uint64_t c = qed_cluster_index (img, offset);
+  uint64_t end_c = qed_bytes_to_clusters (img, offset + count);
   const char *base = buf;
   int r = 0;
 
@@ -667,11 +666,10 @@ qed_fill (struct qed_image *img, const void *buf, uint64_t count,
     pthread_mutex_unlock (&img->lock);
 
     for (i = 0; i < k; ++i) {
-      uint64_t s = (c + i) << img->cs_bits;
+      uint64_t s = qed_cluster_start (img, c + i);
+      uint64_t send = MIN (qed_cluster_end (img, c + i), offset + count);
       zero[i] = known_zero ||
-        (detect_zero && is_zero (base + (s - offset),
-                                 MIN (cluster_end (img, c + i), offset + count)
-                                 - s));
+        (detect_zero && is_zero (base + (s - offset), send - s));
     }
 
     /* Allocate and write each run of data clusters, then commit. */
@@ -688,8 +686,8 @@ qed_fill (struct qed_image *img, const void *buf, uint64_t count,
       pthread_mutex_unlock (&img->lock);
       if (r == -1)
         break;
-      s = (c + i) << img->cs_bits;
-      len = MIN ((c + j) << img->cs_bits, offset + count) - s;
+      s = qed_cluster_start (img, c + i);
+      len = MIN (qed_cluster_start (img, c + j), offset + count) - s;
       if (pwrite_full (img->fd, base + (s - offset), len, newoff) == -1) {
         qed_error ("%s: write at 0x%" PRIx64 ": %m", img->filename, newoff);
         r = -1;
@@ -697,7 +695,8 @@ qed_fill (struct qed_image *img, const void *buf, uint64_t count,
       }
       pthread_mutex_lock (&img->lock);
       for (uint64_t m = i; m < j && r == 0; ++m)
-        r = qed_set_entry (img, c + m, newoff + ((m - i) << img->cs_bits));
+        r = qed_set_entry (img, c + m,
+                          newoff + qed_clusters_to_bytes (img, m - i));
       pthread_mutex_unlock (&img->lock);
       i = j;
     }

@@ -28,6 +28,7 @@
 #include <unistd.h>
 
 #include "qed-internal.h"
+#include "geometry.h"
 #include "seam.h"
 #include "util.h"
 
@@ -107,7 +108,7 @@ static bool
 range_used (const struct checker *ck, uint64_t off, uint64_t n)
 {
   for (uint64_t i = 0; i < n; ++i)
-    if (bm_get (&ck->used, (off >> ck->img->cs_bits) + i))
+    if (bm_get (&ck->used, qed_cluster_index (ck->img, off) + i))
       return true;
   return false;
 }
@@ -116,9 +117,9 @@ static void
 mark (struct checker *ck, uint64_t off, uint64_t n, bool is_table)
 {
   for (uint64_t i = 0; i < n; ++i) {
-    bm_set (&ck->used, (off >> ck->img->cs_bits) + i);
+    bm_set (&ck->used, qed_cluster_index (ck->img, off) + i);
     if (is_table)
-      bm_set (&ck->table, (off >> ck->img->cs_bits) + i);
+      bm_set (&ck->table, qed_cluster_index (ck->img, off) + i);
   }
 }
 
@@ -145,10 +146,10 @@ static int
 grow (struct checker *ck, uint64_t n, uint64_t *off)
 {
   struct qed_image *img = ck->img;
-  uint64_t new_end = img->file_end + (n << img->cs_bits);
+  uint64_t new_end = img->file_end + qed_clusters_to_bytes (img, n);
 
-  if (bm_resize (&ck->used, new_end >> img->cs_bits) == -1 ||
-      bm_resize (&ck->table, new_end >> img->cs_bits) == -1)
+  if (bm_resize (&ck->used, qed_cluster_index (img, new_end)) == -1 ||
+      bm_resize (&ck->table, qed_cluster_index (img, new_end)) == -1)
     return -1;
   if (ftruncate (img->fd, new_end) == -1) {
     qed_error ("%s: ftruncate: %m", img->filename);
@@ -183,7 +184,8 @@ check_table (struct checker *ck, uint64_t l1i, uint64_t t)
 
   for (uint64_t j = 0; j < img->table_entries; ++j) {
     uint64_t e = ck->buf[j];
-    uint64_t guest = ((l1i << img->table_bits) + j) << img->cs_bits;
+    uint64_t guest =
+      qed_cluster_start (img, qed_l1_first_cluster (img, l1i) + j);
 
     if (e <= QED_ENTRY_ZERO)
       continue;
@@ -241,7 +243,7 @@ walk (struct checker *ck)
 
   for (uint64_t i = 0; i < img->l1_entries; ++i) {
     uint64_t t = img->l1[i];
-    uint64_t guest = (i << img->table_bits) << img->cs_bits;
+    uint64_t guest = qed_cluster_start (img, qed_l1_first_cluster (img, i));
 
     if (t == 0)
       continue;
@@ -356,8 +358,8 @@ static int64_t
 reclaim (struct checker *ck)
 {
   struct qed_image *img = ck->img;
-  uint64_t first = img->header_end >> img->cs_bits;
-  uint64_t top = img->file_end >> img->cs_bits, lo = first;
+  uint64_t first = qed_cluster_index (img, img->header_end);
+  uint64_t top = qed_cluster_index (img, img->file_end), lo = first;
   uint64_t nmoves = 0, new_end, removed, park_end = 0;
   CLEANUP_FREE struct move *moves = NULL;
   CLEANUP_FREE struct table_move *tmoves = NULL;
@@ -381,10 +383,10 @@ reclaim (struct checker *ck)
         break;
       t = top - ts;
       for (i = 0; i < img->l1_entries; ++i)
-        if (img->l1[i] == t << img->cs_bits)
+        if (img->l1[i] == qed_cluster_start (img, t))
           break;
       for (size_t k = 0; k < ntmoves; ++k)
-        if (tmoves[k].dst == t << img->cs_bits)
+        if (tmoves[k].dst == qed_cluster_start (img, t))
           i = tmoves[k].l1i;    /* moved in this pass */
       if (i == img->l1_entries)
         break;                  /* the L1 or the header */
@@ -401,7 +403,7 @@ reclaim (struct checker *ck)
          * parking the top table, or sinking only the data right below
          * it, can cycle: with stacked tables above a single hole, or
          * with data between the hole and the tables.) */
-        uint64_t hi = t, pe = img->file_end >> img->cs_bits;
+        uint64_t hi = t, pe = qed_cluster_index (img, img->file_end);
         if (again_depth >= MAX_RECLAIM_PASSES)
           break;
         for (;;) {
@@ -412,14 +414,14 @@ reclaim (struct checker *ck)
             hi--;
           if (lo >= hi)
             break;
-          if (add_move (&moves, &nmoves, &cap, (hi - 1) << img->cs_bits,
-                        lo << img->cs_bits) == -1)
+          if (add_move (&moves, &nmoves, &cap, qed_cluster_start (img, hi - 1),
+                        qed_cluster_start (img, lo)) == -1)
             return -1;
           bm_set (&ck->used, lo);
           hi--;
         }
         for (uint64_t l = 0; l < img->l1_entries; ++l) {
-          uint64_t s = img->l1[l] >> img->cs_bits;
+          uint64_t s = qed_cluster_index (img, img->l1[l]);
           bool moved = false;
           if (img->l1[l] == 0 || s < lo || s >= top)
             continue;
@@ -434,15 +436,15 @@ reclaim (struct checker *ck)
           }
           tmoves = tm;
           tmoves[ntmoves].l1i = l;
-          tmoves[ntmoves].dst = pe << img->cs_bits;
+          tmoves[ntmoves].dst = qed_cluster_start (img, pe);
           ntmoves++;
           for (uint64_t k = 0; k < ts; ++k)
-            if (add_move (&moves, &nmoves, &cap, (s + k) << img->cs_bits,
-                          (pe + k) << img->cs_bits) == -1)
+            if (add_move (&moves, &nmoves, &cap, qed_cluster_start (img, s + k),
+                          qed_cluster_start (img, pe + k)) == -1)
               return -1;
           pe += ts;
         }
-        if (pe > img->file_end >> img->cs_bits)
+        if (pe > qed_cluster_index (img, img->file_end))
           park_end = pe;
         if (nmoves > 0)
           ck->again = true;
@@ -456,20 +458,20 @@ reclaim (struct checker *ck)
       }
       tmoves = tm;
       tmoves[ntmoves].l1i = i;
-      tmoves[ntmoves].dst = p << img->cs_bits;
+      tmoves[ntmoves].dst = qed_cluster_start (img, p);
       ntmoves++;
       for (uint64_t k = 0; k < ts; ++k)
-        if (add_move (&moves, &nmoves, &cap, (t + k) << img->cs_bits,
-                      (p + k) << img->cs_bits) == -1)
+        if (add_move (&moves, &nmoves, &cap, qed_cluster_start (img, t + k),
+                      qed_cluster_start (img, p + k)) == -1)
           return -1;
-      mark (ck, p << img->cs_bits, ts, true);
+      mark (ck, qed_cluster_start (img, p), ts, true);
       if (park_end)
         break;
       top = t;
       continue;
     }
-    if (add_move (&moves, &nmoves, &cap, (top - 1) << img->cs_bits,
-                  lo << img->cs_bits) == -1)
+    if (add_move (&moves, &nmoves, &cap, qed_cluster_start (img, top - 1),
+                  qed_cluster_start (img, lo)) == -1)
       return -1;
     /* The hole now holds data: the scan for the new end must stop
      * above it, or the truncation would cut the moved clusters. */
@@ -477,7 +479,7 @@ reclaim (struct checker *ck)
     lo++;
     top--;
   }
-  new_end = MAX (top, park_end) << img->cs_bits;
+  new_end = qed_cluster_start (img, MAX (top, park_end));
   if (new_end == img->file_end && nmoves == 0)
     return 0;
 
@@ -538,7 +540,7 @@ reclaim (struct checker *ck)
     return -1;
   }
   removed = new_end < img->file_end
-    ? (img->file_end - new_end) >> img->cs_bits : 0;
+    ? qed_cluster_index (img, img->file_end - new_end) : 0;
   qed_debug ("%s: reclaimed %" PRIu64 " leaked clusters (%" PRIu64
              " moved), file now %" PRIu64 " bytes", img->filename,
              removed, nmoves, new_end);
@@ -553,7 +555,7 @@ qed_check (struct qed_image *img, bool repair, struct qed_check_result *res)
 {
   struct checker ck = { .img = img, .repair = repair && !img->readonly,
                         .res = res };
-  uint64_t n = img->file_end >> img->cs_bits;
+  uint64_t n = qed_cluster_index (img, img->file_end);
   int r = -1;
 
   memset (res, 0, sizeof *res);
@@ -585,7 +587,7 @@ qed_check (struct qed_image *img, bool repair, struct qed_check_result *res)
     goto out;
 
   if (res->check_errors == 0) {
-    for (uint64_t i = img->header_end >> img->cs_bits; i < n; ++i)
+    for (uint64_t i = qed_cluster_index (img, img->header_end); i < n; ++i)
       if (!bm_get (&ck.used, i))
         res->leaks++;
     if (res->leaks > 0)

@@ -21,6 +21,7 @@
 #include <sys/mman.h>
 
 #include "qed-internal.h"
+#include "geometry.h"
 #include "seam.h"
 #include "util.h"
 
@@ -251,7 +252,7 @@ qed_open (const char *filename, const struct qed_open_options *opts)
   img->header_end = (uint64_t) img->h.header_size * img->cs;
   img->l1_start = img->h.l1_table_offset;
   img->l1_end = img->l1_start + img->table_bytes;
-  img->nr_clusters = (img->h.image_size + img->cs - 1) >> img->cs_bits;
+  img->nr_clusters = qed_bytes_to_clusters (img, img->h.image_size);
   img->file_end = img->alloc_end = ROUND_DOWN ((uint64_t) st.st_size, img->cs);
   img->tail_garbage = (uint64_t) st.st_size != img->file_end;
   img->need_check = img->h.features & QED_F_NEED_CHECK;

@@ -14,6 +14,7 @@
 #include <fcntl.h>
 
 #include "qed-internal.h"
+#include "geometry.h"
 #include "seam.h"
 #include "util.h"
 
@@ -31,22 +32,24 @@ int
 qed_map (struct qed_image *img, uint64_t offset, uint64_t count,
          struct qed_map *map)
 {
-  uint64_t c = offset >> img->cs_bits, e, end = offset + count, pos;
+  uint64_t c = qed_cluster_index (img, offset), e, end = offset + count, pos;
   unsigned n = 0;
 
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
   if (qed_get_entry (img, c, &e) == -1)
     return -1;
   map->type = type_of (e);
-  map->file_offset = e > QED_ENTRY_ZERO ? e + (offset & (img->cs - 1)) : 0;
+  map->file_offset = e > QED_ENTRY_ZERO
+    ? e + qed_offset_into_cluster (img, offset) : 0;
 
   /* pos is the end of the run found so far. */
-  pos = MIN (end, (c + 1) << img->cs_bits);
+  pos = MIN (end, qed_cluster_start (img, c + 1));
   while (pos < end && n++ < MAX_MAP_CLUSTERS) {
-    uint64_t nc = pos >> img->cs_bits;
+    uint64_t nc = qed_cluster_index (img, pos);
     if (map->type == QED_MAP_UNALLOCATED && qed_table_absent (img, nc)) {
       /* Skip a whole absent table at once. */
-      pos = MIN (end, (nc + clusters_left_in_table (img, nc)) << img->cs_bits);
+      uint64_t next_table = nc + clusters_left_in_table (img, nc);
+      pos = MIN (end, qed_cluster_start (img, next_table));
       continue;
     }
     if (qed_get_entry (img, nc, &e) == -1)
@@ -54,7 +57,7 @@ qed_map (struct qed_image *img, uint64_t offset, uint64_t count,
     if (type_of (e) != map->type ||
         (map->type == QED_MAP_DATA && e != map->file_offset + (pos - offset)))
       break;
-    pos = MIN (end, (nc + 1) << img->cs_bits);
+    pos = MIN (end, qed_cluster_start (img, nc + 1));
   }
   map->length = pos - offset;
   return 0;

@@ -142,18 +142,6 @@ struct qed_image {
   void *zero_buf;               /* cs bytes of zeros (lazily mapped) */
 };
 
-/* Entry checks.  A data cluster must be aligned (reserved low bits
- * clear), after the header, inside the file and not in the L1.
- */
-static inline bool
-valid_cluster_offset (const struct qed_image *img, uint64_t off, uint64_t len)
-{
-  return (off & (img->cs - 1)) == 0 &&
-    off >= img->header_end &&
-    off <= img->file_end && img->file_end - off >= len &&
-    (off >= img->l1_end || off + len <= img->l1_start);
-}
-
 /* The core's files, bottom up; each calls only the ones above it in
  * this list (HACKING.md walks a request through them).
  */
@@ -193,12 +181,6 @@ extern int qed_get_entry (struct qed_image *img, uint64_t cluster,
  * needed.  Lock held. */
 extern int qed_set_entry (struct qed_image *img, uint64_t cluster,
                           uint64_t entry);
-/* The number of clusters from `cluster` to the end of its L2 table. */
-static inline uint64_t
-clusters_left_in_table (const struct qed_image *img, uint64_t cluster)
-{
-  return img->table_entries - (cluster & (img->table_entries - 1));
-}
 /* Is the L2 table of this cluster absent?  Lock held. */
 extern bool qed_table_absent (struct qed_image *img, uint64_t cluster);
 /* Write back dirty metadata (flush_lock held, lock not held). */
@@ -215,12 +197,5 @@ extern void qed_recycle_free (struct qed_image *img);     /* lock held */
 
 /* check.c */
 extern int qed_compact (struct qed_image *img);
-
-/* Pages of the resident L1 (each has an l1_dirty flag). */
-static inline uint64_t
-qed_l1_pages (const struct qed_image *img)
-{
-  return img->l1_entries / L2_PAGE_ENTRIES;
-}
 
 #endif /* NBDKIT_QED_INTERNAL_H */

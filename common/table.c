@@ -18,6 +18,7 @@
 #include <sys/mman.h>
 
 #include "qed-internal.h"
+#include "geometry.h"
 #include "seam.h"
 #include "util.h"
 
@@ -36,7 +37,7 @@ static int
 load_l1 (struct qed_image *img)
 {
   uint64_t need = img->nr_clusters
-    ? ((img->nr_clusters - 1) >> img->table_bits) + 1 : 1;
+    ? qed_l1_index (img, img->nr_clusters - 1) + 1 : 1;
   uint64_t n = MIN (ROUND_UP (need, (uint64_t) L2_PAGE_ENTRIES),
                     img->table_entries);
 
@@ -244,20 +245,20 @@ get_page (struct qed_image *img, uint64_t offset, bool fresh)
 bool
 qed_table_absent (struct qed_image *img, uint64_t cluster)
 {
-  return img->l1[cluster >> img->table_bits] == 0;
+  return img->l1[qed_l1_index (img, cluster)] == 0;
 }
 
 /* The validated L2 table offset for a cluster, or 0 if absent. */
 static int
 get_table (struct qed_image *img, uint64_t cluster, uint64_t *table)
 {
-  uint64_t l1i = cluster >> img->table_bits;
+  uint64_t l1i = qed_l1_index (img, cluster);
   uint64_t t = img->l1[l1i];
 
   if (t != 0 && !valid_cluster_offset (img, t, img->table_bytes)) {
     qed_error ("%s: invalid L1 entry %" PRIu64 " (0x%" PRIx64 ") for guest "
                "offset 0x%" PRIx64 ": not an aligned table inside the file",
-               img->filename, l1i, t, cluster << img->cs_bits);
+               img->filename, l1i, t, qed_cluster_start (img, cluster));
     errno = EIO;
     return -1;
   }
@@ -277,7 +278,7 @@ qed_get_entry (struct qed_image *img, uint64_t cluster, uint64_t *entry)
     *entry = QED_ENTRY_UNALLOCATED;
     return 0;
   }
-  idx = cluster & (img->table_entries - 1);
+  idx = qed_l2_index (img, cluster);
   p = get_page (img, t + (idx / L2_PAGE_ENTRIES) * L2_PAGE_BYTES, false);
   if (p == NULL) {
     errno = EIO;
@@ -286,8 +287,10 @@ qed_get_entry (struct qed_image *img, uint64_t cluster, uint64_t *entry)
   e = p->entries[idx % L2_PAGE_ENTRIES];
   if (e > QED_ENTRY_ZERO && !valid_cluster_offset (img, e, img->cs)) {
     qed_error ("%s: invalid L2 entry 0x%" PRIx64 " for guest offset 0x%"
-               PRIx64 ": %s", img->filename, e, cluster << img->cs_bits,
-               (e & (img->cs - 1)) ? "reserved low bits are set"
+               PRIx64 ": %s", img->filename, e,
+               qed_cluster_start (img, cluster),
+               !qed_offset_is_cluster_aligned (img, e)
+               ? "reserved low bits are set"
                : e < img->header_end ? "points into the header"
                : (e < img->l1_end && e + img->cs > img->l1_start)
                ? "points into the L1 table" : "beyond the end of the file");
@@ -301,7 +304,7 @@ qed_get_entry (struct qed_image *img, uint64_t cluster, uint64_t *entry)
 int
 qed_set_entry (struct qed_image *img, uint64_t cluster, uint64_t entry)
 {
-  uint64_t l1i = cluster >> img->table_bits, t, idx;
+  uint64_t l1i = qed_l1_index (img, cluster), t, idx;
   struct l2_page *p;
   bool fresh = false;
 
@@ -317,7 +320,7 @@ qed_set_entry (struct qed_image *img, uint64_t cluster, uint64_t entry)
     img->l1_dirty[(l1i * 8) / L2_PAGE_BYTES] = true;
     fresh = true;
   }
-  idx = cluster & (img->table_entries - 1);
+  idx = qed_l2_index (img, cluster);
   p = get_page (img, t + (idx / L2_PAGE_ENTRIES) * L2_PAGE_BYTES, fresh);
   if (p == NULL) {
     errno = EIO;
