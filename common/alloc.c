@@ -8,7 +8,7 @@
  * beneath only when the cluster was unallocated; a zero cluster or an
  * image without a backing file needs no fill at all, because the new
  * cluster already reads as zeros.  (QEMU writes explicit zeros, and
- * copies backing data into zero clusters: shared/qed-notes.md §9.)
+ * copies backing data into zero clusters: docs/qemu-differences.md.)
  *
  * Whole-cluster zero and trim are metadata changes: the entry becomes a
  * zero cluster (if there is a layer beneath whose data must stay

@@ -1,7 +1,7 @@
 /* nbdkit-qed: consistency check, repair and compaction.
  *
  * The check walks the L1 and every L2 table, marking the clusters in
- * use.  Compared with QEMU's qed-check.c (shared/qed-notes.md §6):
+ * use.  Compared with QEMU's qed-check.c (docs/qemu-differences.md):
  *
  * - A bad L2 entry is replaced by a zero cluster when the image has a
  *   backing file (QEMU unlinks it, silently exposing backing data), and

@@ -57,7 +57,8 @@ extern void qed_header_encode (unsigned char raw[QED_HEADER_BYTES],
                                const struct qed_header *h);
 /* Largest image_size the geometry can address (saturates at UINT64_MAX). */
 extern uint64_t qed_max_image_size (uint32_t cluster_size, uint32_t table_size);
-/* Would QEMU 7.2 open an image of this geometry? (shared/qed-notes.md §9) */
+/* Would QEMU 7.2 open an image of this geometry?  (It refuses table_size
+ * 1, and sizes whose maximum overflows: docs/qemu-differences.md.) */
 extern bool qed_qemu_can_open (uint32_t cluster_size, uint32_t table_size);
 /* Validate every header field against a file of file_size bytes.  On
  * failure returns -1 and writes a message (without the file name) to

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Header feature bits, as QEMU treats them (qed-notes §1):
+# Header feature bits, as QEMU treats them (docs/qemu-differences.md):
 # - an unknown `features` bit refuses the image, even read-only, with a
 #   message naming the bit, and the file is left unchanged;
 # - an unknown compat bit is ignored and preserved across a write session;

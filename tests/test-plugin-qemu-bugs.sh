@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Regressions for QEMU's two data-corrupting QED bugs (qed-notes §9),
-# which the plugin must not copy:
+# Regressions for QEMU's two data-corrupting QED bugs
+# (docs/qemu-differences.md), which the plugin must not copy:
 # (a) a partial write into a zero cluster must not copy backing data
 #     into the rest of the cluster;
 # (b) a long allocating run (4K clusters, table-size 16) must not link
