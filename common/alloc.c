@@ -16,6 +16,7 @@
  * back to the host with FALLOC_FL_PUNCH_HOLE.
  */
 
+#include <assert.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <stdint.h>
@@ -109,11 +110,29 @@ qed_recycle_free (struct qed_image *img)
   img->flushed_free.len = 0;
 }
 
+void
+qed_free_durable (struct qed_image *img, size_t n)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
+  struct offset_list *pending = &img->pending_free;
+
+  assert (n <= pending->len);
+  for (size_t i = 0; i < n; ++i)
+    offset_list_append (&img->flushed_free, pending->ptr[i]);
+  if (n > 0)                    /* ptr may still be NULL */
+    memmove (pending->ptr, pending->ptr + n,
+             (pending->len - n) * sizeof *pending->ptr);
+  pending->len -= n;
+  if (img->active_ops == 0)
+    qed_recycle_free (img);
+}
+
 int
 qed_alloc_clusters (struct qed_image *img, uint64_t n, uint64_t *offset)
 {
   uint64_t bytes = qed_clusters_to_bytes (img, n), new_end;
 
+  assert (n > 0);
   if (qed_mark_need_check (img) == -1)
     return -1;
   if (n == 1 && img->free_list.len > 0) {
@@ -583,6 +602,7 @@ qed_write (struct qed_image *img, const struct qed_below *below,
 {
   int r;
 
+  assert (offset <= img->h.image_size && count <= img->h.image_size - offset);
   if (img->readonly) {
     errno = EROFS;
     return -1;
@@ -604,6 +624,7 @@ zero_request (struct qed_image *img, const struct qed_below *below,
 {
   int r;
 
+  assert (offset <= img->h.image_size && count <= img->h.image_size - offset);
   if (img->readonly) {
     errno = EROFS;
     return -1;
@@ -639,6 +660,9 @@ qed_fill (struct qed_image *img, const void *buf, uint64_t count,
   const char *base = buf;
   int r = 0;
 
+  assert (qed_offset_is_cluster_aligned (img, offset));
+  assert (count <= img->h.image_size - offset);
+  assert (buf != NULL || known_zero);
   if (img->readonly)
     return 0;
   op_begin (img);

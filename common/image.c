@@ -8,6 +8,7 @@
  * (8 bytes at offset 16 or 32), never the bytes after the header.
  */
 
+#include <assert.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <stdint.h>
@@ -34,6 +35,7 @@ qed_op_begin (struct qed_image *img)
 void
 qed_op_end (struct qed_image *img)
 {
+  assert (img->active_ops > 0);
   if (--img->active_ops == 0)
     qed_recycle_free (img);
 }
@@ -313,38 +315,31 @@ qed_open (const char *filename, const struct qed_open_options *opts)
   return NULL;
 }
 
+/* How many freed clusters are waiting for writeback. */
+static size_t
+pending_free_count (struct qed_image *img)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
+  return img->pending_free.len;
+}
+
 int
 qed_flush (struct qed_image *img)
 {
-  int r;
   size_t n;
 
   if (img->readonly)
     return 0;
-  pthread_mutex_lock (&img->flush_lock);
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->flush_lock);
   /* Only clusters unlinked before the writeback copies the dirty pages
    * become durably free: a zero or trim committing during the writeback
    * is in no copied page, and reusing its cluster now would let a crash
    * show new data through the old, still durable, entry. */
-  pthread_mutex_lock (&img->lock);
-  n = img->pending_free.len;
-  pthread_mutex_unlock (&img->lock);
-  r = qed_writeback (img);
-  if (r == 0) {
-    pthread_mutex_lock (&img->lock);
-    /* The unlinking of these clusters is now durable. */
-    for (size_t i = 0; i < n; ++i)
-      offset_list_append (&img->flushed_free, img->pending_free.ptr[i]);
-    if (n > 0)                  /* ptr may still be NULL */
-      memmove (img->pending_free.ptr, img->pending_free.ptr + n,
-               (img->pending_free.len - n) * sizeof *img->pending_free.ptr);
-    img->pending_free.len -= n;
-    if (img->active_ops == 0)
-      qed_recycle_free (img);
-    pthread_mutex_unlock (&img->lock);
-  }
-  pthread_mutex_unlock (&img->flush_lock);
-  return r;
+  n = pending_free_count (img);
+  if (qed_writeback (img) == -1)
+    return -1;
+  qed_free_durable (img, n);
+  return 0;
 }
 
 /* Clear NEED_CHECK if the image is clean on disk.  flush_lock held. */
@@ -366,26 +361,37 @@ try_clear_need_check (struct qed_image *img)
   return 0;
 }
 
+static bool
+need_check_is_set (struct qed_image *img)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
+  return img->need_check;
+}
+
 int
 qed_idle (struct qed_image *img)
 {
-  int r = 0;
-
-  bool need_check;
-
-  if (img->readonly)
-    return 0;
-  pthread_mutex_lock (&img->lock);
-  need_check = img->need_check;
-  pthread_mutex_unlock (&img->lock);
-  if (!need_check)
+  if (img->readonly || !need_check_is_set (img))
     return 0;
   if (qed_flush (img) == -1)
     return -1;
-  pthread_mutex_lock (&img->flush_lock);
-  r = try_clear_need_check (img);
-  pthread_mutex_unlock (&img->flush_lock);
-  return r;
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->flush_lock);
+  return try_clear_need_check (img);
+}
+
+/* Write everything back, give back the space freed by zero and trim
+ * (so the image has no leaked clusters), then mark it clean. */
+static int
+close_clean (struct qed_image *img)
+{
+  if (qed_flush (img) == -1)
+    return -1;
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->flush_lock);
+  if (img->need_check &&
+      (img->flushed_free.len || img->free_list.len) &&
+      qed_compact (img) == -1)
+    return -1;
+  return try_clear_need_check (img);
 }
 
 int
@@ -395,22 +401,8 @@ qed_close (struct qed_image *img)
 
   if (img == NULL)
     return 0;
-  if (!img->readonly) {
-    if (qed_flush (img) == -1)
-      r = -1;
-    else {
-      pthread_mutex_lock (&img->flush_lock);
-      /* Give back the space freed by zero and trim, so the image has
-       * no leaked clusters, then mark it clean. */
-      if (img->need_check &&
-          (img->flushed_free.len || img->free_list.len) &&
-          qed_compact (img) == -1)
-        r = -1;
-      else if (try_clear_need_check (img) == -1)
-        r = -1;
-      pthread_mutex_unlock (&img->flush_lock);
-    }
-  }
+  if (!img->readonly)
+    r = close_clean (img);
   image_free (img);
   return r;
 }

@@ -5,6 +5,7 @@
  * reads, extents and the filter's copy-on-read are built on it.
  */
 
+#include <assert.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <stdint.h>
@@ -35,6 +36,7 @@ qed_map (struct qed_image *img, uint64_t offset, uint64_t count,
   uint64_t c = qed_cluster_index (img, offset), e, end = offset + count, pos;
   unsigned n = 0;
 
+  assert (count > 0 && offset < img->h.image_size);
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
   if (qed_get_entry (img, c, &e) == -1)
     return -1;
@@ -70,6 +72,7 @@ qed_read (struct qed_image *img, const struct qed_below *below,
   char *p = buf;
   int r = 0;
 
+  assert (offset <= img->h.image_size && count <= img->h.image_size - offset);
   pthread_mutex_lock (&img->lock);
   qed_op_begin (img);
   pthread_mutex_unlock (&img->lock);

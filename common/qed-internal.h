@@ -194,6 +194,10 @@ extern int qed_cut_tail (struct qed_image *img);
 extern int qed_alloc_clusters (struct qed_image *img, uint64_t n,
                                uint64_t *offset);
 extern void qed_recycle_free (struct qed_image *img);     /* lock held */
+/* Writeback made the unlinking of the first n clusters of pending_free
+ * durable: they may be reused once no request that saw them runs.
+ * Lock not held. */
+extern void qed_free_durable (struct qed_image *img, size_t n);
 
 /* check.c */
 extern int qed_compact (struct qed_image *img);

@@ -7,6 +7,7 @@
  * which follows the ordering described in qed-internal.h.
  */
 
+#include <assert.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <stdint.h>
@@ -272,6 +273,7 @@ qed_get_entry (struct qed_image *img, uint64_t cluster, uint64_t *entry)
   uint64_t t, idx, e;
   struct l2_page *p;
 
+  assert (qed_l1_index (img, cluster) < img->l1_entries);
   if (get_table (img, cluster, &t) == -1)
     return -1;
   if (t == 0) {
@@ -308,6 +310,7 @@ qed_set_entry (struct qed_image *img, uint64_t cluster, uint64_t entry)
   struct l2_page *p;
   bool fresh = false;
 
+  assert (l1i < img->l1_entries);
   if (qed_mark_need_check (img) == -1 || get_table (img, cluster, &t) == -1)
     return -1;
   if (t == 0) {
