@@ -186,7 +186,7 @@ extern bool qed_table_absent (struct qed_image *img, uint64_t cluster);
 /* Write back dirty metadata (flush_lock held, lock not held). */
 extern int qed_writeback (struct qed_image *img);
 
-/* alloc.c */
+/* write.c */
 extern int offset_list_append (struct offset_list *l, uint64_t v);
 /* Cut the file back to file_end (before it is marked clean). */
 extern int qed_cut_tail (struct qed_image *img);
