@@ -19,11 +19,11 @@ FILTERDIR := $(shell $(PKG_CONFIG) --variable=filterdir nbdkit 2>/dev/null)
 MANDIR   ?= /usr/share/man
 
 # The core, bottom layer first (HACKING.md).
-CORE_SRCS = common/io.c common/header.c common/table.c common/write.c \
-            common/map.c common/check.c common/image.c common/backing.c \
-            common/idle.c common/lock.c common/safe-open.c
-CORE_HDRS = common/qed.h common/qed-internal.h common/seam.h common/util.h \
-            common/safe-open.h
+CORE_SRCS = common/io.c common/header.c common/alloc.c common/table.c \
+            common/write.c common/map.c common/check.c common/image.c \
+            common/backing.c common/idle.c common/lock.c common/safe-open.c
+CORE_HDRS = common/qed.h common/qed-internal.h common/geometry.h \
+            common/seam.h common/util.h common/safe-open.h
 
 PLUGIN = plugin/nbdkit-qed-plugin.so
 FILTER = filter/nbdkit-qed-filter.so

@@ -26,20 +26,6 @@
 #include "seam.h"
 #include "util.h"
 
-void
-qed_op_begin (struct qed_image *img)
-{
-  img->active_ops++;
-}
-
-void
-qed_op_end (struct qed_image *img)
-{
-  assert (img->active_ops > 0);
-  if (--img->active_ops == 0)
-    qed_recycle_free (img);
-}
-
 int
 qed_create (const char *filename, const struct qed_create_options *opts)
 {

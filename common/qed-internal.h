@@ -165,9 +165,23 @@ extern int qed_mark_need_check (struct qed_image *img);   /* lock held */
 extern int qed_clear_need_check (struct qed_image *img);
 extern int qed_clear_unknown_autoclear (struct qed_image *img);
 
-/* image.c */
-extern void qed_op_begin (struct qed_image *img);         /* lock held */
-extern void qed_op_end (struct qed_image *img);           /* lock held */
+/* alloc.c */
+extern int offset_list_append (struct offset_list *l, uint64_t v);
+/* Cut the file back to file_end (before it is marked clean). */
+extern int qed_cut_tail (struct qed_image *img);
+/* Allocate n contiguous zeroed (hole) clusters.  Lock held. */
+extern int qed_alloc_clusters (struct qed_image *img, uint64_t n,
+                               uint64_t *offset);
+extern void qed_recycle_free (struct qed_image *img);     /* lock held */
+/* Writeback made the unlinking of the first n clusters of pending_free
+ * durable: they may be reused once no request that saw them runs.
+ * Lock not held. */
+extern void qed_free_durable (struct qed_image *img, size_t n);
+
+/* Requests in progress (freed clusters are reused only when none
+ * runs).  Lock held. */
+extern void qed_op_begin (struct qed_image *img);
+extern void qed_op_end (struct qed_image *img);
 
 /* table.c */
 extern int qed_tables_init (struct qed_image *img, uint64_t cache_bytes);
@@ -185,19 +199,6 @@ extern int qed_set_entry (struct qed_image *img, uint64_t cluster,
 extern bool qed_table_absent (struct qed_image *img, uint64_t cluster);
 /* Write back dirty metadata (flush_lock held, lock not held). */
 extern int qed_writeback (struct qed_image *img);
-
-/* write.c */
-extern int offset_list_append (struct offset_list *l, uint64_t v);
-/* Cut the file back to file_end (before it is marked clean). */
-extern int qed_cut_tail (struct qed_image *img);
-/* Allocate n contiguous zeroed (hole) clusters.  Lock held. */
-extern int qed_alloc_clusters (struct qed_image *img, uint64_t n,
-                               uint64_t *offset);
-extern void qed_recycle_free (struct qed_image *img);     /* lock held */
-/* Writeback made the unlinking of the first n clusters of pending_free
- * durable: they may be reused once no request that saw them runs.
- * Lock not held. */
-extern void qed_free_durable (struct qed_image *img, size_t n);
 
 /* check.c */
 extern int qed_compact (struct qed_image *img);
