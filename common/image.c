@@ -301,33 +301,6 @@ qed_open (const char *filename, const struct qed_open_options *opts)
   return NULL;
 }
 
-/* How many freed clusters are waiting for writeback. */
-static size_t
-pending_free_count (struct qed_image *img)
-{
-  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
-  return img->pending_free.len;
-}
-
-int
-qed_flush (struct qed_image *img)
-{
-  size_t n;
-
-  if (img->readonly)
-    return 0;
-  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->flush_lock);
-  /* Only clusters unlinked before the writeback copies the dirty pages
-   * become durably free: a zero or trim committing during the writeback
-   * is in no copied page, and reusing its cluster now would let a crash
-   * show new data through the old, still durable, entry. */
-  n = pending_free_count (img);
-  if (qed_writeback (img) == -1)
-    return -1;
-  qed_free_durable (img, n);
-  return 0;
-}
-
 /* Clear NEED_CHECK if the image is clean on disk.  flush_lock held. */
 static int
 try_clear_need_check (struct qed_image *img)

@@ -137,9 +137,9 @@ extern const char *qed_get_backing_name (const struct qed_image *img);
 extern bool qed_get_backing_raw (const struct qed_image *img);
 extern const char *qed_get_filename (const struct qed_image *img);
 
-/* Make every completed write durable (data, then metadata). */
+/* table.c: make every completed write durable (data, then metadata). */
 extern int qed_flush (struct qed_image *img);
-/* If nothing is pending, flush and clear NEED_CHECK (idle timer). */
+/* image.c: if nothing is pending, flush and clear NEED_CHECK (idle timer). */
 extern int qed_idle (struct qed_image *img);
 
 /* map.c: reads and block status. */
@@ -166,7 +166,7 @@ struct qed_map {
 extern int qed_map (struct qed_image *img, uint64_t offset, uint64_t count,
                     struct qed_map *map);
 
-/* alloc.c: the write path. */
+/* write.c: the write path. */
 #define QED_WRITE_FUA        0x1  /* durable before returning */
 #define QED_ZERO_MAY_UNMAP   0x2  /* zero: may free space */
 #define QED_ZERO_FAST        0x4  /* zero: fail with ENOTSUP unless cheap */

@@ -4,7 +4,8 @@
  * 4K pages: a hash keyed by the page's file offset finds a page, and an
  * LRU list picks the victim when the cache is full.  Dirty pages are
  * never evicted; they leave the dirty list only through writeback,
- * which follows the ordering described in qed-internal.h.
+ * which follows the ordering described in qed-internal.h.  qed_flush
+ * is writeback plus the free lists' step that it makes safe.
  */
 
 #include <assert.h>
@@ -463,4 +464,31 @@ qed_writeback (struct qed_image *img)
   if (r == -1)
     errno = saved_errno;
   return r;
+}
+
+/* How many freed clusters are waiting for writeback. */
+static size_t
+pending_free_count (struct qed_image *img)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
+  return img->pending_free.len;
+}
+
+int
+qed_flush (struct qed_image *img)
+{
+  size_t n;
+
+  if (img->readonly)
+    return 0;
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->flush_lock);
+  /* Only clusters unlinked before the writeback copies the dirty pages
+   * become durably free: a zero or trim committing during the writeback
+   * is in no copied page, and reusing its cluster now would let a crash
+   * show new data through the old, still durable, entry. */
+  n = pending_free_count (img);
+  if (qed_writeback (img) == -1)
+    return -1;
+  qed_free_durable (img, n);
+  return 0;
 }
