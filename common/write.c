@@ -46,10 +46,12 @@ is_reserved (const struct qed_image *img, uint64_t c)
   return false;
 }
 
+/* Lock held (as for unreserve). */
 static void
 reserve (struct qed_image *img, struct reservation *r,
          uint64_t first, uint64_t last)
 {
+  assert (first <= last);
   r->first = first;
   r->last = last;
   r->next = img->reservations;
@@ -61,25 +63,66 @@ unreserve (struct qed_image *img, struct reservation *r)
 {
   struct reservation **rp = &img->reservations;
 
-  while (*rp != r)
+  while (*rp != r) {
+    assert (*rp != NULL);
     rp = &(*rp)->next;
+  }
   *rp = r->next;
   pthread_cond_broadcast (&img->cond);
 }
 
+/* unreserve, taking the lock.  Preserves errno. */
+static void
+release (struct qed_image *img, struct reservation *r)
+{
+  int err = errno;
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
+
+  unreserve (img, r);
+  errno = err;
+}
+
 /* Unreserved clusters from c on, stopping at the end of c's table, at
- * limit clusters, or at the first cluster that stop() rejects.  c itself
- * must be unreserved.
+ * limit clusters, or at the first reserved cluster.  c itself must be
+ * unreserved.  Lock held.
  */
 static uint64_t
 run_length (struct qed_image *img, uint64_t c, uint64_t limit)
 {
   uint64_t k = 1;
 
+  assert (!is_reserved (img, c));
   limit = MIN (limit, clusters_left_in_table (img, c));
   while (k < limit && !is_reserved (img, c + k))
     k++;
   return k;
+}
+
+static int
+lookup_entry (struct qed_image *img, uint64_t c, uint64_t *e)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
+  return qed_get_entry (img, c, e);
+}
+
+static int
+alloc_clusters (struct qed_image *img, uint64_t n, uint64_t *offset)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
+  return qed_alloc_clusters (img, n, offset);
+}
+
+/* Point guest clusters [c, c+n) at the n file clusters from offset.
+ * Lock held. */
+static int
+link_clusters (struct qed_image *img, uint64_t c, uint64_t n,
+               uint64_t offset)
+{
+  for (uint64_t i = 0; i < n; ++i)
+    if (qed_set_entry (img, c + i,
+                       offset + qed_clusters_to_bytes (img, i)) == -1)
+      return -1;
+  return 0;
 }
 
 static int
@@ -89,144 +132,6 @@ read_below (struct qed_image *img, const struct qed_below *below,
   if (below->read (below->opaque, buf, count, offset) == -1) {
     if (errno == 0)
       errno = EIO;
-    return -1;
-  }
-  return 0;
-}
-
-static int punch (struct qed_image *img, uint64_t fo, uint64_t len);
-
-/* Write data with no zero detection.  Lock not held. */
-static int
-write_data (struct qed_image *img, const struct qed_below *below,
-            const char *buf, uint64_t count, uint64_t offset)
-{
-  while (count > 0) {
-    uint64_t c = qed_cluster_index (img, offset);
-    uint64_t in = qed_offset_into_cluster (img, offset);
-    uint64_t e, last_e, k, len, head, tail, last_c, newoff, start;
-    struct reservation res;
-    CLEANUP_FREE char *hb = NULL, *tb = NULL;
-    struct iovec iov[3];
-    int n = 0;
-
-    pthread_mutex_lock (&img->lock);
-    if (qed_get_entry (img, c, &e) == -1)
-      goto err_unlock;
-
-    if (e > QED_ENTRY_ZERO) {
-      /* In place, over as many contiguous clusters as possible. */
-      uint64_t fo = e + in, done = MIN (count, img->cs - in);
-      while (done < count) {
-        uint64_t e2;
-        if (qed_get_entry (img, qed_cluster_index (img, offset + done),
-                           &e2) == -1)
-          goto err_unlock;
-        if (e2 != fo + done)
-          break;
-        done += MIN (count - done, (uint64_t) img->cs);
-      }
-      pthread_mutex_unlock (&img->lock);
-      if (pwrite_full (img->fd, buf, done, fo) == -1) {
-        qed_error ("%s: write at 0x%" PRIx64 ": %m", img->filename, fo);
-        return -1;
-      }
-      buf += done;
-      offset += done;
-      count -= done;
-      continue;
-    }
-
-    if (is_reserved (img, c)) {
-      pthread_cond_wait (&img->cond, &img->lock);
-      pthread_mutex_unlock (&img->lock);
-      continue;
-    }
-
-    /* An allocating run: clusters that are unallocated or zero. */
-    last_c = qed_cluster_index (img, offset + count - 1);
-    k = run_length (img, c, last_c - c + 1);
-    last_e = e;
-    for (uint64_t i = 1; i < k; ++i) {
-      uint64_t e2;
-      if (qed_get_entry (img, c + i, &e2) == -1)
-        goto err_unlock;
-      if (e2 > QED_ENTRY_ZERO) {
-        k = i;
-        break;
-      }
-      last_e = e2;
-    }
-    len = MIN (count, qed_clusters_to_bytes (img, k) - in);
-    head = in;
-    tail = qed_clusters_to_bytes (img, k) - in - len;
-    reserve (img, &res, c, c + k - 1);
-    if (qed_alloc_clusters (img, k, &newoff) == -1) {
-      unreserve (img, &res);
-      goto err_unlock;
-    }
-    pthread_mutex_unlock (&img->lock);
-
-    /* The new clusters read as zeros: only backing data needs copying. */
-    start = newoff + head;
-    if (head > 0 && e == QED_ENTRY_UNALLOCATED && below) {
-      hb = malloc (head);
-      if (hb == NULL ||
-          read_below (img, below, hb, head, qed_cluster_start (img, c)))
-        goto err_unreserve;
-      iov[n++] = (struct iovec) { hb, head };
-      start = newoff;
-    }
-    iov[n++] = (struct iovec) { (void *) buf, len };
-    if (tail > 0 && last_e == QED_ENTRY_UNALLOCATED && below) {
-      uint64_t tail_len = MIN (tail, img->h.image_size - (offset + len));
-      if (tail_len > 0) {
-        tb = malloc (tail_len);
-        if (tb == NULL ||
-            read_below (img, below, tb, tail_len, offset + len) == -1)
-          goto err_unreserve;
-        iov[n++] = (struct iovec) { tb, tail_len };
-      }
-    }
-    if (pwritev_full (img->fd, iov, n, start) == -1) {
-      qed_error ("%s: write at 0x%" PRIx64 ": %m", img->filename, start);
-      goto err_unreserve;
-    }
-
-    pthread_mutex_lock (&img->lock);
-    for (uint64_t i = 0; i < k; ++i) {
-      if (qed_set_entry (img, c + i,
-                         newoff + qed_clusters_to_bytes (img, i)) == -1) {
-        unreserve (img, &res);
-        goto err_unlock;
-      }
-    }
-    unreserve (img, &res);
-    pthread_mutex_unlock (&img->lock);
-    buf += len;
-    offset += len;
-    count -= len;
-    continue;
-
-  err_unreserve:
-    {
-      int err = errno ? errno : EIO;
-      /* Give the unused clusters back (they are reclaimed at close). */
-      if (punch (img, newoff, qed_clusters_to_bytes (img, k)) == 1) {
-        pthread_mutex_lock (&img->lock);
-        for (uint64_t i = 0; i < k; ++i)
-          offset_list_append (&img->pending_free,
-                              newoff + qed_clusters_to_bytes (img, i));
-        pthread_mutex_unlock (&img->lock);
-      }
-      pthread_mutex_lock (&img->lock);
-      unreserve (img, &res);
-      pthread_mutex_unlock (&img->lock);
-      errno = err;
-      return -1;
-    }
-  err_unlock:
-    pthread_mutex_unlock (&img->lock);
     return -1;
   }
   return 0;
@@ -275,6 +180,301 @@ punch (struct qed_image *img, uint64_t fo, uint64_t len)
   return 0;
 }
 
+/* Writes go run by run.  A run is either clusters that are allocated
+ * and contiguous in the file (written in place), or clusters that are
+ * unallocated or zero, reserved and given new clusters in one
+ * allocation (written with the backing data around them, then linked).
+ */
+struct write_run {
+  uint64_t c, k;                /* first guest cluster, clusters */
+  uint64_t len;                 /* bytes of the request in the run */
+  uint64_t file_offset;         /* in place: where the bytes go;
+                                   else: the new clusters */
+  uint64_t first_e, last_e;     /* new clusters: the entries they
+                                   replace at both ends (0 or 1) */
+  struct reservation res;       /* new clusters */
+};
+enum { RUN_WAITED = 0, RUN_IN_PLACE, RUN_NEW_CLUSTERS };
+
+/* The bytes from offset (in a data cluster at file offset e) that are
+ * contiguous in the file.  Lock held. */
+static int
+find_in_place_run (struct qed_image *img, uint64_t e, uint64_t count,
+                   uint64_t offset, struct write_run *w)
+{
+  uint64_t in = qed_offset_into_cluster (img, offset);
+  uint64_t fo = e + in, done = MIN (count, img->cs - in);
+
+  while (done < count) {
+    uint64_t e2;
+    if (qed_get_entry (img, qed_cluster_index (img, offset + done),
+                       &e2) == -1)
+      return -1;
+    if (e2 != fo + done)
+      break;
+    done += MIN (count - done, (uint64_t) img->cs);
+  }
+  w->file_offset = fo;
+  w->len = done;
+  return 0;
+}
+
+/* The run of unallocated or zero clusters from offset (whose entry is
+ * e): reserve it and allocate its new clusters.  Lock held. */
+static int
+find_new_cluster_run (struct qed_image *img, uint64_t e, uint64_t count,
+                      uint64_t offset, struct write_run *w)
+{
+  uint64_t c = qed_cluster_index (img, offset);
+  uint64_t last_c = qed_cluster_index (img, offset + count - 1);
+  uint64_t k = run_length (img, c, last_c - c + 1), last_e = e;
+
+  for (uint64_t i = 1; i < k; ++i) {
+    uint64_t e2;
+    if (qed_get_entry (img, c + i, &e2) == -1)
+      return -1;
+    if (e2 > QED_ENTRY_ZERO) {
+      k = i;
+      break;
+    }
+    last_e = e2;
+  }
+  w->c = c;
+  w->k = k;
+  w->first_e = e;
+  w->last_e = last_e;
+  w->len = MIN (count, qed_clusters_to_bytes (img, k)
+                - qed_offset_into_cluster (img, offset));
+  reserve (img, &w->res, c, c + k - 1);
+  if (qed_alloc_clusters (img, k, &w->file_offset) == -1) {
+    unreserve (img, &w->res);
+    return -1;
+  }
+  return 0;
+}
+
+/* Look up what lies at offset and prepare the run that starts there.
+ * Returns RUN_IN_PLACE, RUN_NEW_CLUSTERS (reserved), RUN_WAITED (a
+ * reservation was in the way: look again) or -1.
+ */
+static int
+plan_run (struct qed_image *img, uint64_t count, uint64_t offset,
+          struct write_run *w)
+{
+  uint64_t c = qed_cluster_index (img, offset), e;
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
+
+  if (qed_get_entry (img, c, &e) == -1)
+    return -1;
+  if (e > QED_ENTRY_ZERO)
+    return find_in_place_run (img, e, count, offset, w) == -1
+      ? -1 : RUN_IN_PLACE;
+  if (is_reserved (img, c)) {
+    pthread_cond_wait (&img->cond, &img->lock);
+    return RUN_WAITED;
+  }
+  return find_new_cluster_run (img, e, count, offset, w) == -1
+    ? -1 : RUN_NEW_CLUSTERS;
+}
+
+/* Write the run's bytes into its new clusters with one pwritev.  The
+ * new clusters read as zeros: only the backing data around the bytes,
+ * in clusters that were unallocated, needs copying (head and tail
+ * fill).  Lock not held.
+ */
+static int
+write_new_clusters (struct qed_image *img, const struct qed_below *below,
+                    const char *buf, uint64_t offset,
+                    const struct write_run *w)
+{
+  uint64_t head = qed_offset_into_cluster (img, offset);
+  uint64_t tail = qed_clusters_to_bytes (img, w->k) - head - w->len;
+  uint64_t start = w->file_offset + head;
+  CLEANUP_FREE char *hb = NULL, *tb = NULL;
+  struct iovec iov[3];
+  int n = 0;
+
+  if (head > 0 && w->first_e == QED_ENTRY_UNALLOCATED && below) {
+    hb = malloc (head);
+    if (hb == NULL ||
+        read_below (img, below, hb, head, qed_cluster_start (img, w->c)))
+      return -1;
+    iov[n++] = (struct iovec) { hb, head };
+    start = w->file_offset;
+  }
+  iov[n++] = (struct iovec) { (void *) buf, w->len };
+  if (tail > 0 && w->last_e == QED_ENTRY_UNALLOCATED && below) {
+    uint64_t tail_len = MIN (tail, img->h.image_size - (offset + w->len));
+    if (tail_len > 0) {
+      tb = malloc (tail_len);
+      if (tb == NULL ||
+          read_below (img, below, tb, tail_len, offset + w->len) == -1)
+        return -1;
+      iov[n++] = (struct iovec) { tb, tail_len };
+    }
+  }
+  if (pwritev_full (img->fd, iov, n, start) == -1) {
+    qed_error ("%s: write at 0x%" PRIx64 ": %m", img->filename, start);
+    return -1;
+  }
+  return 0;
+}
+
+/* Link the run's new clusters and release it.  Lock not held. */
+static int
+commit_run (struct qed_image *img, struct write_run *w)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
+  int r = link_clusters (img, w->c, w->k, w->file_offset);
+
+  unreserve (img, &w->res);
+  return r;
+}
+
+/* The run's data could not be written: give its new clusters back
+ * (they are reclaimed at close) and release it.  Lock not held. */
+static void
+abandon_run (struct qed_image *img, struct write_run *w)
+{
+  int err = errno ? errno : EIO;
+  bool punched = punch (img, w->file_offset,
+                        qed_clusters_to_bytes (img, w->k)) == 1;
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
+
+  if (punched)
+    for (uint64_t i = 0; i < w->k; ++i)
+      offset_list_append (&img->pending_free,
+                          w->file_offset + qed_clusters_to_bytes (img, i));
+  unreserve (img, &w->res);
+  errno = err;
+}
+
+/* Write the run at offset.  Returns the bytes written, 0 if it must
+ * look again, or -1.  Lock not held. */
+static int64_t
+write_run (struct qed_image *img, const struct qed_below *below,
+           const char *buf, uint64_t count, uint64_t offset)
+{
+  struct write_run w;
+
+  switch (plan_run (img, count, offset, &w)) {
+  case RUN_WAITED:
+    return 0;
+  case RUN_IN_PLACE:
+    if (pwrite_full (img->fd, buf, w.len, w.file_offset) == -1) {
+      qed_error ("%s: write at 0x%" PRIx64 ": %m", img->filename,
+                 w.file_offset);
+      return -1;
+    }
+    return w.len;
+  case RUN_NEW_CLUSTERS:
+    if (write_new_clusters (img, below, buf, offset, &w) == -1) {
+      abandon_run (img, &w);
+      return -1;
+    }
+    if (commit_run (img, &w) == -1)
+      return -1;
+    return w.len;
+  default:
+    return -1;
+  }
+}
+
+/* Write data with no zero detection.  Lock not held. */
+static int
+write_data (struct qed_image *img, const struct qed_below *below,
+            const char *buf, uint64_t count, uint64_t offset)
+{
+  while (count > 0) {
+    int64_t n = write_run (img, below, buf, count, offset);
+    if (n == -1)
+      return -1;
+    buf += n;
+    offset += n;
+    count -= n;
+  }
+  return 0;
+}
+
+/* Look up whole clusters [c, c+k) for a zero or trim and reserve a
+ * prefix of them (at most MAX_RUN).  Returns the clusters reserved, 0
+ * after waiting for a reservation, or -1.  Lock not held.
+ */
+static int64_t
+reserve_for_zero (struct qed_image *img, uint64_t c, uint64_t k,
+                  uint64_t *entries, struct reservation *res)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
+
+  if (is_reserved (img, c)) {
+    pthread_cond_wait (&img->cond, &img->lock);
+    return 0;
+  }
+  k = run_length (img, c, MIN (k, (uint64_t) MAX_RUN));
+  for (uint64_t i = 0; i < k; ++i)
+    if (qed_get_entry (img, c + i, &entries[i]) == -1)
+      return -1;
+  reserve (img, res, c, c + k - 1);
+  return k;
+}
+
+/* The data clusters among entries: punch them (unmap; freed[i] says
+ * which were) or zero them in place.  Lock not held. */
+static int
+clear_data_clusters (struct qed_image *img, uint64_t c, uint64_t k,
+                     const uint64_t *entries, bool *freed,
+                     unsigned flags, bool trim)
+{
+  bool unmap = trim || (flags & QED_ZERO_MAY_UNMAP);
+
+  for (uint64_t i = 0; i < k; ++i) {
+    uint64_t len = qed_cluster_end (img, c + i)
+      - qed_cluster_start (img, c + i);
+    freed[i] = false;
+    if (entries[i] <= QED_ENTRY_ZERO)
+      continue;
+    if (unmap) {
+      int p = punch (img, entries[i], img->cs);
+      if (p == -1)
+        return -1;
+      if (p == 1) {
+        freed[i] = true;
+        continue;
+      }
+    }
+    if (trim)
+      continue;                 /* advisory: keep the data */
+    if (zero_in_place (img, entries[i], len, flags & QED_ZERO_FAST) == -1)
+      return -1;
+  }
+  return 0;
+}
+
+/* The new entries: a freed data cluster goes to pending_free, and it
+ * or an unallocated cluster becomes a zero cluster if a layer beneath
+ * must stay hidden.  Lock not held. */
+static int
+commit_zeroed (struct qed_image *img, const struct qed_below *below,
+               uint64_t c, uint64_t k, const uint64_t *entries,
+               const bool *freed)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
+
+  for (uint64_t i = 0; i < k; ++i) {
+    uint64_t e = entries[i], ne = e;
+    if (e > QED_ENTRY_ZERO && freed[i]) {
+      ne = below ? QED_ENTRY_ZERO : QED_ENTRY_UNALLOCATED;
+      if (offset_list_append (&img->pending_free, e) == -1)
+        return -1;
+    }
+    else if (e == QED_ENTRY_UNALLOCATED && below)
+      ne = QED_ENTRY_ZERO;
+    if (ne != e && qed_set_entry (img, c + i, ne) == -1)
+      return -1;
+  }
+  return 0;
+}
+
 /* Zero (or trim) whole clusters [c, c+k).  Processes a prefix and
  * returns the number of clusters done (0 after waiting for a
  * reservation), or -1.  Lock not held.
@@ -286,77 +486,15 @@ zero_whole (struct qed_image *img, const struct qed_below *below,
   uint64_t entries[MAX_RUN];
   bool freed[MAX_RUN];
   struct reservation res;
-  bool unmap = trim || (flags & QED_ZERO_MAY_UNMAP);
-  bool fast = flags & QED_ZERO_FAST;
-  int64_t r = -1;
+  int64_t n = reserve_for_zero (img, c, k, entries, &res);
 
-  pthread_mutex_lock (&img->lock);
-  if (is_reserved (img, c)) {
-    pthread_cond_wait (&img->cond, &img->lock);
-    pthread_mutex_unlock (&img->lock);
-    return 0;
-  }
-  k = run_length (img, c, MIN (k, (uint64_t) MAX_RUN));
-  for (uint64_t i = 0; i < k; ++i) {
-    if (qed_get_entry (img, c + i, &entries[i]) == -1) {
-      pthread_mutex_unlock (&img->lock);
-      return -1;
-    }
-  }
-  reserve (img, &res, c, c + k - 1);
-  pthread_mutex_unlock (&img->lock);
-
-  /* Data clusters: punch (unmap) or zero in place, outside the lock. */
-  for (uint64_t i = 0; i < k; ++i) {
-    uint64_t len = qed_cluster_end (img, c + i)
-      - qed_cluster_start (img, c + i);
-    freed[i] = false;
-    if (entries[i] <= QED_ENTRY_ZERO)
-      continue;
-    if (unmap) {
-      int p = punch (img, entries[i], img->cs);
-      if (p == -1)
-        goto out;
-      if (p == 1) {
-        freed[i] = true;
-        continue;
-      }
-    }
-    if (trim)
-      continue;                 /* advisory: keep the data */
-    if (zero_in_place (img, entries[i], len, fast) == -1)
-      goto out;
-  }
-
-  pthread_mutex_lock (&img->lock);
-  for (uint64_t i = 0; i < k; ++i) {
-    uint64_t e = entries[i], ne = e;
-    if (e > QED_ENTRY_ZERO && freed[i]) {
-      ne = below ? QED_ENTRY_ZERO : QED_ENTRY_UNALLOCATED;
-      if (offset_list_append (&img->pending_free, e) == -1) {
-        pthread_mutex_unlock (&img->lock);
-        goto out;
-      }
-    }
-    else if (e == QED_ENTRY_UNALLOCATED && below)
-      ne = QED_ENTRY_ZERO;
-    if (ne != e && qed_set_entry (img, c + i, ne) == -1) {
-      pthread_mutex_unlock (&img->lock);
-      goto out;
-    }
-  }
-  pthread_mutex_unlock (&img->lock);
-  r = k;
-
- out:
-  {
-    int err = errno;
-    pthread_mutex_lock (&img->lock);
-    unreserve (img, &res);
-    pthread_mutex_unlock (&img->lock);
-    errno = err;
-  }
-  return r;
+  if (n <= 0)
+    return n;
+  if (clear_data_clusters (img, c, n, entries, freed, flags, trim) == -1 ||
+      commit_zeroed (img, below, c, n, entries, freed) == -1)
+    n = -1;
+  release (img, &res);
+  return n;
 }
 
 /* Zero or trim part of one cluster. */
@@ -364,15 +502,10 @@ static int
 zero_partial (struct qed_image *img, const struct qed_below *below,
               uint64_t count, uint64_t offset, unsigned flags, bool trim)
 {
-  uint64_t c = qed_cluster_index (img, offset), e;
+  uint64_t e;
 
-  pthread_mutex_lock (&img->lock);
-  if (qed_get_entry (img, c, &e) == -1) {
-    pthread_mutex_unlock (&img->lock);
+  if (lookup_entry (img, qed_cluster_index (img, offset), &e) == -1)
     return -1;
-  }
-  pthread_mutex_unlock (&img->lock);
-
   if (e > QED_ENTRY_ZERO) {
     uint64_t fo = e + qed_offset_into_cluster (img, offset);
     if (trim)                   /* reads as zeros afterwards: allowed */
@@ -453,9 +586,8 @@ write_detect_zero (struct qed_image *img, const struct qed_below *below,
 static void
 op_begin (struct qed_image *img)
 {
-  pthread_mutex_lock (&img->lock);
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
   qed_op_begin (img);
-  pthread_mutex_unlock (&img->lock);
 }
 
 /* End a request.  Dirty table pages cannot be evicted, so when they
@@ -467,13 +599,24 @@ op_end (struct qed_image *img, int r)
   int err = errno;
   bool too_dirty;
 
-  pthread_mutex_lock (&img->lock);
-  qed_op_end (img);
-  too_dirty = img->ndirty > img->max_pages / 2;
-  pthread_mutex_unlock (&img->lock);
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
+    qed_op_end (img);
+    too_dirty = img->ndirty > img->max_pages / 2;
+  }
   if (r == 0 && too_dirty)
     return qed_flush (img);
   errno = err;
+  return r;
+}
+
+/* op_end, then the flush that FUA asks for. */
+static int
+finish_request (struct qed_image *img, int r, unsigned flags)
+{
+  r = op_end (img, r);
+  if (r == 0 && (flags & QED_WRITE_FUA))
+    r = qed_flush (img);
   return r;
 }
 
@@ -493,10 +636,7 @@ qed_write (struct qed_image *img, const struct qed_below *below,
     r = write_detect_zero (img, below, buf, count, offset);
   else
     r = write_data (img, below, buf, count, offset);
-  r = op_end (img, r);
-  if (r == 0 && (flags & QED_WRITE_FUA))
-    r = qed_flush (img);
-  return r;
+  return finish_request (img, r, flags);
 }
 
 static int
@@ -512,10 +652,7 @@ zero_request (struct qed_image *img, const struct qed_below *below,
   }
   op_begin (img);
   r = zero_range (img, below, count, offset, flags, trim);
-  r = op_end (img, r);
-  if (r == 0 && (flags & QED_WRITE_FUA))
-    r = qed_flush (img);
-  return r;
+  return finish_request (img, r, flags);
 }
 
 int
@@ -532,13 +669,86 @@ qed_trim (struct qed_image *img, const struct qed_below *below,
   return zero_request (img, below, count, offset, flags, true);
 }
 
+/* Reserve the run of still unallocated clusters from c (at most limit)
+ * for a fill.  Returns its length, or 0 if c is reserved, no longer
+ * unallocated, or cannot be looked up: a cluster being changed, or
+ * already changed, keeps its new contents (the fill's data would be
+ * stale).  Lock not held.
+ */
+static uint64_t
+reserve_for_fill (struct qed_image *img, uint64_t c, uint64_t limit,
+                  struct reservation *res)
+{
+  uint64_t e, k, i;
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
+
+  if (is_reserved (img, c) || qed_get_entry (img, c, &e) == -1 ||
+      e != QED_ENTRY_UNALLOCATED)
+    return 0;
+  k = run_length (img, c, MIN (limit, (uint64_t) MAX_RUN));
+  for (i = 1; i < k; ++i)
+    if (qed_get_entry (img, c + i, &e) == -1 || e != QED_ENTRY_UNALLOCATED)
+      break;
+  reserve (img, res, c, c + i - 1);
+  return i;
+}
+
+/* Allocate, write and link n data clusters from guest cluster c of a
+ * fill whose buffer base holds [offset, offset+count).  Lock not held. */
+static int
+fill_data (struct qed_image *img, const char *base, uint64_t count,
+           uint64_t offset, uint64_t c, uint64_t n)
+{
+  uint64_t s = qed_cluster_start (img, c), newoff;
+  uint64_t len = MIN (qed_cluster_start (img, c + n), offset + count) - s;
+
+  if (alloc_clusters (img, n, &newoff) == -1)
+    return -1;
+  if (pwrite_full (img->fd, base + (s - offset), len, newoff) == -1) {
+    qed_error ("%s: write at 0x%" PRIx64 ": %m", img->filename, newoff);
+    return -1;
+  }
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
+  return link_clusters (img, c, n, newoff);
+}
+
+/* Fill the reserved run [c, c+k): each run of data clusters gets new
+ * clusters, zero clusters become zero entries; then release it. */
+static int
+fill_run (struct qed_image *img, struct reservation *res,
+          const char *base, uint64_t count, uint64_t offset,
+          uint64_t c, uint64_t k, bool detect_zero, bool known_zero)
+{
+  bool zero[MAX_RUN];
+  uint64_t i, j;
+  int r = 0;
+
+  for (i = 0; i < k; ++i) {
+    uint64_t s = qed_cluster_start (img, c + i);
+    uint64_t send = MIN (qed_cluster_end (img, c + i), offset + count);
+    zero[i] = known_zero ||
+      (detect_zero && is_zero (base + (s - offset), send - s));
+  }
+  for (i = 0; i < k && r == 0; i = j) {
+    for (j = i + 1; j < k && zero[j] == zero[i]; ++j)
+      ;
+    if (!zero[i])
+      r = fill_data (img, base, count, offset, c + i, j - i);
+  }
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
+  for (i = 0; i < k && r == 0; ++i)
+    if (zero[i])
+      r = qed_set_entry (img, c + i, QED_ENTRY_ZERO);
+  unreserve (img, res);
+  return r;
+}
+
 int
 qed_fill (struct qed_image *img, const void *buf, uint64_t count,
           uint64_t offset, bool detect_zero, bool known_zero)
 {
   uint64_t c = qed_cluster_index (img, offset);
   uint64_t end_c = qed_bytes_to_clusters (img, offset + count);
-  const char *base = buf;
   int r = 0;
 
   assert (qed_offset_is_cluster_aligned (img, offset));
@@ -548,69 +758,15 @@ qed_fill (struct qed_image *img, const void *buf, uint64_t count,
     return 0;
   op_begin (img);
   while (c < end_c && r == 0) {
-    uint64_t e, k, i;
-    bool zero[MAX_RUN];
     struct reservation res;
+    uint64_t k = reserve_for_fill (img, c, end_c - c, &res);
 
-    pthread_mutex_lock (&img->lock);
-    /* A cluster being changed, or already changed, keeps its new
-     * contents: the fill's data would be stale. */
-    if (is_reserved (img, c) || qed_get_entry (img, c, &e) == -1 ||
-        e != QED_ENTRY_UNALLOCATED) {
-      pthread_mutex_unlock (&img->lock);
+    if (k == 0) {
       c++;
       continue;
     }
-    k = run_length (img, c, MIN (end_c - c, (uint64_t) MAX_RUN));
-    for (i = 1; i < k; ++i) {
-      if (qed_get_entry (img, c + i, &e) == -1 || e != QED_ENTRY_UNALLOCATED)
-        break;
-    }
-    k = i;
-    reserve (img, &res, c, c + k - 1);
-    pthread_mutex_unlock (&img->lock);
-
-    for (i = 0; i < k; ++i) {
-      uint64_t s = qed_cluster_start (img, c + i);
-      uint64_t send = MIN (qed_cluster_end (img, c + i), offset + count);
-      zero[i] = known_zero ||
-        (detect_zero && is_zero (base + (s - offset), send - s));
-    }
-
-    /* Allocate and write each run of data clusters, then commit. */
-    for (i = 0; i < k && r == 0; ) {
-      uint64_t j = i, newoff, s, len;
-      if (zero[i]) {
-        i++;
-        continue;
-      }
-      while (j < k && !zero[j])
-        j++;
-      pthread_mutex_lock (&img->lock);
-      r = qed_alloc_clusters (img, j - i, &newoff);
-      pthread_mutex_unlock (&img->lock);
-      if (r == -1)
-        break;
-      s = qed_cluster_start (img, c + i);
-      len = MIN (qed_cluster_start (img, c + j), offset + count) - s;
-      if (pwrite_full (img->fd, base + (s - offset), len, newoff) == -1) {
-        qed_error ("%s: write at 0x%" PRIx64 ": %m", img->filename, newoff);
-        r = -1;
-        break;
-      }
-      pthread_mutex_lock (&img->lock);
-      for (uint64_t m = i; m < j && r == 0; ++m)
-        r = qed_set_entry (img, c + m,
-                          newoff + qed_clusters_to_bytes (img, m - i));
-      pthread_mutex_unlock (&img->lock);
-      i = j;
-    }
-    pthread_mutex_lock (&img->lock);
-    for (i = 0; i < k && r == 0; ++i)
-      if (zero[i])
-        r = qed_set_entry (img, c + i, QED_ENTRY_ZERO);
-    unreserve (img, &res);
-    pthread_mutex_unlock (&img->lock);
+    r = fill_run (img, &res, buf, count, offset, c, k, detect_zero,
+                  known_zero);
     c += k;
   }
   return op_end (img, r);
