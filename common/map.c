@@ -65,6 +65,53 @@ qed_map (struct qed_image *img, uint64_t offset, uint64_t count,
   return 0;
 }
 
+/* Read the run m at offset into p. */
+static int
+read_run (struct qed_image *img, const struct qed_below *below,
+          char *p, uint64_t offset, const struct qed_map *m)
+{
+  switch (m->type) {
+  case QED_MAP_DATA:
+    if (pread_full (img->fd, p, m->length, m->file_offset) == -1) {
+      qed_error ("%s: read at 0x%" PRIx64 ": %m", img->filename,
+                 m->file_offset);
+      return -1;
+    }
+    return 0;
+  case QED_MAP_ZERO:
+    memset (p, 0, m->length);
+    return 0;
+  case QED_MAP_UNALLOCATED:
+    if (below == NULL)
+      memset (p, 0, m->length);
+    else if (below->read (below->opaque, p, m->length, offset) == -1) {
+      if (errno == 0)
+        errno = EIO;
+      return -1;
+    }
+    return 0;
+  }
+  abort ();
+}
+
+static void
+op_begin (struct qed_image *img)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
+  qed_op_begin (img);
+}
+
+/* Preserves errno. */
+static void
+op_end (struct qed_image *img)
+{
+  int err = errno;
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
+
+  qed_op_end (img);
+  errno = err;
+}
+
 int
 qed_read (struct qed_image *img, const struct qed_below *below,
           void *buf, uint64_t count, uint64_t offset)
@@ -73,52 +120,20 @@ qed_read (struct qed_image *img, const struct qed_below *below,
   int r = 0;
 
   assert (offset <= img->h.image_size && count <= img->h.image_size - offset);
-  pthread_mutex_lock (&img->lock);
-  qed_op_begin (img);
-  pthread_mutex_unlock (&img->lock);
-
+  op_begin (img);
   while (count > 0) {
     struct qed_map m;
 
-    if (qed_map (img, offset, count, &m) == -1) {
+    if (qed_map (img, offset, count, &m) == -1 ||
+        read_run (img, below, p, offset, &m) == -1) {
       r = -1;
       break;
     }
-    switch (m.type) {
-    case QED_MAP_DATA:
-      if (pread_full (img->fd, p, m.length, m.file_offset) == -1) {
-        qed_error ("%s: read at 0x%" PRIx64 ": %m", img->filename,
-                   m.file_offset);
-        r = -1;
-      }
-      break;
-    case QED_MAP_ZERO:
-      memset (p, 0, m.length);
-      break;
-    case QED_MAP_UNALLOCATED:
-      if (below == NULL)
-        memset (p, 0, m.length);
-      else if (below->read (below->opaque, p, m.length, offset) == -1) {
-        if (errno == 0)
-          errno = EIO;
-        r = -1;
-      }
-      break;
-    }
-    if (r == -1)
-      break;
     p += m.length;
     offset += m.length;
     count -= m.length;
   }
-
-  {
-    int err = errno;
-    pthread_mutex_lock (&img->lock);
-    qed_op_end (img);
-    pthread_mutex_unlock (&img->lock);
-    errno = err;
-  }
+  op_end (img);
   return r;
 }
 

@@ -304,6 +304,18 @@ qed_get_entry (struct qed_image *img, uint64_t cluster, uint64_t *entry)
   return 0;
 }
 
+/* Lock held. */
+static void
+mark_dirty (struct qed_image *img, struct l2_page *p)
+{
+  if (!p->dirty) {
+    p->dirty = true;
+    p->dnext = img->dirty_list;
+    img->dirty_list = p;
+    img->ndirty++;
+  }
+}
+
 int
 qed_set_entry (struct qed_image *img, uint64_t cluster, uint64_t entry)
 {
@@ -331,12 +343,7 @@ qed_set_entry (struct qed_image *img, uint64_t cluster, uint64_t entry)
     return -1;
   }
   p->entries[idx % L2_PAGE_ENTRIES] = entry;
-  if (!p->dirty) {
-    p->dirty = true;
-    p->dnext = img->dirty_list;
-    img->dirty_list = p;
-    img->ndirty++;
-  }
+  mark_dirty (img, p);
   return 0;
 }
 
@@ -359,110 +366,122 @@ struct page_copy {
  * back before our write lands would lose entries.  If a step fails,
  * the copied pages are marked dirty again.
  */
+struct writeback {
+  struct page_copy *copies;     /* mmap'd */
+  size_t n, bytes;
+};
+
+/* Step 1.  Lock not held. */
+static int
+copy_dirty_pages (struct qed_image *img, struct writeback *wb)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
+  size_t cap = img->ndirty;
+
+  for (uint64_t i = 0; i < qed_l1_pages (img); ++i)
+    cap += img->l1_dirty[i];
+  /* mmap, not malloc: a large freed malloc block would raise glibc's
+   * mmap threshold and stay in some thread's arena for good. */
+  if (cap > 0) {
+    wb->bytes = cap * sizeof *wb->copies;
+    wb->copies = mmap (NULL, wb->bytes, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (wb->copies == MAP_FAILED) {
+      wb->copies = NULL;
+      qed_error ("mmap: %m");
+      return -1;
+    }
+  }
+  /* L2 pages first: a new table's entries go out with or before the
+   * L1 entry that links it (both only point at durable clusters).
+   */
+  for (struct l2_page *p = img->dirty_list; p; p = p->dnext) {
+    struct page_copy *c = &wb->copies[wb->n++];
+    c->offset = p->offset;
+    c->page = p;
+    p->pinned = true;
+    memcpy (c->data, p->entries, L2_PAGE_BYTES);
+    p->dirty = false;
+  }
+  img->dirty_list = NULL;
+  img->ndirty = 0;
+  for (uint64_t i = 0; i < qed_l1_pages (img); ++i) {
+    if (img->l1_dirty[i]) {
+      struct page_copy *c = &wb->copies[wb->n++];
+      c->offset = img->l1_start + i * L2_PAGE_BYTES;
+      c->page = NULL;
+      memcpy (c->data, &img->l1[i * L2_PAGE_ENTRIES], L2_PAGE_BYTES);
+      img->l1_dirty[i] = false;
+    }
+  }
+  assert (wb->n == cap);
+  return 0;
+}
+
+/* Steps 2 and 3.  Lock not held. */
+static int
+write_copies (struct qed_image *img, struct writeback *wb)
+{
+  if (fdatasync (img->fd) == -1) {
+    qed_error ("%s: fdatasync: %m", img->filename);
+    return -1;
+  }
+  if (wb->n == 0)
+    return 0;
+  for (size_t i = 0; i < wb->n; ++i) {
+    struct page_copy *c = &wb->copies[i];
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+    for (size_t j = 0; j < L2_PAGE_ENTRIES; ++j)
+      c->data[j] = htole64 (c->data[j]);
+#endif
+    if (pwrite_full (img->fd, c->data, L2_PAGE_BYTES, c->offset) == -1) {
+      qed_error ("%s: cannot write table at 0x%" PRIx64 ": %m",
+                 img->filename, c->offset);
+      return -1;
+    }
+  }
+  if (fdatasync (img->fd) == -1) {
+    qed_error ("%s: fdatasync: %m", img->filename);
+    return -1;
+  }
+  return 0;
+}
+
+/* Unpin the copied pages; if the writeback failed, mark them dirty
+ * again so that a later flush retries.  Lock not held. */
+static void
+finish_copies (struct qed_image *img, struct writeback *wb, bool written)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
+
+  for (size_t i = 0; i < wb->n; ++i) {
+    struct l2_page *p = wb->copies[i].page;
+    if (p)
+      p->pinned = false;
+    if (written)
+      continue;
+    if (p == NULL)
+      img->l1_dirty[(wb->copies[i].offset - img->l1_start)
+                    / L2_PAGE_BYTES] = true;
+    else
+      mark_dirty (img, p);
+  }
+}
+
 int
 qed_writeback (struct qed_image *img)
 {
-  struct page_copy *copies = NULL;
-  size_t n = 0, i;
-  struct l2_page *p;
-  size_t copies_bytes = 0;
-  int r = -1, saved_errno = 0;
+  struct writeback wb = { .copies = NULL };
+  int r, err;
 
-  pthread_mutex_lock (&img->lock);
-  {
-    size_t cap = img->ndirty;
-    for (i = 0; i < qed_l1_pages (img); ++i)
-      cap += img->l1_dirty[i];
-    /* mmap, not malloc: a large freed malloc block would raise glibc's
-     * mmap threshold and stay in some thread's arena for good. */
-    if (cap > 0) {
-      copies_bytes = cap * sizeof *copies;
-      copies = mmap (NULL, copies_bytes, PROT_READ | PROT_WRITE,
-                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-      if (copies == MAP_FAILED) {
-        copies = NULL;
-        pthread_mutex_unlock (&img->lock);
-        qed_error ("mmap: %m");
-        return -1;
-      }
-    }
-    /* L2 pages first: a new table's entries go out with or before the
-     * L1 entry that links it (both only point at durable clusters).
-     */
-    for (p = img->dirty_list; p; p = p->dnext) {
-      copies[n].offset = p->offset;
-      copies[n].page = p;
-      p->pinned = true;
-      memcpy (copies[n].data, p->entries, L2_PAGE_BYTES);
-      p->dirty = false;
-      n++;
-    }
-    img->dirty_list = NULL;
-    img->ndirty = 0;
-    for (i = 0; i < qed_l1_pages (img); ++i) {
-      if (img->l1_dirty[i]) {
-        copies[n].offset = img->l1_start + i * L2_PAGE_BYTES;
-        copies[n].page = NULL;
-        memcpy (copies[n].data, &img->l1[i * L2_PAGE_ENTRIES], L2_PAGE_BYTES);
-        img->l1_dirty[i] = false;
-        n++;
-      }
-    }
-  }
-  pthread_mutex_unlock (&img->lock);
-
-  if (fdatasync (img->fd) == -1) {
-    qed_error ("%s: fdatasync: %m", img->filename);
-    goto fail;
-  }
-  if (n == 0) {
-    r = 0;
-    goto out;
-  }
-  for (i = 0; i < n; ++i) {
-#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
-    for (size_t j = 0; j < L2_PAGE_ENTRIES; ++j)
-      copies[i].data[j] = htole64 (copies[i].data[j]);
-#endif
-    if (pwrite_full (img->fd, copies[i].data, L2_PAGE_BYTES,
-                     copies[i].offset) == -1) {
-      qed_error ("%s: cannot write table at 0x%" PRIx64 ": %m",
-                 img->filename, copies[i].offset);
-      goto fail;
-    }
-  }
-  if (fdatasync (img->fd) == -1) {
-    qed_error ("%s: fdatasync: %m", img->filename);
-    goto fail;
-  }
-  r = 0;
-  goto out;
-
- fail:
-  saved_errno = errno;
- out:
-  pthread_mutex_lock (&img->lock);
-  for (i = 0; i < n; ++i) {
-    p = copies[i].page;
-    if (p)
-      p->pinned = false;
-    if (r == 0)
-      continue;
-    /* Mark the copied pages dirty again so a later flush retries. */
-    if (p == NULL)
-      img->l1_dirty[(copies[i].offset - img->l1_start) / L2_PAGE_BYTES] = true;
-    else if (!p->dirty) {
-      p->dirty = true;
-      p->dnext = img->dirty_list;
-      img->dirty_list = p;
-      img->ndirty++;
-    }
-  }
-  pthread_mutex_unlock (&img->lock);
-  if (copies)
-    munmap (copies, copies_bytes);
-  if (r == -1)
-    errno = saved_errno;
+  if (copy_dirty_pages (img, &wb) == -1)
+    return -1;
+  r = write_copies (img, &wb);
+  err = errno;
+  finish_copies (img, &wb, r == 0);
+  if (wb.copies)
+    munmap (wb.copies, wb.bytes);
+  errno = err;
   return r;
 }
 
