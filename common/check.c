@@ -18,6 +18,7 @@
  * runs with no request in flight: at open, or at close (compaction).
  */
 
+#include <assert.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <stdint.h>
@@ -321,25 +322,58 @@ struct move {
 struct table_move {
   uint64_t l1i, dst;            /* L1 index, new table offset */
 };
+struct reclaim_plan {
+  struct move *moves;
+  uint64_t nmoves;
+  size_t cap;
+  struct table_move *tmoves;
+  size_t ntmoves;
+  uint64_t park_end;            /* cluster after the parked tables, or 0 */
+};
+
+/* Passes of reclaim that prepare the next one (see plan_sink_and_park). */
+#define MAX_RECLAIM_PASSES 16
 
 static int
-add_move (struct move **moves, uint64_t *n, size_t *cap,
-          uint64_t src, uint64_t dst)
+add_move (struct reclaim_plan *pl, uint64_t src, uint64_t dst)
 {
-  if (*n == *cap) {
-    struct move *m;
-    size_t c = *cap ? *cap * 2 : 64;
-    m = realloc (*moves, c * sizeof *m);
+  if (pl->nmoves == pl->cap) {
+    size_t c = pl->cap ? pl->cap * 2 : 64;
+    struct move *m = realloc (pl->moves, c * sizeof *m);
     if (m == NULL) {
       qed_error ("realloc: %m");
       return -1;
     }
-    *moves = m;
-    *cap = c;
+    pl->moves = m;
+    pl->cap = c;
   }
-  (*moves)[*n].src = src;
-  (*moves)[*n].dst = dst;
-  (*n)++;
+  pl->moves[pl->nmoves].src = src;
+  pl->moves[pl->nmoves].dst = dst;
+  pl->nmoves++;
+  return 0;
+}
+
+/* Move the table of L1 entry l1i from cluster src to cluster dst. */
+static int
+add_table_move (struct checker *ck, struct reclaim_plan *pl, uint64_t l1i,
+                uint64_t src, uint64_t dst)
+{
+  struct qed_image *img = ck->img;
+  struct table_move *tm = realloc (pl->tmoves,
+                                   (pl->ntmoves + 1) * sizeof *tm);
+
+  if (tm == NULL) {
+    qed_error ("realloc: %m");
+    return -1;
+  }
+  pl->tmoves = tm;
+  tm[pl->ntmoves].l1i = l1i;
+  tm[pl->ntmoves].dst = qed_cluster_start (img, dst);
+  pl->ntmoves++;
+  for (uint64_t k = 0; k < img->h.table_size; ++k)
+    if (add_move (pl, qed_cluster_start (img, src + k),
+                  qed_cluster_start (img, dst + k)) == -1)
+      return -1;
   return 0;
 }
 
@@ -350,190 +384,215 @@ move_cmp (const void *a, const void *b)
   return x->src < y->src ? -1 : x->src > y->src;
 }
 
-/* Passes of reclaim that prepare the next one (see below). */
-#define MAX_RECLAIM_PASSES 16
-static _Thread_local unsigned again_depth;
+/* The L1 index of the table at cluster t (moved there in this pass, or
+ * linked there), or l1_entries if none (the L1 or the header). */
+static uint64_t
+table_owner (const struct checker *ck, const struct reclaim_plan *pl,
+             uint64_t t)
+{
+  const struct qed_image *img = ck->img;
+  uint64_t i;
 
-static int64_t
-reclaim (struct checker *ck)
+  for (i = 0; i < img->l1_entries; ++i)
+    if (img->l1[i] == qed_cluster_start (img, t))
+      break;
+  for (size_t k = 0; k < pl->ntmoves; ++k)
+    if (pl->tmoves[k].dst == qed_cluster_start (img, t))
+      i = pl->tmoves[k].l1i;
+  return i;
+}
+
+/* No room below the table at cluster t.  Prepare the next pass (after
+ * this one's table updates are durable, vacated clusters are holes):
+ * sink every data cluster above the lowest hole into the lowest holes
+ * (data fits anywhere), so that only tables and holes are left above
+ * it, and park those tables after the end of the file.  The next pass
+ * then finds one run of holes from the lowest hole up, and packs the
+ * parked tables into it.  (Only parking the top table, or sinking only
+ * the data right below it, can cycle: with stacked tables above a
+ * single hole, or with data between the hole and the tables.)
+ */
+static int
+plan_sink_and_park (struct checker *ck, struct reclaim_plan *pl,
+                    uint64_t lo, uint64_t t, uint64_t top, unsigned pass)
 {
   struct qed_image *img = ck->img;
-  uint64_t first = qed_cluster_index (img, img->header_end);
-  uint64_t top = qed_cluster_index (img, img->file_end), lo = first;
-  uint64_t nmoves = 0, new_end, removed, park_end = 0;
-  CLEANUP_FREE struct move *moves = NULL;
-  CLEANUP_FREE struct table_move *tmoves = NULL;
-  CLEANUP_FREE void *tmp = NULL;
-  size_t cap = 0, ntmoves = 0;
+  uint64_t hi = t, pe = qed_cluster_index (img, img->file_end);
 
-  /* Pair the highest data clusters with the lowest holes. */
+  if (pass >= MAX_RECLAIM_PASSES)
+    return 0;
   for (;;) {
-    while (top > first && !bm_get (&ck->used, top - 1))
-      top--;                    /* trailing leak: truncated below */
-    while (lo < top && bm_get (&ck->used, lo))
+    while (lo < hi && bm_get (&ck->used, lo))
       lo++;
-    if (lo >= top)
+    while (hi > lo && (!bm_get (&ck->used, hi - 1) ||
+                       bm_get (&ck->table, hi - 1)))
+      hi--;
+    if (lo >= hi)
       break;
-    if (bm_get (&ck->table, top - 1)) {
-      /* An L2 table ends here (tables are allocated after the data
-       * they map, so freed space usually lies below one). */
-      uint64_t ts = img->h.table_size, t, p, run = 0, i;
-      struct table_move *tm;
-      if (top - first < ts)
-        break;
-      t = top - ts;
-      for (i = 0; i < img->l1_entries; ++i)
-        if (img->l1[i] == qed_cluster_start (img, t))
-          break;
-      for (size_t k = 0; k < ntmoves; ++k)
-        if (tmoves[k].dst == qed_cluster_start (img, t))
-          i = tmoves[k].l1i;    /* moved in this pass */
-      if (i == img->l1_entries)
-        break;                  /* the L1 or the header */
-      for (p = lo; p < t && run < ts; ++p)
-        run = bm_get (&ck->used, p) ? 0 : run + 1;
-      if (run < ts) {
-        /* No room below the table.  Prepare the next pass (after this
-         * one's table updates are durable, vacated clusters are holes):
-         * sink every data cluster above the lowest hole into the lowest
-         * holes (data fits anywhere), so that only tables and holes are
-         * left above it, and park those tables after the end of the
-         * file.  The next pass then finds one run of holes from the
-         * lowest hole up, and packs the parked tables into it.  (Only
-         * parking the top table, or sinking only the data right below
-         * it, can cycle: with stacked tables above a single hole, or
-         * with data between the hole and the tables.) */
-        uint64_t hi = t, pe = qed_cluster_index (img, img->file_end);
-        if (again_depth >= MAX_RECLAIM_PASSES)
-          break;
-        for (;;) {
-          while (lo < hi && bm_get (&ck->used, lo))
-            lo++;
-          while (hi > lo && (!bm_get (&ck->used, hi - 1) ||
-                             bm_get (&ck->table, hi - 1)))
-            hi--;
-          if (lo >= hi)
-            break;
-          if (add_move (&moves, &nmoves, &cap, qed_cluster_start (img, hi - 1),
-                        qed_cluster_start (img, lo)) == -1)
-            return -1;
-          bm_set (&ck->used, lo);
-          hi--;
-        }
-        for (uint64_t l = 0; l < img->l1_entries; ++l) {
-          uint64_t s = qed_cluster_index (img, img->l1[l]);
-          bool moved = false;
-          if (img->l1[l] == 0 || s < lo || s >= top)
-            continue;
-          for (size_t k = 0; k < ntmoves; ++k)
-            moved |= tmoves[k].l1i == l;
-          if (moved)
-            continue;           /* already going down in this pass */
-          tm = realloc (tmoves, (ntmoves + 1) * sizeof *tm);
-          if (tm == NULL) {
-            qed_error ("realloc: %m");
-            return -1;
-          }
-          tmoves = tm;
-          tmoves[ntmoves].l1i = l;
-          tmoves[ntmoves].dst = qed_cluster_start (img, pe);
-          ntmoves++;
-          for (uint64_t k = 0; k < ts; ++k)
-            if (add_move (&moves, &nmoves, &cap, qed_cluster_start (img, s + k),
-                          qed_cluster_start (img, pe + k)) == -1)
-              return -1;
-          pe += ts;
-        }
-        if (pe > qed_cluster_index (img, img->file_end))
-          park_end = pe;
-        if (nmoves > 0)
-          ck->again = true;
-        break;
-      }
-      p -= ts;
-      tm = realloc (tmoves, (ntmoves + 1) * sizeof *tm);
-      if (tm == NULL) {
-        qed_error ("realloc: %m");
+    if (add_move (pl, qed_cluster_start (img, hi - 1),
+                  qed_cluster_start (img, lo)) == -1)
+      return -1;
+    bm_set (&ck->used, lo);
+    hi--;
+  }
+  for (uint64_t l = 0; l < img->l1_entries; ++l) {
+    uint64_t s = qed_cluster_index (img, img->l1[l]);
+    bool moved = false;
+    if (img->l1[l] == 0 || s < lo || s >= top)
+      continue;
+    for (size_t k = 0; k < pl->ntmoves; ++k)
+      moved |= pl->tmoves[k].l1i == l;
+    if (moved)
+      continue;                 /* already going down in this pass */
+    if (add_table_move (ck, pl, l, s, pe) == -1)
+      return -1;
+    pe += img->h.table_size;
+  }
+  if (pe > qed_cluster_index (img, img->file_end))
+    pl->park_end = pe;
+  if (pl->nmoves > 0)
+    ck->again = true;
+  return 0;
+}
+
+/* An L2 table ends at cluster *top (tables are allocated after the
+ * data they map, so freed space usually lies below one): move it whole
+ * into the lowest run of holes below it.  Returns 1 to go on planning
+ * (*top lowered), 0 to stop, or -1.
+ */
+static int
+plan_table_move (struct checker *ck, struct reclaim_plan *pl,
+                 unsigned pass, uint64_t first, uint64_t lo, uint64_t *top)
+{
+  struct qed_image *img = ck->img;
+  uint64_t ts = img->h.table_size, t, p, run = 0, i;
+
+  if (*top - first < ts)
+    return 0;
+  t = *top - ts;
+  i = table_owner (ck, pl, t);
+  if (i == img->l1_entries)
+    return 0;                   /* the L1 or the header */
+  for (p = lo; p < t && run < ts; ++p)
+    run = bm_get (&ck->used, p) ? 0 : run + 1;
+  if (run < ts)
+    return plan_sink_and_park (ck, pl, lo, t, *top, pass) == -1 ? -1 : 0;
+  p -= ts;
+  if (add_table_move (ck, pl, i, t, p) == -1)
+    return -1;
+  mark (ck, qed_cluster_start (img, p), ts, true);
+  if (pl->park_end)
+    return 0;
+  *top = t;
+  return 1;
+}
+
+/* Pair the highest data clusters with the lowest holes.  *top is the
+ * cluster where the file can end once the moves are done. */
+static int
+plan_reclaim (struct checker *ck, struct reclaim_plan *pl, unsigned pass,
+              uint64_t *top)
+{
+  struct qed_image *img = ck->img;
+  uint64_t first = qed_cluster_index (img, img->header_end), lo = first;
+
+  *top = qed_cluster_index (img, img->file_end);
+  for (;;) {
+    while (*top > first && !bm_get (&ck->used, *top - 1))
+      (*top)--;                 /* trailing leak: truncated */
+    while (lo < *top && bm_get (&ck->used, lo))
+      lo++;
+    if (lo >= *top)
+      break;
+    if (bm_get (&ck->table, *top - 1)) {
+      int r = plan_table_move (ck, pl, pass, first, lo, top);
+      if (r == -1)
         return -1;
-      }
-      tmoves = tm;
-      tmoves[ntmoves].l1i = i;
-      tmoves[ntmoves].dst = qed_cluster_start (img, p);
-      ntmoves++;
-      for (uint64_t k = 0; k < ts; ++k)
-        if (add_move (&moves, &nmoves, &cap, qed_cluster_start (img, t + k),
-                      qed_cluster_start (img, p + k)) == -1)
-          return -1;
-      mark (ck, qed_cluster_start (img, p), ts, true);
-      if (park_end)
+      if (r == 0)
         break;
-      top = t;
       continue;
     }
-    if (add_move (&moves, &nmoves, &cap, qed_cluster_start (img, top - 1),
+    if (add_move (pl, qed_cluster_start (img, *top - 1),
                   qed_cluster_start (img, lo)) == -1)
       return -1;
     /* The hole now holds data: the scan for the new end must stop
      * above it, or the truncation would cut the moved clusters. */
     bm_set (&ck->used, lo);
     lo++;
-    top--;
+    (*top)--;
   }
-  new_end = qed_cluster_start (img, MAX (top, park_end));
-  if (new_end == img->file_end && nmoves == 0)
-    return 0;
+  return 0;
+}
 
-  if (nmoves > 0) {
-    /* 1. Copy, and make the copies durable. */
-    tmp = malloc (img->cs);
-    if (tmp == NULL) {
-      qed_error ("malloc: %m");
-      return -1;
-    }
-    for (uint64_t k = 0; k < nmoves; ++k)
-      if (copy_cluster (img, moves[k].src, moves[k].dst, tmp) == -1)
-        return -1;
-    if (fdatasync (img->fd) == -1) {
-      qed_error ("%s: fdatasync: %m", img->filename);
-      return -1;
-    }
-    /* 2. Point the tables at the copies: the L2 entries (in the
-     * moved tables' copies, not yet linked), then the L1. */
-    qsort (moves, nmoves, sizeof *moves, move_cmp);
-    for (size_t k = 0; k < ntmoves; ++k)
-      img->l1[tmoves[k].l1i] = tmoves[k].dst;
-    for (uint64_t i = 0; i < img->l1_entries; ++i) {
-      uint64_t t = img->l1[i];
-      bool changed = false;
-      if (t == 0)
-        continue;
-      if (pread_full (img->fd, ck->buf, img->table_bytes, t) == -1) {
-        qed_error ("%s: cannot read L2 table at 0x%" PRIx64 ": %m",
-                   img->filename, t);
-        return -1;
-      }
-      for (uint64_t j = 0; j < img->table_entries; ++j) {
-        struct move key = { .src = le64toh (ck->buf[j]) }, *m;
-        if (key.src <= QED_ENTRY_ZERO)
-          continue;
-        m = bsearch (&key, moves, nmoves, sizeof *moves, move_cmp);
-        if (m) {
-          ck->buf[j] = htole64 (m->dst);
-          changed = true;
-        }
-      }
-      if (changed &&
-          pwrite_full (img->fd, ck->buf, img->table_bytes, t) == -1) {
-        qed_error ("%s: cannot write L2 table at 0x%" PRIx64 ": %m",
-                   img->filename, t);
-        return -1;
-      }
-    }
-    if (ntmoves > 0 && write_l1 (ck) == -1)
-      return -1;
+/* Point the L2 table at t at the moved clusters' copies. */
+static int
+relink_table (struct checker *ck, const struct reclaim_plan *pl, uint64_t t)
+{
+  struct qed_image *img = ck->img;
+  bool changed = false;
+
+  if (pread_full (img->fd, ck->buf, img->table_bytes, t) == -1) {
+    qed_error ("%s: cannot read L2 table at 0x%" PRIx64 ": %m",
+               img->filename, t);
+    return -1;
   }
+  for (uint64_t j = 0; j < img->table_entries; ++j) {
+    struct move key = { .src = le64toh (ck->buf[j]) }, *m;
+    if (key.src <= QED_ENTRY_ZERO)
+      continue;
+    m = bsearch (&key, pl->moves, pl->nmoves, sizeof *pl->moves, move_cmp);
+    if (m) {
+      ck->buf[j] = htole64 (m->dst);
+      changed = true;
+    }
+  }
+  if (changed &&
+      pwrite_full (img->fd, ck->buf, img->table_bytes, t) == -1) {
+    qed_error ("%s: cannot write L2 table at 0x%" PRIx64 ": %m",
+               img->filename, t);
+    return -1;
+  }
+  return 0;
+}
 
-  /* 3. Cut the file. */
+/* 1. Copy, and make the copies durable.  2. Point the tables at the
+ * copies: the L2 entries (in the moved tables' copies, not yet
+ * linked), then the L1. */
+static int
+apply_moves (struct checker *ck, struct reclaim_plan *pl)
+{
+  struct qed_image *img = ck->img;
+  CLEANUP_FREE void *tmp = malloc (img->cs);
+
+  if (tmp == NULL) {
+    qed_error ("malloc: %m");
+    return -1;
+  }
+  for (uint64_t k = 0; k < pl->nmoves; ++k)
+    if (copy_cluster (img, pl->moves[k].src, pl->moves[k].dst, tmp) == -1)
+      return -1;
+  if (fdatasync (img->fd) == -1) {
+    qed_error ("%s: fdatasync: %m", img->filename);
+    return -1;
+  }
+  qsort (pl->moves, pl->nmoves, sizeof *pl->moves, move_cmp);
+  for (size_t k = 0; k < pl->ntmoves; ++k)
+    img->l1[pl->tmoves[k].l1i] = pl->tmoves[k].dst;
+  for (uint64_t i = 0; i < img->l1_entries; ++i)
+    if (img->l1[i] != 0 && relink_table (ck, pl, img->l1[i]) == -1)
+      return -1;
+  if (pl->ntmoves > 0 && write_l1 (ck) == -1)
+    return -1;
+  return 0;
+}
+
+/* 3. Cut the file.  Returns the number of clusters removed. */
+static int64_t
+truncate_reclaimed (struct checker *ck, uint64_t new_end, uint64_t nmoves)
+{
+  struct qed_image *img = ck->img;
+  uint64_t removed;
+
   if (fdatasync (img->fd) == -1 || ftruncate (img->fd, new_end) == -1 ||
       fdatasync (img->fd) == -1) {
     qed_error ("%s: cannot truncate leaked clusters: %m", img->filename);
@@ -550,17 +609,40 @@ reclaim (struct checker *ck)
   return removed;
 }
 
-int
-qed_check (struct qed_image *img, bool repair, struct qed_check_result *res)
+/* Plan, apply, truncate.  Returns the number of clusters truncated. */
+static int64_t
+reclaim (struct checker *ck, unsigned pass)
 {
-  struct checker ck = { .img = img, .repair = repair && !img->readonly,
-                        .res = res };
+  struct qed_image *img = ck->img;
+  struct reclaim_plan pl = { .moves = NULL };
+  uint64_t top, new_end;
+  int64_t r = -1;
+
+  if (plan_reclaim (ck, &pl, pass, &top) == -1)
+    goto out;
+  new_end = qed_cluster_start (img, MAX (top, pl.park_end));
+  if (new_end == img->file_end && pl.nmoves == 0)
+    r = 0;
+  else if (pl.nmoves == 0 || apply_moves (ck, &pl) == 0)
+    r = truncate_reclaimed (ck, new_end, pl.nmoves);
+ out:
+  free (pl.moves);
+  free (pl.tmoves);
+  return r;
+}
+
+/* One pass: walk the tables, count the leaks, and reclaim them.
+ * ck->again asks for another pass (see plan_sink_and_park). */
+static int
+check_pass (struct checker *ck, unsigned pass)
+{
+  struct qed_image *img = ck->img;
+  struct qed_check_result *res = ck->res;
   uint64_t n = qed_cluster_index (img, img->file_end);
-  int r = -1;
 
   memset (res, 0, sizeof *res);
   /* Repairs grow the file from file_end: drop the growth chunk first. */
-  if (repair && !img->readonly && qed_cut_tail (img) == -1)
+  if (ck->repair && qed_cut_tail (img) == -1)
     return -1;
   /* The walk reads the tables from the file: write back what is only
    * in memory first (nothing is dirty at open or in qed_compact). */
@@ -571,80 +653,116 @@ qed_check (struct qed_image *img, bool repair, struct qed_check_result *res)
     if (dirty && qed_writeback (img) == -1)
       return -1;
   }
-  ck.used.n = ck.table.n = n;
-  ck.used.bits = calloc ((n + 63) / 64 + 1, 8);
-  ck.table.bits = calloc ((n + 63) / 64 + 1, 8);
-  ck.buf = malloc (img->table_bytes);
-  if (!ck.used.bits || !ck.table.bits || !ck.buf) {
+  ck->used.n = ck->table.n = n;
+  ck->used.bits = calloc ((n + 63) / 64 + 1, 8);
+  ck->table.bits = calloc ((n + 63) / 64 + 1, 8);
+  ck->buf = malloc (img->table_bytes);
+  if (!ck->used.bits || !ck->table.bits || !ck->buf) {
     qed_error ("cannot allocate memory for the check: %m");
-    goto out;
+    return -1;
   }
   /* The header and the L1 table are in use. */
-  mark (&ck, 0, img->h.header_size, true);
-  mark (&ck, img->l1_start, img->h.table_size, true);
+  mark (ck, 0, img->h.header_size, true);
+  mark (ck, img->l1_start, img->h.table_size, true);
 
-  if (walk (&ck) == -1)
-    goto out;
-
-  if (res->check_errors == 0) {
-    for (uint64_t i = qed_cluster_index (img, img->header_end); i < n; ++i)
-      if (!bm_get (&ck.used, i))
-        res->leaks++;
-    if (res->leaks > 0)
-      qed_debug ("%s: %" PRIu64 " leaked clusters", img->filename,
-                 res->leaks);
-    if (ck.repair && res->leaks > 0) {
-      int64_t k = reclaim (&ck);
-      if (k == -1)
-        goto out;
-      res->leaks_fixed = k;
-      if (ck.again) {
-        /* Room was made below a table: a second walk moves it (before
-         * NEED_CHECK is cleared, so a crash still gets checked). */
-        struct qed_check_result res2;
-        int r2;
-        if (fdatasync (img->fd) == -1) {
-          qed_error ("%s: fdatasync: %m", img->filename);
-          goto out;
-        }
-        again_depth++;
-        r2 = qed_check (img, true, &res2);
-        again_depth--;
-        if (r2 == -1)
-          goto out;
-        {
-          /* Count leaks, not clusters truncated (a parked table's
-           * copy was truncated too). */
-          uint64_t left = res2.leaks - MIN (res2.leaks, res2.leaks_fixed);
-          res->leaks_fixed = res->leaks - MIN (res->leaks, left);
-        }
-        ck.wrote = true;
-      }
-    }
+  if (walk (ck) == -1)
+    return -1;
+  if (res->check_errors > 0)
+    return 0;
+  for (uint64_t i = qed_cluster_index (img, img->header_end); i < n; ++i)
+    if (!bm_get (&ck->used, i))
+      res->leaks++;
+  if (res->leaks > 0)
+    qed_debug ("%s: %" PRIu64 " leaked clusters", img->filename, res->leaks);
+  if (ck->repair && res->leaks > 0) {
+    int64_t k = reclaim (ck, pass);
+    if (k == -1)
+      return -1;
+    res->leaks_fixed = k;
   }
+  return 0;
+}
+
+static void
+check_pass_free (struct checker *ck)
+{
+  free (ck->used.bits);
+  free (ck->table.bits);
+  free (ck->buf);
+  ck->used.bits = ck->table.bits = ck->buf = NULL;
+}
+
+/* The end of a pass, after the passes it asked for: the free lists,
+ * the cache, and NEED_CHECK. */
+static int
+check_finish (struct checker *ck)
+{
+  struct qed_image *img = ck->img;
+  const struct qed_check_result *res = ck->res;
+
   /* The free lists described leaks, which are now accounted for (a
    * check without repair leaves them: the clusters are still free). */
-  if (ck.repair)
+  if (ck->repair)
     img->pending_free.len = img->flushed_free.len = img->free_list.len = 0;
   /* Repairs wrote tables behind the L2 cache: drop its stale pages. */
-  if (ck.wrote)
+  if (ck->wrote)
     qed_cache_drop (img);
-
-  if (ck.repair && ck.wrote && fdatasync (img->fd) == -1) {
+  if (ck->repair && ck->wrote && fdatasync (img->fd) == -1) {
     qed_error ("%s: fdatasync: %m", img->filename);
-    goto out;
+    return -1;
   }
-  if (ck.repair && res->check_errors == 0 &&
-      res->corruptions == res->corruptions_fixed && img->need_check) {
-    if (qed_clear_need_check (img) == -1)
-      goto out;
+  if (ck->repair && res->check_errors == 0 &&
+      res->corruptions == res->corruptions_fixed && img->need_check &&
+      qed_clear_need_check (img) == -1)
+    return -1;
+  return 0;
+}
+
+/* Passes run until one needs no other (at most MAX_RECLAIM_PASSES
+ * more); they finish in reverse order, each counting as fixed the
+ * leaks that the later passes did not leave. */
+int
+qed_check (struct qed_image *img, bool repair, struct qed_check_result *res)
+{
+  struct checker ck[MAX_RECLAIM_PASSES + 1];
+  struct qed_check_result later[MAX_RECLAIM_PASSES];
+  unsigned n = 0;
+
+  do {
+    int r;
+    ck[n] = (struct checker) {
+      .img = img, .repair = (n == 0 ? repair : true) && !img->readonly,
+      .res = n == 0 ? res : &later[n - 1],
+    };
+    r = check_pass (&ck[n], n);
+    check_pass_free (&ck[n]);
+    if (r == -1)
+      return -1;
+    if (ck[n].again) {
+      /* Room was made below a table: another pass moves it (before
+       * NEED_CHECK is cleared, so a crash still gets checked). */
+      if (fdatasync (img->fd) == -1) {
+        qed_error ("%s: fdatasync: %m", img->filename);
+        return -1;
+      }
+      ck[n].wrote = true;
+    }
+  } while (ck[n++].again);
+  assert (n <= MAX_RECLAIM_PASSES + 1);
+
+  for (unsigned i = n; i-- > 0; ) {
+    if (i + 1 < n) {
+      /* Count leaks, not clusters truncated (a parked table's copy was
+       * truncated too). */
+      const struct qed_check_result *next = ck[i + 1].res;
+      struct qed_check_result *r = ck[i].res;
+      uint64_t left = next->leaks - MIN (next->leaks, next->leaks_fixed);
+      r->leaks_fixed = r->leaks - MIN (r->leaks, left);
+    }
+    if (check_finish (&ck[i]) == -1)
+      return -1;
   }
-  r = 0;
- out:
-  free (ck.used.bits);
-  free (ck.table.bits);
-  free (ck.buf);
-  return r;
+  return 0;
 }
 
 /* At close: everything is written back and no request runs.  The
