@@ -4,8 +4,7 @@
  * NEED_CHECK is set (and made durable) before the first change after a
  * clean state, and cleared only when everything is written back, no
  * request is running and no cluster is leaked: at close, and from the
- * host's idle timer.  Header updates rewrite only the field they change
- * (8 bytes at offset 16 or 32), never the bytes after the header.
+ * host's idle timer (header.c writes the flag).
  */
 
 #include <assert.h>
@@ -26,20 +25,15 @@
 #include "seam.h"
 #include "util.h"
 
-int
-qed_create (const char *filename, const struct qed_create_options *opts)
+/* The header of a new image, after checking the options. */
+static int
+new_header (const struct qed_create_options *opts, struct qed_header *h)
 {
-  struct qed_header h = { 0 };
-  unsigned char hdr[QED_HEADER_BYTES];
   uint32_t cs = opts->cluster_size ? opts->cluster_size
     : QED_DEFAULT_CLUSTER_SIZE;
   uint32_t ts = opts->table_size ? opts->table_size : QED_DEFAULT_TABLE_SIZE;
   uint64_t size = ROUND_UP (opts->size, 512);
   size_t name_len = opts->backing_name ? strlen (opts->backing_name) : 0;
-  CLEANUP_FREE void *zeros = NULL;
-  CLEANUP_FREE char *dir = NULL, *tmpname = NULL;
-  char *slash;
-  int fd, dfd;
 
   if (opts->size > INT64_MAX - 511) {
     qed_error ("size %" PRIu64 " is too large", opts->size);
@@ -78,68 +72,69 @@ qed_create (const char *filename, const struct qed_create_options *opts)
     return -1;
   }
 
-  h.magic = QED_MAGIC;
-  h.cluster_size = cs;
-  h.table_size = ts;
-  h.header_size = 1;
-  h.l1_table_offset = cs;
-  h.image_size = size;
+  *h = (struct qed_header) {
+    .magic = QED_MAGIC, .cluster_size = cs, .table_size = ts,
+    .header_size = 1, .l1_table_offset = cs, .image_size = size,
+  };
   if (name_len > 0) {
-    h.features |= QED_F_BACKING_FILE;
+    h->features |= QED_F_BACKING_FILE;
     if (opts->backing_raw)
-      h.features |= QED_F_BACKING_FORMAT_NO_PROBE;
-    h.backing_filename_offset = QED_HEADER_BYTES;
-    h.backing_filename_size = name_len;
+      h->features |= QED_F_BACKING_FORMAT_NO_PROBE;
+    h->backing_filename_offset = QED_HEADER_BYTES;
+    h->backing_filename_size = name_len;
   }
-  qed_header_encode (hdr, &h);
+  return 0;
+}
 
-  /* The image is written under a temporary name in the same directory
-   * and linked into place only when complete and durable: a crash must
-   * never leave a partial image at `filename`, which every later start
-   * would refuse.  link() fails if `filename` exists, as O_EXCL did.
-   */
-  dir = strdup (filename);
-  tmpname = malloc (strlen (filename) + 64);
-  if (dir == NULL || tmpname == NULL) {
-    qed_error ("malloc: %m");
-    return -1;
-  }
-  slash = strrchr (dir, '/');
-  if (slash == NULL)
-    strcpy (dir, ".");
-  else
-    slash[slash == dir] = '\0';
+/* Create a file with a unique temporary name in dir (which must have
+ * room for the name in tmpname). */
+static int
+create_temporary (const char *filename, const char *dir, char *tmpname,
+                  mode_t mode)
+{
+  int fd;
+
   for (unsigned i = 0; ; ++i) {
     sprintf (tmpname, "%s/.qed-create.%ld.%u", dir, (long) getpid (), i);
-    fd = open (tmpname, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC,
-               opts->private_file ? 0600 : 0644);
+    fd = open (tmpname, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode);
     if (fd >= 0 || errno != EEXIST || i >= 1000)
       break;
   }
-  if (fd == -1) {
+  if (fd == -1)
     qed_error ("%s: cannot create: %m", filename);
-    return -1;
-  }
-  /* Like qemu-img: header, name at 64, an explicitly written zero L1,
-   * and the rest of the header cluster left as a hole.
-   */
-  zeros = calloc (1, (size_t) ts * cs);
+  return fd;
+}
+
+/* Like qemu-img: header, name at 64, an explicitly written zero L1,
+ * and the rest of the header cluster left as a hole.  Then sync.  A
+ * private file is made 0600 whatever the umask. */
+static int
+write_new_image (int fd, const struct qed_header *h, const char *name,
+                 bool private_file)
+{
+  unsigned char hdr[QED_HEADER_BYTES];
+  size_t l1_bytes = (size_t) h->table_size * h->cluster_size;
+  CLEANUP_FREE void *zeros = calloc (1, l1_bytes);
+
+  qed_header_encode (hdr, h);
   if (zeros == NULL ||
-      (opts->private_file && fchmod (fd, 0600) == -1) ||
+      (private_file && fchmod (fd, 0600) == -1) ||
       pwrite_full (fd, hdr, sizeof hdr, 0) == -1 ||
-      (name_len && pwrite_full (fd, opts->backing_name, name_len, 64) == -1) ||
-      pwrite_full (fd, zeros, (size_t) ts * cs, cs) == -1 ||
-      fsync (fd) == -1) {
-    qed_error ("%s: cannot write the new image: %m", filename);
-    close (fd);
-    unlink (tmpname);
+      (h->backing_filename_size &&
+       pwrite_full (fd, name, h->backing_filename_size,
+                    QED_HEADER_BYTES) == -1) ||
+      pwrite_full (fd, zeros, l1_bytes, h->cluster_size) == -1 ||
+      fsync (fd) == -1)
     return -1;
-  }
-  if (close (fd) == -1) {
-    qed_error ("%s: close: %m", filename);
-    unlink (tmpname);
-    return -1;
-  }
+  return 0;
+}
+
+/* Link the complete temporary file to filename, durably. */
+static int
+link_into_place (const char *filename, const char *dir, const char *tmpname)
+{
+  int dfd;
+
   if (link (tmpname, filename) == -1) {
     qed_error ("%s: cannot create: %m", filename);
     unlink (tmpname);
@@ -157,6 +152,51 @@ qed_create (const char *filename, const struct qed_create_options *opts)
   }
   close (dfd);
   return 0;
+}
+
+/* The image is written under a temporary name in the same directory
+ * and linked into place only when complete and durable: a crash must
+ * never leave a partial image at `filename`, which every later start
+ * would refuse.  link() fails if `filename` exists, as O_EXCL did.
+ */
+int
+qed_create (const char *filename, const struct qed_create_options *opts)
+{
+  struct qed_header h;
+  CLEANUP_FREE char *dir = NULL, *tmpname = NULL;
+  char *slash;
+  int fd;
+
+  if (new_header (opts, &h) == -1)
+    return -1;
+  dir = strdup (filename);
+  tmpname = malloc (strlen (filename) + 64);
+  if (dir == NULL || tmpname == NULL) {
+    qed_error ("malloc: %m");
+    return -1;
+  }
+  slash = strrchr (dir, '/');
+  if (slash == NULL)
+    strcpy (dir, ".");
+  else
+    slash[slash == dir] = '\0';
+  fd = create_temporary (filename, dir, tmpname,
+                         opts->private_file ? 0600 : 0644);
+  if (fd == -1)
+    return -1;
+  if (write_new_image (fd, &h, opts->backing_name,
+                       opts->private_file) == -1) {
+    qed_error ("%s: cannot write the new image: %m", filename);
+    close (fd);
+    unlink (tmpname);
+    return -1;
+  }
+  if (close (fd) == -1) {
+    qed_error ("%s: close: %m", filename);
+    unlink (tmpname);
+    return -1;
+  }
+  return link_into_place (filename, dir, tmpname);
 }
 
 static void
@@ -180,13 +220,13 @@ image_free (struct qed_image *img)
   free (img);
 }
 
-struct qed_image *
-qed_open (const char *filename, const struct qed_open_options *opts)
+/* A new image structure; it takes over opts->fd with use_fd (closed
+ * on failure too). */
+static struct qed_image *
+image_new (const char *filename, const struct qed_open_options *opts)
 {
-  struct qed_image *img;
-  struct stat st;
+  struct qed_image *img = calloc (1, sizeof *img);
 
-  img = calloc (1, sizeof *img);
   if (img == NULL) {
     qed_error ("calloc: %m");
     if (opts->use_fd)
@@ -202,8 +242,19 @@ qed_open (const char *filename, const struct qed_open_options *opts)
   img->filename = strdup (filename);
   if (img->filename == NULL) {
     qed_error ("strdup: %m");
-    goto err;
+    image_free (img);
+    return NULL;
   }
+  return img;
+}
+
+/* Open and lock the file: a regular file, locked before anything is
+ * read (a repair must not race another writer). */
+static int
+open_file (struct qed_image *img, const struct qed_open_options *opts,
+           struct stat *st)
+{
+  const char *filename = img->filename;
 
   /* O_NONBLOCK: opening a FIFO must fail below, not hang. */
   if (!opts->use_fd)
@@ -211,27 +262,29 @@ qed_open (const char *filename, const struct qed_open_options *opts)
                     O_CLOEXEC | O_NONBLOCK);
   if (img->fd == -1) {
     qed_error ("%s: %m", filename);
-    goto err;
+    return -1;
   }
-  if (fstat (img->fd, &st) == -1) {
+  if (fstat (img->fd, st) == -1) {
     qed_error ("%s: fstat: %m", filename);
-    goto err;
+    return -1;
   }
-  if (!S_ISREG (st.st_mode)) {
+  if (!S_ISREG (st->st_mode)) {
     qed_error ("%s: not a regular file", filename);
     errno = EINVAL;
-    goto err;
+    return -1;
   }
   fcntl (img->fd, F_SETFL, fcntl (img->fd, F_GETFL) & ~O_NONBLOCK);
-  /* Before anything is read: a repair must not race another writer. */
-  if (qed_lock_file (img->fd, filename,
-                     opts->backing_layer ? QED_LOCK_BACKING :
-                     opts->readonly ? QED_LOCK_READER : QED_LOCK_WRITER,
-                     opts->locking) == -1)
-    goto err;
-  if (qed_header_load (img, st.st_size) == -1)
-    goto err;
+  return qed_lock_file (img->fd, filename,
+                        opts->backing_layer ? QED_LOCK_BACKING :
+                        opts->readonly ? QED_LOCK_READER : QED_LOCK_WRITER,
+                        opts->locking);
+}
 
+/* The geometry and allocation state, from the validated header and
+ * the file size. */
+static void
+set_geometry (struct qed_image *img, uint64_t file_size)
+{
   img->cs = img->h.cluster_size;
   img->cs_bits = log_2 (img->cs);
   img->table_bytes = (uint64_t) img->h.table_size * img->cs;
@@ -241,55 +294,81 @@ qed_open (const char *filename, const struct qed_open_options *opts)
   img->l1_start = img->h.l1_table_offset;
   img->l1_end = img->l1_start + img->table_bytes;
   img->nr_clusters = qed_bytes_to_clusters (img, img->h.image_size);
-  img->file_end = img->alloc_end = ROUND_DOWN ((uint64_t) st.st_size, img->cs);
-  img->tail_garbage = (uint64_t) st.st_size != img->file_end;
+  img->file_end = img->alloc_end = ROUND_DOWN (file_size, img->cs);
+  img->tail_garbage = file_size != img->file_end;
   img->need_check = img->h.features & QED_F_NEED_CHECK;
+}
 
-  /* A cluster of zeros for fills: an anonymous mapping costs no memory
-   * until written, and we never write it.
-   */
+/* A cluster of zeros for fills: an anonymous mapping costs no memory
+ * until written, and we never write it.
+ */
+static int
+map_zero_buf (struct qed_image *img)
+{
   img->zero_buf = mmap (NULL, img->cs, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS,
                         -1, 0);
   if (img->zero_buf == MAP_FAILED) {
     img->zero_buf = NULL;
     qed_error ("mmap: %m");
-    goto err;
+    return -1;
   }
+  return 0;
+}
 
-  if (qed_tables_init (img, opts->l2_cache_bytes) == -1)
-    goto err;
+/* The check at open, if NEED_CHECK is set or asked for: repair unless
+ * read-only, and refuse the image if corruptions remain. */
+static int
+check_at_open (struct qed_image *img, const struct qed_open_options *opts)
+{
+  const char *filename = img->filename;
+  struct qed_check_result res;
+  bool repair = !img->readonly;
 
-  if (qed_clear_unknown_autoclear (img) == -1)
-    goto err;
-
-  if ((img->need_check || opts->force_check) && !opts->skip_check) {
-    struct qed_check_result res;
-    bool repair = !img->readonly;
-
-    qed_debug ("%s: %s, checking the image%s", filename,
-               img->need_check ? "NEED_CHECK is set" : "check requested",
-               repair ? " and repairing it" : " (read-only: no repair)");
-    if (qed_check (img, repair, &res) == -1)
-      goto err;
-    if (res.corruptions_fixed > 0 || res.leaks_fixed > 0)
-      qed_error ("%s: repaired %" PRIu64 " corruptions and reclaimed %"
-                 PRIu64 " leaked clusters", filename,
-                 res.corruptions_fixed, res.leaks_fixed);
-    if (res.check_errors > 0) {
-      qed_error ("%s: the consistency check failed with I/O errors",
-                 filename);
-      errno = EIO;
-      goto err;
-    }
-    if (res.corruptions > res.corruptions_fixed) {
-      qed_error ("%s: %" PRIu64 " corruptions %s; NEED_CHECK stays set",
-                 filename, res.corruptions - res.corruptions_fixed,
-                 img->readonly ? "found (read-only: not repaired)"
-                 : "could not be repaired");
-      errno = EIO;
-      goto err;
-    }
+  if ((!img->need_check && !opts->force_check) || opts->skip_check)
+    return 0;
+  qed_debug ("%s: %s, checking the image%s", filename,
+             img->need_check ? "NEED_CHECK is set" : "check requested",
+             repair ? " and repairing it" : " (read-only: no repair)");
+  if (qed_check (img, repair, &res) == -1)
+    return -1;
+  if (res.corruptions_fixed > 0 || res.leaks_fixed > 0)
+    qed_error ("%s: repaired %" PRIu64 " corruptions and reclaimed %"
+               PRIu64 " leaked clusters", filename,
+               res.corruptions_fixed, res.leaks_fixed);
+  if (res.check_errors > 0) {
+    qed_error ("%s: the consistency check failed with I/O errors",
+               filename);
+    errno = EIO;
+    return -1;
   }
+  if (res.corruptions > res.corruptions_fixed) {
+    qed_error ("%s: %" PRIu64 " corruptions %s; NEED_CHECK stays set",
+               filename, res.corruptions - res.corruptions_fixed,
+               img->readonly ? "found (read-only: not repaired)"
+               : "could not be repaired");
+    errno = EIO;
+    return -1;
+  }
+  return 0;
+}
+
+struct qed_image *
+qed_open (const char *filename, const struct qed_open_options *opts)
+{
+  struct qed_image *img = image_new (filename, opts);
+  struct stat st;
+
+  if (img == NULL)
+    return NULL;
+  if (open_file (img, opts, &st) == -1 ||
+      qed_header_load (img, st.st_size) == -1)
+    goto err;
+  set_geometry (img, st.st_size);
+  if (map_zero_buf (img) == -1 ||
+      qed_tables_init (img, opts->l2_cache_bytes) == -1 ||
+      qed_clear_unknown_autoclear (img) == -1 ||
+      check_at_open (img, opts) == -1)
+    goto err;
   return img;
 
  err:
