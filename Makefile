@@ -1,6 +1,8 @@
 # nbdkit-qed: plain GNU make.
 #   make            build the plugin and the filter
 #   make check      run the test suite (ends with "N passed, M failed")
+#   make check-debian13   the same against Debian 13's nbdkit 1.42 and
+#                   QEMU 10 in an mmdebstrap root (root only)
 #   make run        build, create a demo image and serve it
 #   make install    install into nbdkit's plugin and filter directories
 
@@ -64,6 +66,11 @@ check:
 	@$(MAKE) --no-print-directory all tests/unit-tests tests/unit-tests-asan
 	@bash tests/run-tests.sh
 
+# Debian 13 (nbdkit 1.42, QEMU 10.0) in a cached mmdebstrap root: see
+# tests/check-debian13.sh.
+check-debian13:
+	@bash tests/check-debian13.sh
+
 install: all
 	install -d $(DESTDIR)$(PLUGINDIR) $(DESTDIR)$(FILTERDIR) \
 	  $(DESTDIR)$(MANDIR)/man1
@@ -100,4 +107,4 @@ clean:
 	rm -f $(PLUGIN) $(FILTER) nbdkit-qed.1 tests/unit-tests \
 	  tests/unit-tests-asan
 
-.PHONY: all check install run deps clean crash-test fuzz bench print-core-srcs
+.PHONY: all check check-debian13 install run deps clean crash-test fuzz bench print-core-srcs

@@ -68,6 +68,10 @@ qemu_check_live () {
 run_nbdkit () { rm -f "$tmp/run.sock"; nbdkit -U "$tmp/run.sock" "$@"; }
 # allocated FILE: bytes the file occupies (its length may include holes).
 allocated () { echo $(( $(stat -c %b "$1") * $(stat -c %B "$1") )); }
+# info_field FILE KEY: the value of "KEY: VALUE" in nbdinfo's text output
+# saved in FILE (its first word: newer nbdinfo adds " (64K)" to sizes).
+info_field () {
+  awk -v k="$2:" '{ sub(/^[ \t]+/, "") } $1 == k { print $2; exit }' "$1"; }
 # maps_match URI IMAGE: nbdinfo's data / hole,zero runs over the export
 # equal qemu-img map's data / zero runs of IMAGE (through its chain).
 # IMAGE may be open in the server (-U: share its lock).

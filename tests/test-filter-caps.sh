@@ -19,12 +19,13 @@ check_caps () {
   nbdinfo --no-content "$1" > caps.txt
   for c in can_zero can_trim can_fua can_flush can_multi_conn can_cache \
            can_fast_zero; do
-    grep -q "^[[:space:]]*$c: true" caps.txt || { cat caps.txt; fail "$2: $c is not true"; }
+    [ "$(info_field caps.txt $c)" = true ] || { cat caps.txt; fail "$2: $c is not true"; }
   done
-  grep -q "is_read_only: false" caps.txt || { cat caps.txt; fail "$2: read-only"; }
-  grep -q "block_size_minimum: 1$" caps.txt || fail "$2: block_size_minimum"
-  grep -q "block_size_preferred: $3$" caps.txt || { cat caps.txt; fail "$2: block_size_preferred"; }
-  grep -q "block_size_maximum: 4294967295" caps.txt || fail "$2: block_size_maximum"
+  [ "$(info_field caps.txt is_read_only)" = false ] || { cat caps.txt; fail "$2: read-only"; }
+  [ "$(info_field caps.txt block_size_minimum)" = 1 ] || fail "$2: block_size_minimum"
+  [ "$(info_field caps.txt block_size_preferred)" = "$3" ] ||
+    { cat caps.txt; fail "$2: block_size_preferred"; }
+  [ "$(info_field caps.txt block_size_maximum)" = 4294967295 ] || fail "$2: block_size_maximum"
   grep -q "base:allocation" caps.txt || fail "$2: no extents"
 }
 
@@ -38,7 +39,8 @@ check_caps "$(uri c1)" file 65536
 start_nbdkit ro -r file base.raw
 start_nbdkit c2 --filter="$FILTER" nbd socket="$tmp/ro.sock" \
   qed-cluster-size=1M
-nbdinfo --no-content "$(uri ro)" | grep -q "is_read_only: true" ||
+nbdinfo --no-content "$(uri ro)" > ro.txt
+[ "$(info_field ro.txt is_read_only)" = true ] ||
   fail "the read-only server is writable?"
 check_caps "$(uri c2)" "read-only nbd backend" 1048576
 nbdsh -u "$(uri c2)" -c "
