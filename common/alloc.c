@@ -88,6 +88,7 @@ qed_alloc_clusters (struct qed_image *img, uint64_t n, uint64_t *offset)
                    off, img->cs) == 0) {
       img->free_list.len--;
       *offset = off;
+      qed_verbose ("alloc: 1 cluster at 0x%" PRIx64 " (reused)", off);
       return 0;
     }
     img->free_list.len = 0;     /* leaks now: reclaimed at close */
@@ -125,6 +126,8 @@ qed_alloc_clusters (struct qed_image *img, uint64_t n, uint64_t *offset)
   }
   *offset = img->file_end;
   img->file_end = new_end;
+  qed_verbose ("alloc: %" PRIu64 " cluster%s at 0x%" PRIx64 " (end of file)",
+               n, n == 1 ? "" : "s", *offset);
   return 0;
 }
 

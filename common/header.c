@@ -115,6 +115,34 @@ qed_qemu_can_open (uint32_t cluster_size, uint32_t table_size)
   return table_size >= 2 && bits < 64;
 }
 
+/* What a file that is not QED looks like, from its first 64 bytes, for
+ * the error message: users hand us the wrong kind of image more often
+ * than a damaged one. */
+static const char *
+describe_non_qed (const unsigned char raw[64])
+{
+  static const unsigned char zeros[64];
+
+  if (memcmp (raw, "QFI\xfb", 4) == 0)
+    return get32 (raw + 4) == 0x01000000 ? "this is a qcow (version 1) image"
+      : "this is a qcow2 image";
+  if (memcmp (raw, "KDMV", 4) == 0 || memcmp (raw, "# Disk DescriptorFile", 21) == 0)
+    return "this is a VMDK image";
+  if (memcmp (raw, "conectix", 8) == 0)
+    return "this is a VHD (vpc) image";
+  if (memcmp (raw, "vhdxfile", 8) == 0)
+    return "this is a VHDX image";
+  if (memcmp (raw, "<<< ", 4) == 0 && memmem (raw, 64, "Disk Image", 10))
+    return "this is a VDI (VirtualBox) image";
+  if (memcmp (raw, "LUKS\xba\xbe", 6) == 0)
+    return "this is a LUKS encrypted volume";
+  if (memcmp (raw, zeros, 64) == 0)
+    return "it starts with zeros: a raw disk image?";
+  if (raw[0] == 0xeb || raw[0] == 0xe9 || raw[0] == 0xfa)
+    return "it starts with x86 boot code: a raw disk image?";
+  return "no QED magic: a raw disk image, or some other file?";
+}
+
 int
 qed_header_validate (const struct qed_header *h, uint64_t file_size,
                      char *msg, size_t msglen)
@@ -131,8 +159,12 @@ qed_header_validate (const struct qed_header *h, uint64_t file_size,
   if (file_size < QED_HEADER_BYTES)
     FAIL (EINVAL, "file is too short to be a QED image (%" PRIu64 " bytes)",
           file_size);
-  if (h->magic != QED_MAGIC)
-    FAIL (EINVAL, "not a QED image (bad magic 0x%08" PRIx32 ")", h->magic);
+  if (h->magic != QED_MAGIC) {
+    unsigned char raw[64];
+    qed_header_encode (raw, h);
+    FAIL (EINVAL, "not a QED image: %s (convert an image with: qemu-img "
+          "convert -O qed)", describe_non_qed (raw));
+  }
   if (h->features & ~(uint64_t) QED_F_KNOWN)
     FAIL (ENOTSUP, "unsupported QED features 0x%" PRIx64
           " (the image needs a newer program)",

@@ -15,6 +15,15 @@
 
 #include "seam.h"
 
+/* -D qed.verbose=1 (both objects are named "qed"): see qed_verbose. */
+NBDKIT_DLL_PUBLIC int qed_debug_verbose = 0;
+
+int
+qed_verbose_enabled (void)
+{
+  return qed_debug_verbose;
+}
+
 void
 qed_error (const char *fs, ...)
 {

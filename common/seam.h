@@ -17,4 +17,11 @@ extern void qed_error (const char *fs, ...)
 extern void qed_debug (const char *fs, ...)
   __attribute__ ((__format__ (__printf__, 1, 2)));
 
+/* One line per decision the core makes (allocation, copy from the
+ * backing file, copy-on-read fill or skip, L2 cache miss, writeback),
+ * logged only when the host asks for it (-D qed.verbose=1). */
+extern int qed_verbose_enabled (void);
+#define qed_verbose(fs, ...) \
+  do { if (qed_verbose_enabled ()) qed_debug (fs, ##__VA_ARGS__); } while (0)
+
 #endif /* NBDKIT_QED_SEAM_H */

@@ -194,6 +194,8 @@ get_page (struct qed_image *img, uint64_t offset, bool fresh)
     }
   }
   img->misses++;
+  qed_verbose ("L2 cache miss: page at 0x%" PRIx64 "%s", offset,
+               fresh ? " (new table)" : "");
 
   /* Evict clean pages from the cold end while the cache is full. */
   while (img->npages >= img->max_pages) {
@@ -428,6 +430,7 @@ write_copies (struct qed_image *img, struct writeback *wb)
   }
   if (wb->n == 0)
     return 0;
+  qed_verbose ("writeback: %zu table page%s", wb->n, wb->n == 1 ? "" : "s");
   for (size_t i = 0; i < wb->n; ++i) {
     struct page_copy *c = &wb->copies[i];
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__

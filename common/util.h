@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <pthread.h>
 
 #define MIN(a, b) ({ __typeof__ (a) _mina = (a); \
@@ -58,6 +59,24 @@ cleanup_free (void *ptr)
   free (*(void **) ptr);
 }
 #define CLEANUP_FREE __attribute__ ((cleanup (cleanup_free)))
+
+/* The words nbdkit_parse_bool takes: 1 (true), 0 (false), -1 (neither).
+ * Ours, so that the caller's error can name the parameter (nbdkit's
+ * says only "could not decipher boolean"). */
+static inline int
+parse_bool_word (const char *value)
+{
+  static const char *const yes[] = { "1", "true", "t", "yes", "y", "on" };
+  static const char *const no[] = { "0", "false", "f", "no", "n", "off" };
+
+  for (size_t i = 0; i < sizeof yes / sizeof yes[0]; ++i) {
+    if (strcasecmp (value, yes[i]) == 0)
+      return 1;
+    if (strcasecmp (value, no[i]) == 0)
+      return 0;
+  }
+  return -1;
+}
 
 static inline void
 cleanup_unlock (pthread_mutex_t **ptr)

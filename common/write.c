@@ -299,6 +299,9 @@ write_new_clusters (struct qed_image *img, const struct qed_below *below,
     if (hb == NULL ||
         read_below (img, below, hb, head, qed_cluster_start (img, w->c)))
       return -1;
+    qed_verbose ("copy from backing: %" PRIu64 " bytes at %" PRIu64
+                 " (head of a partial write)", head,
+                 qed_cluster_start (img, w->c));
     iov[n++] = (struct iovec) { hb, head };
     start = w->file_offset;
   }
@@ -310,6 +313,8 @@ write_new_clusters (struct qed_image *img, const struct qed_below *below,
       if (tb == NULL ||
           read_below (img, below, tb, tail_len, offset + w->len) == -1)
         return -1;
+      qed_verbose ("copy from backing: %" PRIu64 " bytes at %" PRIu64
+                   " (tail of a partial write)", tail_len, offset + w->len);
       iov[n++] = (struct iovec) { tb, tail_len };
     }
   }
@@ -762,9 +767,13 @@ qed_fill (struct qed_image *img, const void *buf, uint64_t count,
     uint64_t k = reserve_for_fill (img, c, end_c - c, &res);
 
     if (k == 0) {
+      qed_verbose ("copy-on-read: skip cluster %" PRIu64
+                   " (being written or already in the image)", c);
       c++;
       continue;
     }
+    qed_verbose ("copy-on-read: fill clusters %" PRIu64 "-%" PRIu64 "%s",
+                 c, c + k - 1, known_zero ? " (zero)" : "");
     r = fill_run (img, &res, buf, count, offset, c, k, detect_zero,
                   known_zero);
     c += k;

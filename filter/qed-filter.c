@@ -95,9 +95,6 @@
 #include "util.h"
 #include "readahead.h"
 
-/* -D qedfilter.verbose=1: log every request. */
-NBDKIT_DLL_PUBLIC int qedfilter_debug_verbose = 0;
-
 /* The largest single read passed to the plugin. */
 #define MAX_BACKEND_READ (32u * 1024 * 1024)
 
@@ -125,6 +122,12 @@ static int lock_fd = -1;
 static char *tmp_parent;
 static char *tmp_dir;
 
+/* nbdkit loads a filter stacked twice (--filter=qed --filter=qed) from
+ * the same object, so both layers share these globals and one overlay:
+ * set up once, or the second layer leaks an idle timer and a locked
+ * descriptor (and frees the parameters twice). */
+static bool ready_done, fork_done;
+
 /* The overlay (opened at the first prepare). */
 static pthread_mutex_t open_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct qed_image *img;
@@ -139,17 +142,22 @@ qed_filter_unload (void)
   free (backing_name);
   free (tmp_parent);
   free (tmp_dir);
+  /* Called once per layer when stacked twice (ready_done). */
+  overlay = backing_name = tmp_parent = tmp_dir = NULL;
   ra_log_stats ();
   extcache_free ();
 }
 
 static int
-parse_bool (const char *value, bool *b)
+parse_bool (const char *key, const char *value, bool *b)
 {
-  int r = nbdkit_parse_bool (value);
+  int r = parse_bool_word (value);
 
-  if (r == -1)
+  if (r == -1) {
+    nbdkit_error ("%s: expected true or false (or yes/no, on/off, 1/0), "
+                  "not '%s'", key, value);
     return -1;
+  }
   *b = r;
   return 0;
 }
@@ -169,9 +177,9 @@ qed_filter_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
     return overlay ? 0 : -1;
   }
   else if (strcmp (key, "qed-copy-on-read") == 0)
-    return parse_bool (value, &copy_on_read);
+    return parse_bool (key, value, &copy_on_read);
   else if (strcmp (key, "qed-zero-detect") == 0)
-    return parse_bool (value, &zero_detect);
+    return parse_bool (key, value, &zero_detect);
   else if (strcmp (key, "qed-cluster-size") == 0) {
     int64_t v = nbdkit_parse_size (value);
     if (v == -1) {
@@ -287,6 +295,11 @@ qed_filter_get_ready (int thread_model)
   bool missing;
   int fd;
 
+  if (ready_done) {
+    nbdkit_debug ("qed filter stacked twice: the layers share one overlay");
+    return 0;
+  }
+  ready_done = true;
   if (backing_name && overlay) {
     /* Only other readers of the overlay open it: just a hint. */
     CLEANUP_FREE char *dir = dir_of (overlay);
@@ -386,6 +399,9 @@ current_image (void)
 static int
 qed_filter_after_fork (nbdkit_backend *backend)
 {
+  if (fork_done)
+    return 0;
+  fork_done = true;
   /* A temporary overlay is never read again: no point cleaning it. */
   if (overlay == NULL)
     return 0;
@@ -518,7 +534,7 @@ open_overlay (int64_t size)
   CLEANUP_FREE char *tmp_file = NULL;
   struct qed_image *i = NULL;
   const char *path = overlay;
-  bool missing = true;
+  bool missing = true, made = false;
 
   if (overlay == NULL) {
     if (make_tmp_dir () == -1)
@@ -530,14 +546,18 @@ open_overlay (int64_t size)
     path = tmp_file;
   }
   oo.fd = overlay ? qed_open_overlay_fd (path, true, &missing) : -1;
-  if (oo.fd == -1 && missing && create_overlay (path, size) == 0)
+  if (oo.fd == -1 && missing && create_overlay (path, size) == 0) {
+    made = true;
     oo.fd = qed_open_overlay_fd (path, true, &missing);
+  }
   /* Its locks would conflict with ours (another open file). */
   if (lock_fd >= 0)
     close (lock_fd);
   lock_fd = -1;
   if (oo.fd >= 0)
     i = qed_open (path, &oo);
+  if (i == NULL && made && overlay)
+    unlink (path);              /* the next connection starts afresh */
   if (overlay == NULL) {
     /* Nothing of a temporary overlay outlives nbdkit (after a failure,
      * the next connection starts again). */
@@ -855,8 +875,6 @@ qed_filter_pread (nbdkit_next *next, void *handle,
   };
   int r = 0;
 
-  if (qedfilter_debug_verbose)
-    nbdkit_debug ("pread count=%" PRIu32 " offset=%" PRIu64, count, offset);
   if (__atomic_add_fetch (&h->reads_in_progress, 1, __ATOMIC_RELAXED) > 1)
     __atomic_store_n (&h->pipelined_for, PIPELINED_READS, __ATOMIC_RELAXED);
   else if (__atomic_load_n (&h->pipelined_for, __ATOMIC_RELAXED) > 0)
@@ -886,8 +904,6 @@ qed_filter_pwrite (nbdkit_next *next, void *handle,
   struct qed_below below = { .read = backend_read, .opaque = next };
   unsigned f = fua_flag (flags) | (zero_detect ? QED_WRITE_DETECT_ZERO : 0);
 
-  if (qedfilter_debug_verbose)
-    nbdkit_debug ("pwrite count=%" PRIu32 " offset=%" PRIu64, count, offset);
   note_write ();
   errno = 0;
   if (qed_write (img, &below, buf, count, offset, f) == -1) {
@@ -906,9 +922,6 @@ qed_filter_zero (nbdkit_next *next, void *handle,
     (flags & NBDKIT_FLAG_MAY_TRIM ? QED_ZERO_MAY_UNMAP : 0) |
     (flags & NBDKIT_FLAG_FAST_ZERO ? QED_ZERO_FAST : 0);
 
-  if (qedfilter_debug_verbose)
-    nbdkit_debug ("zero count=%" PRIu32 " offset=%" PRIu64 " flags=0x%"
-                  PRIx32, count, offset, flags);
   note_write ();
   errno = 0;
   if (qed_zero (img, &below, count, offset, f) == -1) {
@@ -928,8 +941,6 @@ qed_filter_trim (nbdkit_next *next, void *handle,
 {
   struct qed_below below = { .read = backend_read, .opaque = next };
 
-  if (qedfilter_debug_verbose)
-    nbdkit_debug ("trim count=%" PRIu32 " offset=%" PRIu64, count, offset);
   note_write ();
   errno = 0;
   if (qed_trim (img, &below, count, offset, fua_flag (flags)) == -1) {
@@ -958,8 +969,6 @@ qed_filter_cache (nbdkit_next *next, void *handle,
 {
   struct qed_below below = { .prefetch = cor_prefetch, .opaque = next };
 
-  if (qedfilter_debug_verbose)
-    nbdkit_debug ("cache count=%" PRIu32 " offset=%" PRIu64, count, offset);
   if (!copy_on_read) {
     /* The overlay holds only writes: pass the hint on, if the plugin
      * takes it (clusters in the overlay don't need it, but telling
@@ -1035,9 +1044,6 @@ qed_filter_extents (nbdkit_next *next, void *handle,
   uint64_t end = offset + count;
   int can_extents = -1;
 
-  if (qedfilter_debug_verbose)
-    nbdkit_debug ("extents count=%" PRIu32 " offset=%" PRIu64 "%s",
-                  count, offset, req_one ? " req_one" : "");
   while (offset < end) {
     struct qed_map m;
 
@@ -1074,7 +1080,7 @@ qed_filter_extents (nbdkit_next *next, void *handle,
 }
 
 static struct nbdkit_filter filter = {
-  .name              = "qedfilter",
+  .name              = "qed",
   .longname          = "nbdkit QED overlay filter",
   .unload            = qed_filter_unload,
   .config            = qed_filter_config,

@@ -23,6 +23,7 @@
 #include <unistd.h>
 #include <time.h>
 #include <pthread.h>
+#include <sys/stat.h>
 
 #define NBDKIT_API_VERSION 2
 #include <nbdkit-plugin.h>
@@ -33,12 +34,14 @@
 
 #define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
 
-/* -D qed.verbose=1: log every request. */
-NBDKIT_DLL_PUBLIC int qed_debug_verbose = 0;
-
 /* Parameters. */
 static char *filename;
-static bool create;
+/* create=true (CREATE_ALWAYS) or create=if-missing. */
+enum { CREATE_NO = 0, CREATE_ALWAYS, CREATE_IF_MISSING };
+static int create;
+/* We created the image at start-up: removed again if start-up fails, so
+ * that a retry of the same command line is not refused. */
+static bool created;
 static int64_t create_size = -1;
 static uint32_t create_cluster_size, create_table_size;
 static char *create_backing;
@@ -95,10 +98,13 @@ parse_format (const char *key, const char *value, int *format)
 static int
 parse_bool (const char *key, const char *value, bool *b)
 {
-  int r = nbdkit_parse_bool (value);
+  int r = parse_bool_word (value);
 
-  if (r == -1)
+  if (r == -1) {
+    nbdkit_error ("%s: expected true or false (or yes/no, on/off, 1/0), "
+                  "not '%s'", key, value);
     return -1;
+  }
   *b = r;
   return 0;
 }
@@ -140,8 +146,17 @@ qed_plugin_config (const char *key, const char *value)
     filename = nbdkit_absolute_path (value);
     return filename ? 0 : -1;
   }
-  else if (strcmp (key, "create") == 0)
-    return parse_bool (key, value, &create);
+  else if (strcmp (key, "create") == 0) {
+    bool b;
+    if (strcmp (value, "if-missing") == 0) {
+      create = CREATE_IF_MISSING;
+      return 0;
+    }
+    if (parse_bool (key, value, &b) == -1)
+      return -1;
+    create = b ? CREATE_ALWAYS : CREATE_NO;
+    return 0;
+  }
   else if (strcmp (key, "size") == 0) {
     create_size = parse_size (key, value);
     return create_size == -1 ? -1 : 0;
@@ -214,6 +229,7 @@ qed_plugin_config (const char *key, const char *value)
 #define qed_plugin_config_help \
   "[file=]<IMAGE>            (required) The QED image to serve.\n" \
   "create=true size=<SIZE>   Create IMAGE first (it must not exist).\n" \
+  "create=if-missing size=<SIZE>  Create IMAGE unless it exists.\n" \
   "cluster-size=<SIZE>       Cluster size of a new image (default 64K).\n" \
   "table-size=<N>            Table size of a new image (default 4).\n" \
   "backing=<PATH>            Backing file of a new image.\n" \
@@ -229,6 +245,41 @@ qed_plugin_config (const char *key, const char *value)
   "idle-clean=<SECONDS>      Clear NEED_CHECK after this long without\n" \
   "                          writes (default 5, 0 = only at exit).\n" \
   "locking=on|off|auto       Lock the image as QEMU does (default auto)."
+
+/* The cheap checks of backing= before anything is created (the whole
+ * chain is validated by get_ready, which removes the new image if it
+ * fails): the file must exist and be a file or a block device. */
+static int
+check_new_backing (void)
+{
+  CLEANUP_FREE char *path = NULL;
+  const char *slash = strrchr (filename, '/');
+  struct stat st;
+
+  if (create_backing == NULL)
+    return 0;
+  /* A relative name is relative to the image's directory. */
+  if (create_backing[0] == '/')
+    path = strdup (create_backing);
+  else if (asprintf (&path, "%.*s/%s", (int) (slash - filename), filename,
+                     create_backing) == -1)
+    path = NULL;
+  if (path == NULL) {
+    nbdkit_error ("malloc: %m");
+    return -1;
+  }
+  if (stat (path, &st) == -1) {
+    nbdkit_error ("backing=%s: %s: %m (nothing was created)",
+                  create_backing, path);
+    return -1;
+  }
+  if (!S_ISREG (st.st_mode) && !S_ISBLK (st.st_mode)) {
+    nbdkit_error ("backing=%s: %s is not a regular file or a block device "
+                  "(nothing was created)", create_backing, path);
+    return -1;
+  }
+  return 0;
+}
 
 static int
 qed_plugin_config_complete (void)
@@ -259,15 +310,24 @@ qed_plugin_config_complete (void)
       .backing_raw = create_backing_format == QED_FORMAT_RAW,
     };
     if (create_size == -1) {
-      nbdkit_error ("create=true needs size=<SIZE>");
+      nbdkit_error ("create=%s needs size=<SIZE>",
+                    create == CREATE_IF_MISSING ? "if-missing" : "true");
       return -1;
     }
     if (access (filename, F_OK) == 0) {
-      nbdkit_error ("%s: create=true, but the file already exists", filename);
+      if (create == CREATE_IF_MISSING) {
+        nbdkit_debug ("%s exists: serving it (create=if-missing)", filename);
+        return 0;
+      }
+      nbdkit_error ("%s: create=true, but the file already exists "
+                    "(create=if-missing serves an existing image)", filename);
       return -1;
     }
+    if (check_new_backing () == -1)
+      return -1;
     if (qed_create (filename, &co) == -1)
       return -1;
+    created = true;
     nbdkit_debug ("created %s", filename);
   }
   else if (create_size != -1 || create_cluster_size || create_table_size ||
@@ -282,8 +342,27 @@ qed_plugin_config_complete (void)
 /* Sanity check now, rather than waiting for the first client: read and
  * validate the image and its backing chain, without writing anything.
  */
+static int validate_image (void);
+
 static int
 qed_plugin_get_ready (void)
+{
+  if (validate_image () == 0)
+    return 0;
+  if (created) {
+    /* Half made: a retry must not find it.  (Ours: nothing else knows
+     * this file yet.) */
+    if (unlink (filename) == 0)
+      nbdkit_error ("%s: removed the image create=%s made, since it "
+                    "cannot be served", filename,
+                    create == CREATE_IF_MISSING ? "if-missing" : "true");
+    created = false;
+  }
+  return -1;
+}
+
+static int
+validate_image (void)
 {
   struct qed_open_options oo = { .readonly = true, .skip_check = true,
                                  .l2_cache_bytes = 65536,
@@ -457,8 +536,6 @@ static int
 qed_plugin_pread (void *handle, void *buf, uint32_t count, uint64_t offset,
                   uint32_t flags)
 {
-  if (qed_debug_verbose)
-    nbdkit_debug ("pread count=%" PRIu32 " offset=%" PRIu64, count, offset);
   return qed_read (img, get_below (), buf, count, offset);
 }
 
@@ -469,8 +546,6 @@ qed_plugin_pwrite (void *handle, const void *buf, uint32_t count,
   unsigned f = (flags & NBDKIT_FLAG_FUA ? QED_WRITE_FUA : 0) |
     (zero_detect ? QED_WRITE_DETECT_ZERO : 0);
 
-  if (qed_debug_verbose)
-    nbdkit_debug ("pwrite count=%" PRIu32 " offset=%" PRIu64, count, offset);
   note_write ();
   return qed_write (img, get_below (), buf, count, offset, f);
 }
@@ -483,9 +558,6 @@ qed_plugin_zero (void *handle, uint32_t count, uint64_t offset,
     (flags & NBDKIT_FLAG_MAY_TRIM ? QED_ZERO_MAY_UNMAP : 0) |
     (flags & NBDKIT_FLAG_FAST_ZERO ? QED_ZERO_FAST : 0);
 
-  if (qed_debug_verbose)
-    nbdkit_debug ("zero count=%" PRIu32 " offset=%" PRIu64 " flags=0x%"
-                  PRIx32, count, offset, flags);
   note_write ();
   return qed_zero (img, get_below (), count, offset, f);
 }
@@ -494,8 +566,6 @@ static int
 qed_plugin_trim (void *handle, uint32_t count, uint64_t offset,
                  uint32_t flags)
 {
-  if (qed_debug_verbose)
-    nbdkit_debug ("trim count=%" PRIu32 " offset=%" PRIu64, count, offset);
   note_write ();
   return qed_trim (img, get_below (), count, offset,
                    flags & NBDKIT_FLAG_FUA ? QED_WRITE_FUA : 0);

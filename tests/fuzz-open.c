@@ -83,6 +83,12 @@ qed_debug (const char *fs, ...)
   errno = e;
 }
 
+int
+qed_verbose_enabled (void)
+{
+  return verbose;
+}
+
 static char dir[64], ro_path[128], rw_path[128], raw_path[128];
 
 static void

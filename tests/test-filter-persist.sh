@@ -127,7 +127,7 @@ expect_fail "backing name" 'records "base.raw" as its backing file, not qed-back
 # Bad parameters.
 expect_fail "cluster size" "qed-cluster-size: must be a power of 2" \
   --filter="$FILTER" memory 1M qed-cluster-size=1000
-expect_fail "bool" "could not decipher boolean" \
+expect_fail "bool" "qed-copy-on-read: expected true or false" \
   --filter="$FILTER" memory 1M qed-copy-on-read=maybe
 expect_fail "unknown" "unknown parameter 'qed-bogus'" \
   --filter="$FILTER" memory 1M qed-bogus=1
