@@ -5,6 +5,12 @@
 #                   QEMU 10 in an mmdebstrap root (root only)
 #   make run        build, create a demo image and serve it
 #   make install    install into nbdkit's plugin and filter directories
+#                   and the man pages under $(PREFIX)/share/man
+#   make uninstall  remove what make install installed
+# Install variables: DESTDIR (staging root, prepended to every path),
+# PREFIX (default: nbdkit's prefix, from pkg-config), MANDIR (default
+# $(PREFIX)/share/man), PLUGINDIR and FILTERDIR (default: nbdkit's own
+# directories, the only places where nbdkit finds a plugin by name).
 
 CC       ?= cc
 CFLAGS   ?= -O2 -g
@@ -16,9 +22,12 @@ QED_CFLAGS = -std=gnu11 -D_GNU_SOURCE -fPIC -fvisibility=hidden -pthread \
              -Icommon $(WARNINGS)
 PKG_CONFIG ?= pkg-config
 NBDKIT_CFLAGS := $(shell $(PKG_CONFIG) --cflags nbdkit 2>/dev/null)
-PLUGINDIR := $(shell $(PKG_CONFIG) --variable=plugindir nbdkit 2>/dev/null)
-FILTERDIR := $(shell $(PKG_CONFIG) --variable=filterdir nbdkit 2>/dev/null)
-MANDIR   ?= /usr/share/man
+PLUGINDIR ?= $(shell $(PKG_CONFIG) --variable=plugindir nbdkit 2>/dev/null)
+FILTERDIR ?= $(shell $(PKG_CONFIG) --variable=filterdir nbdkit 2>/dev/null)
+PREFIX   ?= $(or $(shell $(PKG_CONFIG) --variable=prefix nbdkit 2>/dev/null),/usr/local)
+MANDIR   ?= $(PREFIX)/share/man
+# nbdkit's naming: a page per object, both the same manual.
+MANLINKS  = nbdkit-qed-plugin.1 nbdkit-qed-filter.1
 
 # The core, bottom layer first (HACKING.md).
 CORE_SRCS = common/io.c common/header.c common/alloc.c common/table.c \
@@ -62,6 +71,8 @@ tests/unit-tests-asan: tests/unit-tests.c $(CORE_SRCS) $(CORE_HDRS)
 # check and run first install missing Debian packages (as root), or
 # print the one-line install command.
 check:
+	@echo "make check: about 6 minutes on 2 cores (more when the machine is busy);"
+	@echo "  one test boots a small VM (libguestfs appliance, TCG); logs in tests/logs/"
 	@bash tests/install-deps.sh
 	@$(MAKE) --no-print-directory all tests/unit-tests tests/unit-tests-asan
 	@bash tests/run-tests.sh
@@ -72,11 +83,24 @@ check-debian13:
 	@bash tests/check-debian13.sh
 
 install: all
+	@test -n "$(PLUGINDIR)" -a -n "$(FILTERDIR)" || \
+	  { echo "pkg-config nbdkit failed: install nbdkit's development" \
+	         "package, or set PLUGINDIR and FILTERDIR" >&2; exit 1; }
 	install -d $(DESTDIR)$(PLUGINDIR) $(DESTDIR)$(FILTERDIR) \
 	  $(DESTDIR)$(MANDIR)/man1
 	install -m 755 $(PLUGIN) $(DESTDIR)$(PLUGINDIR)/
 	install -m 755 $(FILTER) $(DESTDIR)$(FILTERDIR)/
 	install -m 644 nbdkit-qed.1 $(DESTDIR)$(MANDIR)/man1/
+	for l in $(MANLINKS); do \
+	  echo ".so man1/nbdkit-qed.1" > $(DESTDIR)$(MANDIR)/man1/$$l && \
+	  chmod 644 $(DESTDIR)$(MANDIR)/man1/$$l || exit 1; \
+	done
+
+uninstall:
+	rm -f $(DESTDIR)$(PLUGINDIR)/nbdkit-qed-plugin.so \
+	  $(DESTDIR)$(FILTERDIR)/nbdkit-qed-filter.so \
+	  $(DESTDIR)$(MANDIR)/man1/nbdkit-qed.1 \
+	  $(addprefix $(DESTDIR)$(MANDIR)/man1/,$(MANLINKS))
 
 run:
 	@bash tests/install-deps.sh --run
@@ -107,4 +131,5 @@ clean:
 	rm -f $(PLUGIN) $(FILTER) nbdkit-qed.1 tests/unit-tests \
 	  tests/unit-tests-asan
 
-.PHONY: all check check-debian13 install run deps clean crash-test fuzz bench print-core-srcs
+.PHONY: all check check-debian13 install uninstall run deps clean crash-test fuzz bench \
+        print-core-srcs
