@@ -19,11 +19,11 @@ mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 # guestfish appliance: see EXCLUDE below).
 pkgs="nbdkit nbdkit-plugin-dev qemu-utils libnbd-bin python3-libnbd
       gcc make pkg-config perl bc fio valgrind clang libclang-rt-19-dev"
-# Tests that cannot run in the root: the guestfish test boots a libguestfs
-# appliance, which supermin builds from the host kernel and modules in
-# /boot and /lib/modules (not in a chroot: the root would need its own
-# kernel package, ~500 MB more, and a TCG boot of it).
-EXCLUDE=${QED_DEBIAN13_EXCLUDE:-test-filter-guestfish}
+# Tests that cannot run in the root: the guestfish and examples tests
+# boot a libguestfs appliance, which supermin builds from a kernel and
+# its modules in /boot and /lib/modules (the root would need its own
+# kernel package, ~500 MB more with qemu-system, and TCG boots of it).
+EXCLUDE=${QED_DEBIAN13_EXCLUDE:-test-filter-guestfish test-examples}
 
 [ "$(id -u)" = 0 ] || { echo "check-debian13: needs root (mmdebstrap, chroot, mounts)" >&2; exit 1; }
 command -v mmdebstrap >/dev/null ||
