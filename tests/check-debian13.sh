@@ -18,12 +18,12 @@ mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 # What the build and the tests need (as tests/install-deps.sh, less the
 # guestfish appliance: see EXCLUDE below).
 pkgs="nbdkit nbdkit-plugin-dev qemu-utils libnbd-bin python3-libnbd
-      gcc make pkg-config perl bc fio valgrind clang libclang-rt-19-dev"
+      gcc make pkg-config perl bc fio valgrind clang libclang-rt-19-dev nginx"
 # Tests that cannot run in the root: the guestfish and examples tests
 # boot a libguestfs appliance, which supermin builds from a kernel and
 # its modules in /boot and /lib/modules (the root would need its own
 # kernel package, ~500 MB more with qemu-system, and TCG boots of it).
-EXCLUDE=${QED_DEBIAN13_EXCLUDE:-test-filter-guestfish test-examples}
+EXCLUDE=${QED_DEBIAN13_EXCLUDE:-test-filter-guestfish test-filter-remote-boot test-examples}
 
 [ "$(id -u)" = 0 ] || { echo "check-debian13: needs root (mmdebstrap, chroot, mounts)" >&2; exit 1; }
 command -v mmdebstrap >/dev/null ||
@@ -44,15 +44,22 @@ if [ ! -e "$stamp" ]; then
       echo "check-debian13: mmdebstrap failed" >&2; exit 1; }
   touch "$root.new/${stamp##*/}"
   mv "$root.new" "$root"
-  # Roots of older package lists are no longer used.
-  for old in "$cache"/debian13-*; do
-    [ "$old" = "$root" ] || rm -rf "$old"
-  done
+  # (Roots of older package lists stay: another run may be using one.
+  # rm -rf $cache to reclaim the space.)
 fi
 
-# A fresh copy of the sources (tracked and new files, no build products).
-src=$root/build/nbdkit-qed
-rm -rf "$root/build"; mkdir -p "$src"
+# A fresh copy of the sources (tracked and new files, no build products),
+# one per run, so that concurrent runs do not share a build.
+build=/build/run-$$
+src=$root$build
+rm -rf "$src"; mkdir -p "$src"
+# Keep the logs where a failure can be read; the copy goes on any exit.
+finish () {
+  rm -rf "$top/tests/logs-debian13"
+  cp -r "$src/tests/logs" "$top/tests/logs-debian13" 2>/dev/null || true
+  rm -rf "$src"
+}
+trap finish EXIT
 if git -C "$top" rev-parse >/dev/null 2>&1; then
   git -C "$top" ls-files -z --cached --others --exclude-standard |
     tar -C "$top" --null -T - -cf - | tar -C "$src" -xf -
@@ -73,15 +80,12 @@ mount --rbind /dev "$root/dev"
 mount -t tmpfs -o size=8g tmpfs "$root/tmp"
 chroot "$root" /usr/bin/env -i HOME=/root LANG=C.UTF-8 \
   PATH=/usr/sbin:/usr/bin:/sbin:/bin TEST_TIMEOUT="${TEST_TIMEOUT:-300}" \
-  QED_EXCLUDE_TESTS="$EXCLUDE" /bin/bash -c "cd /build/nbdkit-qed && mkdir -p tests/logs &&
+  QED_EXCLUDE_TESTS="$EXCLUDE" /bin/bash -c "cd $build && mkdir -p tests/logs &&
     { make --no-print-directory all tests/unit-tests tests/unit-tests-asan \
         >tests/logs/build.log 2>&1 ||
       { tail -n 30 tests/logs/build.log; echo \"build against nbdkit 1.42 failed\"; exit 1; }; } &&
     bash tests/run-tests.sh \"\$@\"" run-tests "$@"'
 status=0
-EXCLUDE=$EXCLUDE unshare --mount --propagation private \
+EXCLUDE=$EXCLUDE build=$build unshare --mount --propagation private \
   bash -c "$inner" inner "$root" "$@" || status=$?
-# Keep the logs where a failure can be read.
-rm -rf "$top/tests/logs-debian13"
-cp -r "$src/tests/logs" "$top/tests/logs-debian13" 2>/dev/null || true
 exit $status
