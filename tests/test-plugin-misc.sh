@@ -73,7 +73,7 @@ bad "l2-cache.*'abc'|abc" "$img" l2-cache=abc
 bad "l2-cache" "$img" l2-cache=1K
 bad "size.*'12Q'|12Q" "$tmp/n.qed" create=true size=12Q
 bad "cluster-size" "$tmp/n.qed" create=true size=1M cluster-size=1000
-bad "boolean" "$img" follow-backing=maybe
+bad "follow-backing: expected true or false" "$img" follow-backing=maybe
 bad "unknown format 'vmdk'" "$img" backing-override-format=vmdk
 bad "supply the file" 
 bad "nonexistent.qed.*No such file" "$tmp/nonexistent.qed"
