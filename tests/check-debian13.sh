@@ -9,6 +9,8 @@
 # tmpfs /tmp are mounted inside the root there and vanish with it on any
 # exit.  Ends with the suite's "N passed, M failed" line.
 # Usage: tests/check-debian13.sh [PATTERN...]   (as tests/run-tests.sh)
+# Each test's time limit is 600 s here (TEST_TIMEOUT): valgrind and the
+# sanitizers of Debian 13 are slower, and this is CI's second pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 top=$(pwd)
@@ -79,7 +81,7 @@ mount -t sysfs sys "$root/sys"
 mount --rbind /dev "$root/dev"
 mount -t tmpfs -o size=8g tmpfs "$root/tmp"
 chroot "$root" /usr/bin/env -i HOME=/root LANG=C.UTF-8 \
-  PATH=/usr/sbin:/usr/bin:/sbin:/bin TEST_TIMEOUT="${TEST_TIMEOUT:-300}" \
+  PATH=/usr/sbin:/usr/bin:/sbin:/bin TEST_TIMEOUT="${TEST_TIMEOUT:-600}" \
   QED_EXCLUDE_TESTS="$EXCLUDE" /bin/bash -c "cd $build && mkdir -p tests/logs &&
     { make --no-print-directory all tests/unit-tests tests/unit-tests-asan \
         >tests/logs/build.log 2>&1 ||
