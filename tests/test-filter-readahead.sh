@@ -25,9 +25,10 @@ sum=$(md5sum < base.raw)
 # bytes STATSFILE: bytes read from the backend ("read: N ops, T s, X
 # UNIT, ..." in the stats filter's output).
 bytes () {
-  awk '/^read:/ { v = $6; u = $7; sub(/,$/, "", u);
-         m = u == "bytes" ? 1 : u == "KiB" ? 1024 : u == "MiB" ? 1048576 :
-             u == "GiB" ? 1073741824 : -1;
+  # (No line breaks inside ?: : mawk, Debian 13's awk, refuses them.)
+  awk '/^read:/ { v = $6; u = $7; sub(/,$/, "", u); m = -1;
+         if (u == "bytes") m = 1; else if (u == "KiB") m = 1024;
+         else if (u == "MiB") m = 1048576; else if (u == "GiB") m = 1073741824;
          printf "%d\n", v * m }' "$1"; }
 ops () { awk '/^read:/ { print $2 }' "$1"; }
 
