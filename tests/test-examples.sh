@@ -14,7 +14,7 @@ requires virt-filesystems --version
 requires guestfish --version
 requires systemd-socket-activate --version
 cd "$tmp"
-mkdir run images
+mkdir run images upload
 pod=$TOP/nbdkit-qed.pod
 
 # The section's verbatim lines, continuations joined, one per line.
@@ -33,6 +33,7 @@ localize () {
   local l=$1
   l=${l//\/run\/nbdkit-qed/$tmp/run}
   l=${l//\/var\/lib\/nbdkit-qed/$tmp/images}
+  l=${l//\/srv\/upload/$tmp/upload}
   echo "$l"
 }
 # nbdkit as the examples call it: "qed" is the plugin built here, a
@@ -104,6 +105,16 @@ stop_last
 qemu-img create -f qed -b /etc/passwd -F raw untrusted.qed 1M >/dev/null
 if example 'nbdkit -r qed untrusted.qed follow-backing=false' 2>err.txt; then
   fail "an image naming a backing file was served with follow-backing=false"
+fi
+
+# An uploaded image: backing files only beside it.
+qemu-img create -q -f raw upload/base.raw 1M
+qemu-img create -q -f qed -b base.raw -F raw upload/disk.qed 1M
+example 'nbdkit -r qed /srv/upload/disk.qed follow-backing=beneath'
+stop_last
+qemu-img create -q -f qed -b /etc/passwd -F raw upload/disk.qed 1M
+if example 'nbdkit -r qed /srv/upload/disk.qed follow-backing=beneath' 2>err.txt; then
+  fail "follow-backing=beneath followed a name outside the image's directory"
 fi
 
 # The export the other examples use, with some data in it.
@@ -199,7 +210,7 @@ kill "$sa_pid"; wait "$sa_pid" 2>/dev/null || true
 
 # The README's copies of these examples are the manual's lines.
 # (Its indented shell lines; the XML and unit files are in fenced blocks.)
-sed -n '/^### Using the export/,/^## Layout/p' "$TOP/README.md" |
+sed -n '/^### Using the export/,/^## /p' "$TOP/README.md" |
   perl -ne 'if (/^```/) { $f = !$f; next } next if $f || !/^    / || /^\s*#/;
             chomp; s/^    //;
             if ($c) { s/^\s+//; $l .= " $_" } else { $l = $_ }
