@@ -41,17 +41,20 @@ FILTER = filter/nbdkit-qed-filter.so
 
 all: $(PLUGIN) $(FILTER) nbdkit-qed.1
 
-# seam-nbdkit.c routes the core's messages to nbdkit (not in unit tests).
-SEAM_SRC = common/seam-nbdkit.c
+# seam-nbdkit.c routes the core's messages to nbdkit, and glue-nbdkit.c
+# is what the plugin and the filter share (neither is in unit tests).
+SEAM_SRC = common/seam-nbdkit.c common/glue-nbdkit.c
+SEAM_HDRS = common/glue-nbdkit.h
 
-$(PLUGIN): plugin/qed-plugin.c $(CORE_SRCS) $(SEAM_SRC) $(CORE_HDRS)
+$(PLUGIN): plugin/qed-plugin.c $(CORE_SRCS) $(SEAM_SRC) $(CORE_HDRS) \
+           $(SEAM_HDRS)
 	$(CC) $(CFLAGS) $(QED_CFLAGS) $(NBDKIT_CFLAGS) -shared \
 	  -o $@ plugin/qed-plugin.c $(CORE_SRCS) $(SEAM_SRC)
 
 FILTER_SRCS = filter/qed-filter.c filter/readahead.c
 
 $(FILTER): $(FILTER_SRCS) filter/readahead.h $(CORE_SRCS) $(SEAM_SRC) \
-           $(CORE_HDRS)
+           $(CORE_HDRS) $(SEAM_HDRS)
 	$(CC) $(CFLAGS) $(QED_CFLAGS) $(NBDKIT_CFLAGS) -shared \
 	  -o $@ $(FILTER_SRCS) $(CORE_SRCS) $(SEAM_SRC)
 

@@ -90,6 +90,7 @@
 #include <nbdkit-filter.h>
 
 #include "qed.h"
+#include "glue-nbdkit.h"
 #include "safe-open.h"
 #include "seam.h"
 #include "util.h"
@@ -113,9 +114,6 @@ static uint32_t readahead = RA_DEFAULT_WINDOW;  /* the window's bound */
 static uint32_t cluster_size;           /* 0 = default, new overlays only */
 static char *backing_name;
 static enum qed_locking locking = QED_LOCKING_AUTO;
-/* Reader's locks on an existing overlay, from after the fork until the
- * first connection opens it (see the plugin's lock_fd). */
-static int lock_fd = -1;
 
 /* A temporary overlay is created in its own private directory, made
  * in tmp_parent when the first connection needs it. */
@@ -128,12 +126,7 @@ static char *tmp_dir;
  * descriptor (and frees the parameters twice). */
 static bool ready_done, fork_done;
 
-/* The overlay (opened at the first prepare). */
-static pthread_mutex_t open_lock = PTHREAD_MUTEX_INITIALIZER;
-static struct qed_image *img;
-
-/* Clears NEED_CHECK of a persistent overlay once writes stop (idle.c). */
-static struct qed_idle_timer *idle_timer;
+/* The overlay itself, opened at the first prepare, is glue_image. */
 
 static void
 qed_filter_unload (void)
@@ -146,20 +139,6 @@ qed_filter_unload (void)
   overlay = backing_name = tmp_parent = tmp_dir = NULL;
   ra_log_stats ();
   extcache_free ();
-}
-
-static int
-parse_bool (const char *key, const char *value, bool *b)
-{
-  int r = parse_bool_word (value);
-
-  if (r == -1) {
-    nbdkit_error ("%s: expected true or false (or yes/no, on/off, 1/0), "
-                  "not '%s'", key, value);
-    return -1;
-  }
-  *b = r;
-  return 0;
 }
 
 static int
@@ -177,30 +156,16 @@ qed_filter_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
     return overlay ? 0 : -1;
   }
   else if (strcmp (key, "qed-copy-on-read") == 0)
-    return parse_bool (key, value, &copy_on_read);
+    return glue_parse_bool (key, value, &copy_on_read);
   else if (strcmp (key, "qed-zero-detect") == 0)
-    return parse_bool (key, value, &zero_detect);
-  else if (strcmp (key, "qed-cluster-size") == 0) {
-    int64_t v = nbdkit_parse_size (value);
-    if (v == -1) {
-      /* nbdkit's message does not say which parameter was bad. */
-      nbdkit_error ("qed-cluster-size: invalid size '%s'", value);
-      return -1;
-    }
-    if (v < QED_MIN_CLUSTER_SIZE || v > QED_MAX_CLUSTER_SIZE ||
-        !is_power_of_2 (v)) {
-      nbdkit_error ("qed-cluster-size: must be a power of 2 from 4K to 64M");
-      return -1;
-    }
-    cluster_size = v;
-    return 0;
-  }
+    return glue_parse_bool (key, value, &zero_detect);
+  else if (strcmp (key, "qed-cluster-size") == 0)
+    return glue_parse_power_of_2 (key, value, QED_MIN_CLUSTER_SIZE,
+                                  QED_MAX_CLUSTER_SIZE, &cluster_size);
   else if (strcmp (key, "qed-readahead") == 0) {
-    int64_t v = nbdkit_parse_size (value);
-    if (v == -1) {
-      nbdkit_error ("qed-readahead: invalid size '%s'", value);
+    int64_t v = glue_parse_size (key, value);
+    if (v == -1)
       return -1;
-    }
     if (v > RA_MAX_WINDOW) {
       nbdkit_error ("qed-readahead: at most %uM", RA_MAX_WINDOW >> 20);
       return -1;
@@ -222,13 +187,8 @@ qed_filter_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
     }
     return 0;
   }
-  else if (strcmp (key, "qed-locking") == 0) {
-    if (qed_parse_locking (value, &locking) == -1) {
-      nbdkit_error ("qed-locking: expected on, off or auto, not '%s'", value);
-      return -1;
-    }
-    return 0;
-  }
+  else if (strcmp (key, "qed-locking") == 0)
+    return glue_parse_locking (key, value, &locking);
   else if (strncmp (key, "qed-", 4) == 0) {
     /* No plugin uses our prefix: a typo must not reach the plugin. */
     nbdkit_error ("unknown parameter '%s'", key);
@@ -383,51 +343,34 @@ qed_filter_get_ready (int thread_model)
   }
 }
 
-static void
-note_write (void)
-{
-  qed_idle_timer_note_write (idle_timer);
-}
-
-/* For the idle timer: the overlay, once the first connection opened it. */
-static struct qed_image *
-current_image (void)
-{
-  return __atomic_load_n (&img, __ATOMIC_ACQUIRE);
-}
-
 static int
 qed_filter_after_fork (nbdkit_backend *backend)
 {
+  int fd;
+
   if (fork_done)
     return 0;
   fork_done = true;
   /* A temporary overlay is never read again: no point cleaning it. */
   if (overlay == NULL)
     return 0;
-  lock_fd = qed_hold_overlay_locks (overlay, locking);
-  if (lock_fd == -2)
+  fd = qed_hold_overlay_locks (overlay, locking);
+  if (fd == -2)
     return -1;
-  idle_timer = qed_idle_timer_start (IDLE_CLEAN, current_image);
-  return idle_timer ? 0 : -1;
+  return glue_after_fork (fd, IDLE_CLEAN);
 }
 
 static void
 qed_filter_cleanup (nbdkit_backend *backend)
 {
-  qed_idle_timer_stop (idle_timer);
-  idle_timer = NULL;
-  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&open_lock);
+  struct qed_image *img = glue_cleanup ();
+
   if (img) {
     if (overlay == NULL)
       qed_discard (img);
     else if (qed_close (img) == -1)
       nbdkit_error ("qed-overlay: closing %s failed", overlay);
-    img = NULL;
   }
-  if (lock_fd >= 0)
-    close (lock_fd);
-  lock_fd = -1;
   if (tmp_dir) {
     /* Only left if no client ever connected. */
     rmdir (tmp_dir);
@@ -524,7 +467,8 @@ create_overlay (const char *path, int64_t size)
 }
 
 /* Create (if needed) and open the overlay for a plugin of this size.
- * An existing one must be ours (qed_open_overlay_fd).  open_lock held.
+ * An existing one must be ours (qed_open_overlay_fd).  glue_open_lock
+ * held.
  */
 static struct qed_image *
 open_overlay (int64_t size)
@@ -550,10 +494,7 @@ open_overlay (int64_t size)
     made = true;
     oo.fd = qed_open_overlay_fd (path, true, &missing);
   }
-  /* Its locks would conflict with ours (another open file). */
-  if (lock_fd >= 0)
-    close (lock_fd);
-  lock_fd = -1;
+  glue_release_startup_locks ();
   if (oo.fd >= 0)
     i = qed_open (path, &oo);
   if (i == NULL && made && overlay)
@@ -572,6 +513,7 @@ open_overlay (int64_t size)
 static int
 qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
 {
+  struct qed_image *img;
   int64_t size;
   uint64_t want;
 
@@ -581,7 +523,8 @@ qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
     return -1;
   want = ROUND_UP ((uint64_t) size, 512);
 
-  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&open_lock);
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&glue_open_lock);
+  img = glue_image ();
   if (img == NULL) {
     struct qed_image *i = open_overlay (size);
     if (i == NULL)
@@ -595,7 +538,7 @@ qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
       qed_close (i);
       return -1;
     }
-    __atomic_store_n (&img, i, __ATOMIC_RELEASE);
+    glue_set_image (i);
   }
   else if (qed_get_size (img) != want) {
     nbdkit_error ("qed-filter: this connection's plugin disk is %" PRIi64
@@ -618,6 +561,7 @@ qed_filter_block_size (nbdkit_next *next, void *handle,
                        uint32_t *minimum, uint32_t *preferred,
                        uint32_t *maximum)
 {
+  struct qed_image *img = glue_image ();
   uint32_t cs = img ? qed_get_cluster_size (img)
     : cluster_size ? cluster_size : QED_DEFAULT_CLUSTER_SIZE;
 
@@ -706,6 +650,7 @@ backend_read (void *opaque, void *buf, uint64_t count, uint64_t offset)
 static int
 fetch_clusters (nbdkit_next *next, char *wbuf, uint64_t start, uint64_t end)
 {
+  struct qed_image *img = glue_image ();
   uint64_t cs = qed_get_cluster_size (img);
   uint64_t n = (end - start + cs - 1) / cs, i, j;
   int64_t size = next->get_size (next);
@@ -744,7 +689,7 @@ fetch_clusters (nbdkit_next *next, char *wbuf, uint64_t start, uint64_t end)
     qed_fill (img, zero[i] ? NULL : wbuf + (s - start), t - s, s,
               zero_detect, zero[i]);
   }
-  note_write ();
+  glue_note_write ();
   return 0;
 }
 
@@ -755,6 +700,7 @@ fetch_clusters (nbdkit_next *next, char *wbuf, uint64_t start, uint64_t end)
 static int
 cor_fetch (nbdkit_next *next, void *buf, uint64_t count, uint64_t offset)
 {
+  struct qed_image *img = glue_image ();
   uint64_t cs = qed_get_cluster_size (img);
   uint64_t isize = qed_get_size (img);
   uint64_t start = ROUND_DOWN (offset, cs);
@@ -824,6 +770,7 @@ cor_read (void *opaque, void *buf, uint64_t count, uint64_t offset)
 {
   struct cor_request *req = opaque;
   nbdkit_next *next = req->next;
+  struct qed_image *img = glue_image ();
   uint64_t cs = qed_get_cluster_size (img);
   uint64_t isize = qed_get_size (img);
   uint64_t start = ROUND_DOWN (offset, cs);
@@ -881,10 +828,8 @@ qed_filter_pread (nbdkit_next *next, void *handle,
     __atomic_sub_fetch (&h->pipelined_for, 1, __ATOMIC_RELAXED);
   req.pipelined = __atomic_load_n (&h->pipelined_for, __ATOMIC_RELAXED) > 0;
   errno = 0;
-  if (qed_read (img, &below, buf, count, offset) == -1) {
-    *err = errno ? errno : EIO;
-    r = -1;
-  }
+  if (qed_read (glue_image (), &below, buf, count, offset) == -1)
+    r = glue_fail (err);
   __atomic_sub_fetch (&h->reads_in_progress, 1, __ATOMIC_RELAXED);
   return r;
 }
@@ -904,12 +849,10 @@ qed_filter_pwrite (nbdkit_next *next, void *handle,
   struct qed_below below = { .read = backend_read, .opaque = next };
   unsigned f = fua_flag (flags) | (zero_detect ? QED_WRITE_DETECT_ZERO : 0);
 
-  note_write ();
+  glue_note_write ();
   errno = 0;
-  if (qed_write (img, &below, buf, count, offset, f) == -1) {
-    *err = errno ? errno : EIO;
-    return -1;
-  }
+  if (qed_write (glue_image (), &below, buf, count, offset, f) == -1)
+    return glue_fail (err);
   return 0;
 }
 
@@ -922,10 +865,10 @@ qed_filter_zero (nbdkit_next *next, void *handle,
     (flags & NBDKIT_FLAG_MAY_TRIM ? QED_ZERO_MAY_UNMAP : 0) |
     (flags & NBDKIT_FLAG_FAST_ZERO ? QED_ZERO_FAST : 0);
 
-  note_write ();
+  glue_note_write ();
   errno = 0;
-  if (qed_zero (img, &below, count, offset, f) == -1) {
-    *err = errno ? errno : EIO;
+  if (qed_zero (glue_image (), &below, count, offset, f) == -1) {
+    glue_fail (err);
     /* ENOTSUP is only allowed as the answer to a fast zero. */
     if (!(flags & NBDKIT_FLAG_FAST_ZERO) &&
         (*err == ENOTSUP || *err == EOPNOTSUPP))
@@ -941,12 +884,10 @@ qed_filter_trim (nbdkit_next *next, void *handle,
 {
   struct qed_below below = { .read = backend_read, .opaque = next };
 
-  note_write ();
+  glue_note_write ();
   errno = 0;
-  if (qed_trim (img, &below, count, offset, fua_flag (flags)) == -1) {
-    *err = errno ? errno : EIO;
-    return -1;
-  }
+  if (qed_trim (glue_image (), &below, count, offset, fua_flag (flags)) == -1)
+    return glue_fail (err);
   return 0;
 }
 
@@ -956,10 +897,8 @@ qed_filter_flush (nbdkit_next *next, void *handle, uint32_t flags, int *err)
   if (overlay == NULL)
     return 0;
   errno = 0;
-  if (qed_flush (img) == -1) {
-    *err = errno ? errno : EIO;
-    return -1;
-  }
+  if (qed_flush (glue_image ()) == -1)
+    return glue_fail (err);
   return 0;
 }
 
@@ -978,39 +917,38 @@ qed_filter_cache (nbdkit_next *next, void *handle,
     return next->cache (next, count, offset, 0, err);
   }
   errno = 0;
-  if (qed_prefetch (img, &below, count, offset) == -1) {
-    *err = errno ? errno : EIO;
-    return -1;
-  }
+  if (qed_prefetch (glue_image (), &below, count, offset) == -1)
+    return glue_fail (err);
   return 0;
 }
 
-/* Add the plugin's extents for [offset, offset+len), an unallocated
- * run of the overlay. */
+/* Ask the plugin for its extents of [offset, offset+len), an unallocated
+ * run of the overlay, and add them.  -1 with errno on error. */
 static int
-backend_extents (nbdkit_next *next, uint64_t len, uint64_t offset,
-                 bool req_one, struct nbdkit_extents *extents, int *err)
+plugin_extents (nbdkit_next *next, uint64_t len, uint64_t offset,
+                bool req_one, struct nbdkit_extents *extents)
 {
   struct nbdkit_extents *exts;
   uint64_t end = offset + len, pos = offset;
-  int r = 0;
+  int r = 0, err = 0;
 
   if (req_one) {
     exts = nbdkit_extents_new (offset, end);
-    if (exts == NULL) {
-      *err = errno;
+    if (exts == NULL)
       return -1;
-    }
     if (next->extents (next, len, offset, NBDKIT_FLAG_REQ_ONE, exts,
-                       err) == -1) {
+                       &err) == -1) {
       nbdkit_extents_free (exts);
+      errno = err;
       return -1;
     }
   }
   else {
-    exts = nbdkit_extents_full (next, len, offset, 0, err);
-    if (exts == NULL)
+    exts = nbdkit_extents_full (next, len, offset, 0, &err);
+    if (exts == NULL) {
+      errno = err;
       return -1;
+    }
   }
   for (size_t i = 0; i < nbdkit_extents_count (exts) && pos < end; ++i) {
     struct nbdkit_extent e = nbdkit_get_extent (exts, i);
@@ -1018,21 +956,42 @@ backend_extents (nbdkit_next *next, uint64_t len, uint64_t offset,
     if (t <= pos)
       continue;
     if (nbdkit_add_extent (extents, pos, t - pos, e.type) == -1) {
-      *err = errno;
       r = -1;
       break;
     }
     pos = t;
   }
+  err = errno;
   nbdkit_extents_free (exts);
+  errno = err;
   /* Whatever the plugin left out is data, as far as we know (with
    * REQ_ONE, only the first extent matters). */
   if (r == 0 && pos < end && (!req_one || pos == offset) &&
-      nbdkit_add_extent (extents, pos, end - pos, 0) == -1) {
-    *err = errno;
+      nbdkit_add_extent (extents, pos, end - pos, 0) == -1)
     r = -1;
-  }
   return r;
+}
+
+struct extents_ctx {
+  nbdkit_next *next;
+  int can_extents;              /* -1 until asked */
+};
+
+/* An unallocated run of the overlay: the plugin's extents, or data if
+ * the plugin has none. */
+static int64_t
+below_extents (void *opaque, uint64_t len, uint64_t offset, bool req_one,
+               struct nbdkit_extents *extents)
+{
+  struct extents_ctx *x = opaque;
+
+  if (x->can_extents == -1)
+    x->can_extents = x->next->can_extents (x->next);
+  if (x->can_extents == 1
+      ? plugin_extents (x->next, len, offset, req_one, extents) == -1
+      : nbdkit_add_extent (extents, offset, len, 0) == -1)
+    return -1;
+  return len;
 }
 
 static int
@@ -1041,41 +1000,11 @@ qed_filter_extents (nbdkit_next *next, void *handle,
                     struct nbdkit_extents *extents, int *err)
 {
   bool req_one = flags & NBDKIT_FLAG_REQ_ONE;
-  uint64_t end = offset + count;
-  int can_extents = -1;
+  struct extents_ctx x = { .next = next, .can_extents = -1 };
 
-  while (offset < end) {
-    struct qed_map m;
-
-    errno = 0;
-    if (qed_map (img, offset, end - offset, &m) == -1) {
-      *err = errno ? errno : EIO;
-      return -1;
-    }
-    if (m.type == QED_MAP_UNALLOCATED) {
-      if (can_extents == -1)
-        can_extents = next->can_extents (next);
-      if (can_extents == 1) {
-        if (backend_extents (next, m.length, offset, req_one, extents,
-                             err) == -1)
-          return -1;
-      }
-      else if (nbdkit_add_extent (extents, offset, m.length, 0) == -1) {
-        *err = errno;
-        return -1;
-      }
-    }
-    else if (nbdkit_add_extent (extents, offset, m.length,
-                                m.type == QED_MAP_DATA ? 0 :
-                                NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO)
-             == -1) {
-      *err = errno;
-      return -1;
-    }
-    offset += m.length;
-    if (req_one)
-      break;
-  }
+  if (glue_extents (glue_image (), count, offset, req_one, extents,
+                    below_extents, &x) == -1)
+    return glue_fail (err);
   return 0;
 }
 

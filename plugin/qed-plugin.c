@@ -29,6 +29,7 @@
 #include <nbdkit-plugin.h>
 
 #include "qed.h"
+#include "glue-nbdkit.h"
 #include "seam.h"
 #include "util.h"
 
@@ -55,23 +56,13 @@ static char *backing_override;
 static int backing_override_format = QED_FORMAT_PROBE;
 static unsigned idle_clean = 5;          /* seconds, 0 = never */
 static enum qed_locking locking = QED_LOCKING_AUTO;
-/* Reader's locks on the image, taken after the fork into the
- * background and held until the first connection opens it for real, so
- * that QEMU cannot open it for writing in between.  (Not from
- * get_ready: the parent's copy of the descriptor would keep its locks
- * until that process is gone, racing the first connection.) */
-static int lock_fd = -1;
 static bool file_writable;
 
-/* The open image and its backing chain (from the first connection). */
-static pthread_mutex_t open_lock = PTHREAD_MUTEX_INITIALIZER;
-static struct qed_image *img;
+/* The image's backing chain, opened with the image by the first
+ * connection (the image itself: glue_image). */
 static struct qed_chain *chain;
 static struct qed_below below;
 static bool have_below;
-
-/* Clears NEED_CHECK once writes stop (idle.c). */
-static struct qed_idle_timer *idle_timer;
 
 static void
 qed_plugin_unload (void)
@@ -96,48 +87,6 @@ parse_format (const char *key, const char *value, int *format)
 }
 
 static int
-parse_bool (const char *key, const char *value, bool *b)
-{
-  int r = parse_bool_word (value);
-
-  if (r == -1) {
-    nbdkit_error ("%s: expected true or false (or yes/no, on/off, 1/0), "
-                  "not '%s'", key, value);
-    return -1;
-  }
-  *b = r;
-  return 0;
-}
-
-/* nbdkit_parse_size's message does not say which parameter was bad. */
-static int64_t
-parse_size (const char *key, const char *value)
-{
-  int64_t v = nbdkit_parse_size (value);
-
-  if (v == -1)
-    nbdkit_error ("%s: invalid size '%s'", key, value);
-  return v;
-}
-
-static int
-parse_power_of_2 (const char *key, const char *value, uint32_t lo,
-                  uint32_t hi, uint32_t *out)
-{
-  int64_t v = parse_size (key, value);
-
-  if (v == -1)
-    return -1;
-  if (v < lo || v > hi || !is_power_of_2 (v)) {
-    nbdkit_error ("%s: must be a power of 2 from %" PRIu32 " to %" PRIu32,
-                  key, lo, hi);
-    return -1;
-  }
-  *out = v;
-  return 0;
-}
-
-static int
 qed_plugin_config (const char *key, const char *value)
 {
   if (strcmp (key, "file") == 0) {
@@ -152,18 +101,19 @@ qed_plugin_config (const char *key, const char *value)
       create = CREATE_IF_MISSING;
       return 0;
     }
-    if (parse_bool (key, value, &b) == -1)
+    if (glue_parse_bool (key, value, &b) == -1)
       return -1;
     create = b ? CREATE_ALWAYS : CREATE_NO;
     return 0;
   }
   else if (strcmp (key, "size") == 0) {
-    create_size = parse_size (key, value);
+    create_size = glue_parse_size (key, value);
     return create_size == -1 ? -1 : 0;
   }
   else if (strcmp (key, "cluster-size") == 0)
-    return parse_power_of_2 (key, value, QED_MIN_CLUSTER_SIZE,
-                             QED_MAX_CLUSTER_SIZE, &create_cluster_size);
+    return glue_parse_power_of_2 (key, value, QED_MIN_CLUSTER_SIZE,
+                                  QED_MAX_CLUSTER_SIZE,
+                                  &create_cluster_size);
   else if (strcmp (key, "table-size") == 0) {
     uint32_t v;
     if (nbdkit_parse_uint32_t (key, value, &v) == -1)
@@ -183,9 +133,9 @@ qed_plugin_config (const char *key, const char *value)
   else if (strcmp (key, "backing-format") == 0)
     return parse_format (key, value, &create_backing_format);
   else if (strcmp (key, "zero-detect") == 0)
-    return parse_bool (key, value, &zero_detect);
+    return glue_parse_bool (key, value, &zero_detect);
   else if (strcmp (key, "l2-cache") == 0) {
-    l2_cache = parse_size (key, value);
+    l2_cache = glue_parse_size (key, value);
     if (l2_cache == -1)
       return -1;
     if (l2_cache < 65536 || l2_cache > (INT64_C (1) << 40)) {
@@ -200,10 +150,10 @@ qed_plugin_config (const char *key, const char *value)
       follow_backing = true;
       return 0;
     }
-    return parse_bool (key, value, &follow_backing);
+    return glue_parse_bool (key, value, &follow_backing);
   }
   else if (strcmp (key, "backing-devices") == 0)
-    return parse_bool (key, value, &backing_devices);
+    return glue_parse_bool (key, value, &backing_devices);
   else if (strcmp (key, "backing-override") == 0) {
     free (backing_override);
     backing_override = nbdkit_realpath (value);
@@ -213,13 +163,8 @@ qed_plugin_config (const char *key, const char *value)
     return parse_format (key, value, &backing_override_format);
   else if (strcmp (key, "idle-clean") == 0)
     return nbdkit_parse_unsigned (key, value, &idle_clean);
-  else if (strcmp (key, "locking") == 0) {
-    if (qed_parse_locking (value, &locking) == -1) {
-      nbdkit_error ("locking: expected on, off or auto, not '%s'", value);
-      return -1;
-    }
-    return 0;
-  }
+  else if (strcmp (key, "locking") == 0)
+    return glue_parse_locking (key, value, &locking);
   else {
     nbdkit_error ("unknown parameter '%s'", key);
     return -1;
@@ -397,79 +342,73 @@ validate_image (void)
   return 0;
 }
 
-/* For the idle timer: the image, once the first connection opened it
- * (it is closed only in cleanup, after the timer has stopped). */
-static struct qed_image *
-current_image (void)
-{
-  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&open_lock);
-  return img;
-}
-
 static int
 qed_plugin_after_fork (void)
 {
-  lock_fd = qed_hold_reader_locks (filename, locking);
-  if (lock_fd == -1)
+  int fd = qed_hold_reader_locks (filename, locking);
+
+  if (fd == -1)
     return -1;
-  if (idle_clean == 0)
-    return 0;
-  idle_timer = qed_idle_timer_start (idle_clean, current_image);
-  return idle_timer ? 0 : -1;
+  return glue_after_fork (fd, idle_clean);
 }
 
 static void
 qed_plugin_cleanup (void)
 {
-  qed_idle_timer_stop (idle_timer);
-  idle_timer = NULL;
+  struct qed_image *img = glue_cleanup ();
+
   qed_chain_close (chain);
   chain = NULL;
   if (img && qed_close (img) == -1)
     nbdkit_error ("%s: closing the image failed", filename);
-  img = NULL;
-  if (lock_fd >= 0)
-    close (lock_fd);
-  lock_fd = -1;
+}
+
+/* Open the image and its backing chain.  glue_open_lock held. */
+static struct qed_image *
+open_image (int readonly)
+{
+  struct qed_open_options oo = { .readonly = readonly,
+                                 .l2_cache_bytes = l2_cache,
+                                 .locking = locking };
+  struct qed_chain_options co = {
+    .follow = follow_backing, .beneath = follow_beneath,
+    .devices = backing_devices, .override = backing_override,
+    .override_format = backing_override_format,
+    .l2_cache_bytes = l2_cache / 4,
+    .locking = locking,
+  };
+  struct qed_image *img;
+  bool none;
+
+  glue_release_startup_locks ();
+  img = qed_open (filename, &oo);
+  if (img == NULL)
+    return NULL;
+  chain = qed_chain_open (img, &co, &none);
+  if (chain == NULL && !none) {
+    qed_close (img);
+    return NULL;
+  }
+  if (chain) {
+    qed_chain_below (chain, &below);
+    have_below = true;
+  }
+  return img;
 }
 
 static void *
 qed_plugin_open (int readonly)
 {
-  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&open_lock);
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&glue_open_lock);
+  struct qed_image *img = glue_image ();
 
   if (!file_writable)
     readonly = 1;
   if (img == NULL) {
-    struct qed_open_options oo = { .readonly = readonly,
-                                   .l2_cache_bytes = l2_cache,
-                                   .locking = locking };
-    struct qed_chain_options co = {
-      .follow = follow_backing, .beneath = follow_beneath,
-      .devices = backing_devices, .override = backing_override,
-      .override_format = backing_override_format,
-      .l2_cache_bytes = l2_cache / 4,
-      .locking = locking,
-    };
-    bool none;
-
-    /* Its locks would conflict with ours (another open file). */
-    if (lock_fd >= 0)
-      close (lock_fd);
-    lock_fd = -1;
-    img = qed_open (filename, &oo);
+    img = open_image (readonly);
     if (img == NULL)
       return NULL;
-    chain = qed_chain_open (img, &co, &none);
-    if (chain == NULL && !none) {
-      qed_close (img);
-      img = NULL;
-      return NULL;
-    }
-    if (chain) {
-      qed_chain_below (chain, &below);
-      have_below = true;
-    }
+    glue_set_image (img);
   }
   else if (!readonly && qed_is_readonly (img)) {
     nbdkit_error ("%s: the image was opened read-only by an earlier "
@@ -482,7 +421,7 @@ qed_plugin_open (int readonly)
 static int64_t
 qed_plugin_get_size (void *handle)
 {
-  return qed_get_size (img);
+  return qed_get_size (glue_image ());
 }
 
 static int
@@ -491,7 +430,8 @@ qed_plugin_block_size (void *handle,
                        uint32_t *maximum)
 {
   *minimum = 1;
-  *preferred = MAX (4096u, MIN (qed_get_cluster_size (img), 2u << 20));
+  *preferred = MAX (4096u,
+                    MIN (qed_get_cluster_size (glue_image ()), 2u << 20));
   *maximum = 0xffffffff;
   return 0;
 }
@@ -499,7 +439,7 @@ qed_plugin_block_size (void *handle,
 static int
 qed_plugin_can_write (void *handle)
 {
-  return !qed_is_readonly (img);
+  return !qed_is_readonly (glue_image ());
 }
 
 static int
@@ -526,17 +466,11 @@ get_below (void)
   return have_below ? &below : NULL;
 }
 
-static void
-note_write (void)
-{
-  qed_idle_timer_note_write (idle_timer);
-}
-
 static int
 qed_plugin_pread (void *handle, void *buf, uint32_t count, uint64_t offset,
                   uint32_t flags)
 {
-  return qed_read (img, get_below (), buf, count, offset);
+  return qed_read (glue_image (), get_below (), buf, count, offset);
 }
 
 static int
@@ -546,8 +480,8 @@ qed_plugin_pwrite (void *handle, const void *buf, uint32_t count,
   unsigned f = (flags & NBDKIT_FLAG_FUA ? QED_WRITE_FUA : 0) |
     (zero_detect ? QED_WRITE_DETECT_ZERO : 0);
 
-  note_write ();
-  return qed_write (img, get_below (), buf, count, offset, f);
+  glue_note_write ();
+  return qed_write (glue_image (), get_below (), buf, count, offset, f);
 }
 
 static int
@@ -558,66 +492,54 @@ qed_plugin_zero (void *handle, uint32_t count, uint64_t offset,
     (flags & NBDKIT_FLAG_MAY_TRIM ? QED_ZERO_MAY_UNMAP : 0) |
     (flags & NBDKIT_FLAG_FAST_ZERO ? QED_ZERO_FAST : 0);
 
-  note_write ();
-  return qed_zero (img, get_below (), count, offset, f);
+  glue_note_write ();
+  return qed_zero (glue_image (), get_below (), count, offset, f);
 }
 
 static int
 qed_plugin_trim (void *handle, uint32_t count, uint64_t offset,
                  uint32_t flags)
 {
-  note_write ();
-  return qed_trim (img, get_below (), count, offset,
+  glue_note_write ();
+  return qed_trim (glue_image (), get_below (), count, offset,
                    flags & NBDKIT_FLAG_FUA ? QED_WRITE_FUA : 0);
 }
 
 static int
 qed_plugin_flush (void *handle, uint32_t flags)
 {
-  return qed_flush (img);
+  return qed_flush (glue_image ());
 }
 
 static int
 qed_plugin_cache (void *handle, uint32_t count, uint64_t offset,
                   uint32_t flags)
 {
-  return qed_prefetch (img, get_below (), count, offset);
+  return qed_prefetch (glue_image (), get_below (), count, offset);
 }
 
-static int
-add_extent (struct nbdkit_extents *extents, uint64_t offset, uint64_t len,
-            uint32_t type)
+/* An unallocated run: ask the backing chain what lies there. */
+static int64_t
+chain_extents (void *opaque, uint64_t len, uint64_t offset, bool req_one,
+               struct nbdkit_extents *extents)
 {
-  return nbdkit_add_extent (extents, offset, len, type);
+  struct qed_map m;
+
+  if (qed_chain_map (chain, offset, len, &m) == -1 ||
+      nbdkit_add_extent (extents, offset, m.length,
+                         m.type == QED_MAP_DATA ? 0
+                         : NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO) == -1)
+    return -1;
+  return m.length;
 }
 
 static int
 qed_plugin_extents (void *handle, uint32_t count, uint64_t offset,
                     uint32_t flags, struct nbdkit_extents *extents)
 {
-  bool req_one = flags & NBDKIT_FLAG_REQ_ONE;
-  uint64_t end = offset + count;
-
-  while (offset < end) {
-    struct qed_map m;
-    uint32_t type;
-
-    if (qed_map (img, offset, end - offset, &m) == -1)
-      return -1;
-    if (m.type == QED_MAP_UNALLOCATED && chain) {
-      /* Ask the backing chain what lies there. */
-      if (qed_chain_map (chain, offset, m.length, &m) == -1)
-        return -1;
-    }
-    type = m.type == QED_MAP_DATA ? 0
-      : NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO;
-    if (add_extent (extents, offset, m.length, type) == -1)
-      return -1;
-    offset += m.length;
-    if (req_one)
-      break;
-  }
-  return 0;
+  return glue_extents (glue_image (), count, offset,
+                       flags & NBDKIT_FLAG_REQ_ONE, extents,
+                       chain ? chain_extents : NULL, NULL);
 }
 
 static void
