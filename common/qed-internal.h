@@ -41,6 +41,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <pthread.h>
+#include <sys/uio.h>
 
 #include "qed.h"
 
@@ -147,7 +148,6 @@ struct qed_image {
  */
 
 /* io.c: whole transfers, retrying EINTR and short writes. */
-#include <sys/uio.h>
 /* Exactly count bytes; a read past the end of the file is an error
  * (EIO): callers read only what the checks at open put in the file. */
 extern int pread_full (int fd, void *buf, size_t count, uint64_t off);
