@@ -151,10 +151,12 @@ echo "nbdcopy: $(ops copy.stats) ops $(bytes copy.stats) bytes"
 # The 224M of zeros are extents, not reads.
 [ "$(bytes copy.stats)" -le $((33*M)) ] || fail "nbdcopy fetched data twice"
 # nbdcopy keeps many reads in flight: they get no read-ahead (it would
-# make them wait for one large fetch in turn).
+# make them wait for one large fetch in turn).  Its first few reads may
+# come one at a time (libnbd 1.22's nbdcopy: 4 of 112); read ahead on
+# every miss would be about 100.
 seqn=$(sed -n 's/.*read-ahead: [0-9]* misses, \([0-9]*\) sequential.*/\1/p' copy.log)
 echo "nbdcopy: $seqn misses read ahead"
-[ -n "$seqn" ] && [ "$seqn" -le 3 ] || fail "nbdcopy's reads were read ahead"
+[ -n "$seqn" ] && [ "$seqn" -le 8 ] || fail "nbdcopy's reads were read ahead"
 qemu-img map --output=json copy.qed | grep -q '"zero": true, "data": false' ||
   fail "zero extents did not become zero clusters"
 qemu_check copy.qed
