@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: BSD-3-Clause
 # nbdkit-qed: plain GNU make.
 #   make            build the plugin and the filter
 #   make check      run the test suite (ends with "N passed, M failed")

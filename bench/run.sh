@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # nbdkit-qed benchmarks: our plugin (and filter) against qemu-nbd and
 # nbdkit's file plugin, on the same data.  See bench/README.md.
 #

@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 """Break down perf samples below one function by its callees.
 
     perf record -F 1000 --call-graph dwarf,16384 -p PID -o perf.data

@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 """Summarise bench/run.sh measurements: medians, ratios, CPU s/GiB, targets.
 
 usage: summarize.py RESULTS.tsv CLK_TCK

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* nbdkit-qed: backing files, for the plugin.
  *
  * Beneath an image lies a chain of layers, each a raw file or a QED

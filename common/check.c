@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* nbdkit-qed: consistency check, repair and compaction.
  *
  * The check walks the L1 and every L2 table, marking the clusters in

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* nbdkit-qed: the on-disk header.
  *
  * The header is 64 little-endian bytes at offset 0.  We decode it once

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* nbdkit-qed: the idle timer.
  *
  * QEMU's tools never clear NEED_CHECK until exit (their timer runs on a

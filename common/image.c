@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* nbdkit-qed: creating, opening and closing images; flush and the
  * NEED_CHECK epoch.
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* nbdkit-qed: image locking that QEMU understands.
  *
  * QEMU (block/file-posix.c) locks single bytes of an image file with

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* nbdkit-qed: the read path and block status.
  *
  * qed_map answers, from the tables alone, what the run of clusters at

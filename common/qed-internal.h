@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* nbdkit-qed: the image structure shared by the core's files.
  *
  * About the locking:

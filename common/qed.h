@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* nbdkit-qed: the QED format core.
  *
  * This is the only interface the plugin, the filter and the unit tests

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* nbdkit-qed: the seam (seam.h) for the two nbdkit objects.
  *
  * Compiled into the plugin and into the filter (each keeps its own

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* nbdkit-qed: the seam between the format core and its host.
  *
  * The core never calls nbdkit directly.  Each host (the plugin, the

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* nbdkit-qed: L1 and L2 tables.
  *
  * The L1 is read at open and stays resident.  L2 tables are cached in

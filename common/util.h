@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* nbdkit-qed: small helpers (our own equivalents of nbdkit's
  * common/include headers, which are not installed).
  */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* nbdkit-qed: the write path (write, zero, trim and copy-on-read
  * fills).
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* nbdkit-qed: the QED filter, a writable QED overlay over any plugin.
  *
  *   nbdkit --filter=qed PLUGIN [plugin args] [qed-overlay=FILE]

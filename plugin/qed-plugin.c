@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* nbdkit-qed: the QED plugin.
  *
  *   nbdkit qed [file=]IMAGE [create=true size=SIZE ...] [zero-detect=BOOL]

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # make check-debian13: build both objects against Debian 13's nbdkit (1.42)
 # and run the test suite with its QEMU (10.0) and libnbd (1.22), in a
 # Debian 13 root made by mmdebstrap from Debian's packages.  Needs root.

@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 """nbdkit-qed crash harness.
 
 Proves that no write acknowledged and flushed (or acknowledged with FUA)

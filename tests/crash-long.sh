@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Crash safety, long form: bash tests/crash-long.sh [TRIALS] (default 600)
 # Splits TRIALS between SIGKILL trials, power-loss reconstructions,
 # crashes inside the repair and (if the filter is built) SIGKILL and

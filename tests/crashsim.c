@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* nbdkit-qed crash simulator: an LD_PRELOAD shim that journals every
  * mutation of one file, so that tests/crash-harness.py can rebuild the
  * states a power loss could leave behind.

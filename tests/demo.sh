@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # `make run`: create a demo QED image over a raw backing file and serve
 # it in the foreground on a unix socket.
 set -eu

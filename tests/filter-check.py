@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: BSD-3-Clause
 # Used by the filter tests: random reads, writes and zeroes through the
 # filter (URI_FILTER), checked against the plain backend (URI_PLAIN,
 # served without the filter) with the writes applied on top.

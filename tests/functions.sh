@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: BSD-3-Clause
 # Sourced by every tests/test-*.sh.  Conventions:
 #   exit 0 = pass, 77 = skip (with a reason on the last line), else fail.
 #   Work in $tmp (removed at exit); servers on unix sockets in $tmp.

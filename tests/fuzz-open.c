@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* nbdkit-qed: a libFuzzer target over opening and using QED images.
  *
  * Build (from the top of the tree):

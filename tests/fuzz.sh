@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Build the libFuzzer target tests/fuzz-open and run it for SECONDS
 # (default 300) with the hostile-image catalogue as the seed corpus.
 # Prints the executions and the crashes found (saved as

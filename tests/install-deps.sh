@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Install the Debian 12 packages nbdkit-qed needs to build, run and test.
 #   tests/install-deps.sh          build + run + test packages
 #   tests/install-deps.sh --run    only what `make run` needs

@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 """Generate a catalogue of corrupt and hostile QED images.
 
 Usage: make-hostile.py OUTDIR [--corpus CORPUSDIR] [--max-corpus BYTES]

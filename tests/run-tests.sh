@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # nbdkit-qed test runner: runs the unit tests and every tests/test-*.sh,
 # each with a time limit, and ends with "N passed, M failed".
 # Usage: tests/run-tests.sh [PATTERN...]   (substring filters on names)

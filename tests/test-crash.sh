@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Crash safety, short form (the long form is tests/crash-long.sh):
 # - SIGKILL trials: a seeded multi-connection workload of writes, FUA
 #   writes, zeroes (with and without MAY_TRIM), trims and flushes against

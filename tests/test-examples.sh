@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Runs the examples of the manual's EXAMPLES section (nbdkit-qed.pod),
 # as written there, so that the documentation cannot rot: every command
 # line of the section must be run here (checked at the end), and each

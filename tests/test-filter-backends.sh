@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Filter: works over different plugins (file, an odd-sized file, memory,
 # pattern 1G, data, nbd) and stacked with other filters (blocksize above
 # and below, delay below: copy-on-read hides the delay).  Each run does

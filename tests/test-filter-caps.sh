@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Filter: capabilities and write semantics.  Every capability is
 # advertised although the backend is opened read-only (also over a
 # read-only server); the backend never receives a write, zero, trim or

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Filter: copy-on-read stores whole clusters in the overlay, so the data
 # read once survives a change of the backend; backend zero extents
 # become zero clusters; the second read never reaches the backend; and

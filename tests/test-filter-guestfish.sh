@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Filter, end to end with a real client (libguestfs, TCG):
 #   1. guestfish makes a filesystem and writes /hello.txt on an export
 #      served by the QED plugin over a fresh image (create=true);

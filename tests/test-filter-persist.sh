@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Filter: a persistent overlay.  Data survives restarts (clean and after
 # kill -9 once flushed), the backend never changes, the overlay passes
 # qemu-img check after a clean stop, and with qed-backing-name the QED

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Filter: read-ahead on copy-on-read misses (qed-readahead), measured
 # with nbdkit's stats filter beneath the filter.
 #  - sequential 64K reads cost a few large backend reads, not one per

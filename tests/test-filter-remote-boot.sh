@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Filter over a remote disk, end to end with a real client: a
 # libguestfs appliance (TCG) boots with an ext4 disk served by the
 # filter over nbdkit's curl plugin from nginx on 127.0.0.1, mounts it

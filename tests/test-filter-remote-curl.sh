@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Filter over a real remote backend: nbdkit's curl plugin against nginx
 # on 127.0.0.1 (Range requests), with a persistent overlay.
 #  1. the first nbdkit reads the whole disk (nbdcopy) and random ranges:

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Filter over a remote NBD server (nbdkit's nbd plugin) that goes away
 # (killed) and comes back:
 #  - while it is away, clusters already in the overlay still read; a

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Filter: concurrency stress.  Many connections (one thread each) read
 # (which fills the overlay from the backend) and write/zero/trim the
 # SAME clusters at once, with a small delay beneath the filter so that

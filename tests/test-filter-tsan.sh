@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # ThreadSanitizer over the filter: parallel copy-on-read reads, writes,
 # zeroes, trims, cache and flushes from several connections over the
 # same clusters of a persistent overlay (with the idle timer running),

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Filter: zero detection.  All-zero writes and all-zero clusters inside
 # bigger writes become zero clusters (the overlay does not grow), zero
 # requests are metadata only, backend holes become zero clusters when

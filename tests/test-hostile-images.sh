@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Hostile images: a catalogue of corrupt and malicious QED images
 # (tests/make-hostile.py) served by the plugin read-only and writable,
 # and as an overlay of the filter.  For each one nbdkit must either

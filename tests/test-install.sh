@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # make install / make uninstall with DESTDIR and PREFIX: the objects in
 # nbdkit's directories, the manual and its nbdkit-qed-plugin(1) and
 # nbdkit-qed-filter(1) names, and nothing left after uninstall.

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Parameters and names of both objects: boolean errors name their key,
 # files that are not QED are described, the filter is called "qed",
 # -D qed.verbose=1 logs the core's decisions (and only with the flag),

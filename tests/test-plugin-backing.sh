@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Backing files through the plugin, with QEMU as the oracle: raw and QED
 # backing files, a chain of depth 3 with relative names (nbdkit run from
 # another directory), a backing file shorter than the image, loops,

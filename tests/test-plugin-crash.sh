@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # NEED_CHECK and crashes: after writes and a kill -9 of the server the
 # file has NEED_CHECK set and is consistent for QEMU (no corruption,
 # at most leaks); a -r restart serves the flushed data and leaves the

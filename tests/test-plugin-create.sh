@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # create=true makes the same file as `qemu-img create -f qed` (header
 # bytes, file size, qemu-img info), with the defaults and with
 # cluster-size, table-size, backing and backing-format (raw sets

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Header feature bits, as QEMU treats them (docs/qemu-differences.md):
 # - an unknown `features` bit refuses the image, even read-only, with a
 #   message naming the bit, and the file is left unchanged;

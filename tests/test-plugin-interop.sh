@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Interoperability with QEMU over NBD: qemu-nbd serves an image our
 # plugin wrote, our plugin serves an image qemu-io wrote, and
 # `qemu-img compare` finds the NBD exports identical.  QEMU as an NBD

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Image locking, against QEMU: the plugin (and the filter's overlay)
 # must hold the same lock bytes as qemu-nbd in the same mode, so that
 # QEMU's tools refuse an image we write and we refuse one QEMU writes;

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Odds and ends: -r on a read-only file; --dump-plugin; bad parameters
 # fail with clear errors; multi-conn (a flush on one connection covers
 # another's writes); many concurrent writes to neighbouring 4K pieces of

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Model test: a few hundred seeded random writes, zeroes (with and
 # without MAY_TRIM, some FAST_ZERO), trims, flushes and FUA requests,
 # aligned and not, some across cluster and L2-table boundaries, are

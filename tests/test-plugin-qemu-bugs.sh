@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Regressions for QEMU's two data-corrupting QED bugs
 # (docs/qemu-differences.md), which the plugin must not copy:
 # (a) a partial write into a zero cluster must not copy backing data

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Plugin reads, with QEMU as the oracle: images written by qemu-io with
 # several cluster and table sizes (data, zero clusters, unaligned zero
 # writes, unallocated areas, L2-table boundaries, a partial last

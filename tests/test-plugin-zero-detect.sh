@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # zero-detect=true: all-zero clusters in a write are stored as
 # zero/unallocated clusters instead of data, so writing zeros does not
 # grow the file, and in a 3-cluster write whose middle cluster is all

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Zero (with MAY_TRIM) and trim of whole allocated clusters give the
 # space back to the host while the server runs (st_blocks drops), and
 # after a clean stop the freed clusters are compacted away: qemu-img

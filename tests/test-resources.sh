@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Resource bounds: a 16 TiB sparse image touched in every one of its
 # 8192 L2 tables keeps the server's memory bounded by l2-cache (dirty
 # table pages are written back when they fill half the cache), and

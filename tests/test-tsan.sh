@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # ThreadSanitizer over the plugin: several connections doing parallel
 # allocating writes to the same and to neighbouring clusters and L2
 # tables, reads, zeroes, trims and flushes.  Any TSan report fails.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* nbdkit-qed: unit tests of the format core (no nbdkit needed).
  *
  *   make tests/unit-tests && ./tests/unit-tests
