@@ -71,28 +71,78 @@ qed_free_durable (struct qed_image *img, size_t n)
     qed_recycle_free (img);
 }
 
-int
-qed_alloc_clusters (struct qed_image *img, uint64_t n, uint64_t *offset)
+/* Take up to n contiguous free clusters (exactly n if exact), punched
+ * again: an in-place write that looked a cluster up before a zero or
+ * trim freed it may have landed after that punch (no such request is
+ * left now), and a new cluster must be a hole.  Returns how many. */
+static uint64_t
+take_free_run (struct qed_image *img, uint64_t n, bool exact, uint64_t *off)
 {
-  uint64_t bytes = qed_clusters_to_bytes (img, n), new_end;
+  size_t len = img->free_list.len;
+  uint64_t got = 1;
 
+  if (len == 0)
+    return 0;
+  /* The list is a stack; a listed run is pushed top down (freelist.c). */
+  *off = img->free_list.ptr[len - 1];
+  while (got < n && got < len &&
+         img->free_list.ptr[len - 1 - got] ==
+         *off + qed_clusters_to_bytes (img, got))
+    got++;
+  if (got == 1) {
+    /* Clusters freed in ascending order come off it top down. */
+    while (got < n && got < len &&
+           img->free_list.ptr[len - 1 - got] ==
+           *off - qed_clusters_to_bytes (img, got))
+      got++;
+    *off -= qed_clusters_to_bytes (img, got - 1);
+  }
+  if (exact && got != n)
+    return 0;
+  if (fallocate (img->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                 *off, qed_clusters_to_bytes (img, got)) == -1) {
+    img->free_list.len = 0;     /* leaks now: reclaimed at close */
+    return 0;
+  }
+  img->free_list.len -= got;
+  qed_verbose ("alloc: %" PRIu64 " clusters at 0x%" PRIx64 " (reused)",
+               got, *off);
+  return got;
+}
+
+static int alloc_at_end (struct qed_image *img, uint64_t n, uint64_t *offset);
+
+int
+qed_alloc_run (struct qed_image *img, uint64_t n, uint64_t *offset,
+               uint64_t *got)
+{
   assert (n > 0);
   if (qed_mark_need_check (img) == -1)
     return -1;
-  if (n == 1 && img->free_list.len > 0) {
-    uint64_t off = img->free_list.ptr[img->free_list.len - 1];
-    /* Punch it again: an in-place write that looked the cluster up
-     * before a zero or trim freed it may have landed after that punch
-     * (no such request is left now), and a new cluster must be a hole. */
-    if (fallocate (img->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                   off, img->cs) == 0) {
-      img->free_list.len--;
-      *offset = off;
-      qed_verbose ("alloc: 1 cluster at 0x%" PRIx64 " (reused)", off);
-      return 0;
-    }
-    img->free_list.len = 0;     /* leaks now: reclaimed at close */
-  }
+  *got = take_free_run (img, n, false, offset);
+  if (*got > 0)
+    return 0;
+  *got = n;
+  return alloc_at_end (img, n, offset);
+}
+
+int
+qed_alloc_clusters (struct qed_image *img, uint64_t n, uint64_t *offset)
+{
+  assert (n > 0);
+  if (qed_mark_need_check (img) == -1)
+    return -1;
+  if (take_free_run (img, n, true, offset) == n)
+    return 0;
+  return alloc_at_end (img, n, offset);
+}
+
+/* New clusters at the end of the file. */
+static int
+alloc_at_end (struct qed_image *img, uint64_t n, uint64_t *offset)
+{
+  uint64_t bytes = qed_clusters_to_bytes (img, n), new_end;
+
   /* Bytes after the last whole cluster are garbage that must not show
    * through in a new cluster (QEMU overwrites them; we cut them). */
   if (img->tail_garbage) {

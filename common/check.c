@@ -419,6 +419,8 @@ plan_sink_and_park (struct checker *ck, struct reclaim_plan *pl,
 {
   struct qed_image *img = ck->img;
   uint64_t hi = t, pe = qed_cluster_index (img, img->file_end);
+  uint64_t nmoves0 = pl->nmoves;
+  size_t ntmoves0 = pl->ntmoves;
 
   if (pass >= MAX_RECLAIM_PASSES)
     return 0;
@@ -448,6 +450,13 @@ plan_sink_and_park (struct checker *ck, struct reclaim_plan *pl,
     if (add_table_move (ck, pl, l, s, pe) == -1)
       return -1;
     pe += img->h.table_size;
+  }
+  if (img->reclaim_budget != RECLAIM_UNLIMITED &&
+      pl->nmoves > img->reclaim_budget) {
+    /* Over the budget: leave it all listed. */
+    pl->nmoves = nmoves0;
+    pl->ntmoves = ntmoves0;
+    return 0;
   }
   if (pe > qed_cluster_index (img, img->file_end))
     pl->park_end = pe;
@@ -504,6 +513,12 @@ plan_reclaim (struct checker *ck, struct reclaim_plan *pl, unsigned pass,
     while (lo < *top && bm_get (&ck->used, lo))
       lo++;
     if (lo >= *top)
+      break;
+    /* A limited compaction stops when its budget is spent (what is
+     * left free is listed). */
+    if (img->reclaim_budget != RECLAIM_UNLIMITED &&
+        pl->nmoves + (bm_get (&ck->table, *top - 1) ? img->h.table_size : 1)
+        > img->reclaim_budget)
       break;
     if (bm_get (&ck->table, *top - 1)) {
       int r = plan_table_move (ck, pl, pass, first, lo, top);
@@ -599,6 +614,8 @@ truncate_reclaimed (struct checker *ck, uint64_t new_end, uint64_t nmoves)
     qed_error ("%s: cannot truncate leaked clusters: %m", img->filename);
     return -1;
   }
+  if (img->reclaim_budget != RECLAIM_UNLIMITED)
+    img->reclaim_budget -= nmoves;
   removed = new_end < img->file_end
     ? qed_cluster_index (img, img->file_end - new_end) : 0;
   qed_debug ("%s: reclaimed %" PRIu64 " leaked clusters (%" PRIu64
@@ -670,9 +687,15 @@ check_pass (struct checker *ck, unsigned pass)
     return -1;
   if (res->check_errors > 0)
     return 0;
-  for (uint64_t i = qed_cluster_index (img, img->header_end); i < n; ++i)
-    if (!bm_get (&ck->used, i))
-      res->leaks++;
+  for (uint64_t i = qed_cluster_index (img, img->header_end); i < n; ++i) {
+    if (bm_get (&ck->used, i))
+      continue;
+    res->leaks++;
+    /* The free-cluster list is rebuilt from these. */
+    if (img->leak_sink && !ck->repair &&
+        offset_list_append (img->leak_sink, qed_cluster_start (img, i)) == -1)
+      return -1;
+  }
   if (res->leaks > 0)
     qed_debug ("%s: %" PRIu64 " leaked clusters", img->filename, res->leaks);
   if (ck->repair && res->leaks > 0) {
@@ -712,8 +735,11 @@ check_finish (struct checker *ck)
     qed_error ("%s: fdatasync: %m", img->filename);
     return -1;
   }
+  /* After a limited compaction, leaks may remain: the caller lists
+   * them before the image is marked clean. */
   if (ck->repair && res->check_errors == 0 &&
       res->corruptions == res->corruptions_fixed && img->need_check &&
+      img->reclaim_budget == RECLAIM_UNLIMITED &&
       qed_clear_need_check (img) == -1)
     return -1;
   return 0;

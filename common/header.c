@@ -293,6 +293,24 @@ write_features (struct qed_image *img, uint64_t features)
 }
 
 int
+qed_write_flags (struct qed_image *img, uint64_t features, uint64_t compat,
+                 uint64_t autoclear)
+{
+  uint64_t raw[3] = { htole64 (features), htole64 (compat),
+                      htole64 (autoclear) };
+
+  if (pwrite_full (img->fd, raw, sizeof raw, 16) == -1 ||
+      fdatasync (img->fd) == -1) {
+    qed_error ("%s: cannot update the header: %m", img->filename);
+    return -1;
+  }
+  img->h.features = features;
+  img->h.compat_features = compat;
+  img->h.autoclear_features = autoclear;
+  return 0;
+}
+
+int
 qed_mark_need_check (struct qed_image *img)
 {
   if (img->need_check)
@@ -301,7 +319,12 @@ qed_mark_need_check (struct qed_image *img)
     errno = EROFS;
     return -1;
   }
-  if (write_features (img, img->h.features | QED_F_NEED_CHECK) == -1)
+  /* One write: the free-cluster list stops being trusted the moment
+   * anything may change. */
+  if (qed_write_flags (img, img->h.features | QED_F_NEED_CHECK,
+                       img->h.compat_features,
+                       img->h.autoclear_features &
+                       ~(uint64_t) QED_AF_FREELIST) == -1)
     return -1;
   img->need_check = true;
   return 0;
@@ -324,14 +347,18 @@ qed_clear_need_check (struct qed_image *img)
 int
 qed_clear_unknown_autoclear (struct qed_image *img)
 {
-  uint64_t unknown = img->h.autoclear_features;
+  /* A free-cluster list we trust keeps its bit until the first change
+   * (qed_mark_need_check); one we do not is as good as unknown. */
+  uint64_t keep = img->list_trusted ? QED_AF_FREELIST : 0;
+  uint64_t unknown = img->h.autoclear_features & ~keep;
 
   if (img->readonly || unknown == 0)
     return 0;
-  if (write_field (img, 32, 0, "clear autoclear features") == -1)
+  if (write_field (img, 32, img->h.autoclear_features & keep,
+                   "clear autoclear features") == -1)
     return -1;
-  qed_debug ("%s: cleared unknown autoclear features 0x%" PRIx64,
+  qed_debug ("%s: cleared autoclear features 0x%" PRIx64,
              img->filename, unknown);
-  img->h.autoclear_features = 0;
+  img->h.autoclear_features &= keep;
   return 0;
 }

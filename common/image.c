@@ -76,6 +76,7 @@ new_header (const struct qed_create_options *opts, struct qed_header *h)
   *h = (struct qed_header) {
     .magic = QED_MAGIC, .cluster_size = cs, .table_size = ts,
     .header_size = 1, .l1_table_offset = cs, .image_size = size,
+    .compat_features = opts->compat_features,
   };
   if (name_len > 0) {
     h->features |= QED_F_BACKING_FILE;
@@ -240,6 +241,10 @@ image_new (const char *filename, const struct qed_open_options *opts)
   pthread_cond_init (&img->cond, NULL);
   img->readonly = opts->readonly;
   img->can_punch = true;
+  img->demote = opts->demote;
+  img->freelist = opts->freelist && !opts->demote;
+  img->compact_limit = opts->compact_limit;
+  img->reclaim_budget = RECLAIM_UNLIMITED;
   img->filename = strdup (filename);
   if (img->filename == NULL) {
     qed_error ("strdup: %m");
@@ -324,13 +329,20 @@ check_at_open (struct qed_image *img, const struct qed_open_options *opts)
   const char *filename = img->filename;
   struct qed_check_result res;
   bool repair = !img->readonly;
+  int r;
 
   if ((!img->need_check && !opts->force_check) || opts->skip_check)
     return 0;
   qed_debug ("%s: %s, checking the image%s", filename,
              img->need_check ? "NEED_CHECK is set" : "check requested",
              repair ? " and repairing it" : " (read-only: no repair)");
-  if (qed_check (img, repair, &res) == -1)
+  /* With a list to write, leaks beyond the limit are listed, not
+   * moved: a repair after a crash is as fast as a clean stop. */
+  if (repair && img->freelist)
+    img->reclaim_budget = qed_cluster_index (img, img->compact_limit);
+  r = qed_check (img, repair, &res);
+  img->reclaim_budget = RECLAIM_UNLIMITED;
+  if (r == -1)
     return -1;
   if (res.corruptions_fixed > 0 || res.leaks_fixed > 0)
     qed_error ("%s: repaired %" PRIu64 " corruptions and reclaimed %"
@@ -353,11 +365,60 @@ check_at_open (struct qed_image *img, const struct qed_open_options *opts)
   return 0;
 }
 
+static int try_clear_need_check (struct qed_image *img);
+
+/* A trusted free-cluster list is loaded (unless a check will run: its
+ * bookkeeping replaces the list).  *rebuild: free space must come from
+ * the tables instead. */
+static int
+open_freelist (struct qed_image *img, const struct qed_open_options *opts,
+               bool *rebuild)
+{
+  bool check = (img->need_check || opts->force_check) && !opts->skip_check;
+
+  if (qed_freelist_open (img, rebuild) == -1)
+    return -1;
+  if (img->list_trusted && check) {
+    img->list_trusted = false;
+    img->free_list.len = 0;
+  }
+  /* What a limited repair leaves is listed. */
+  *rebuild |= check && img->freelist;
+  return 0;
+}
+
+/* Free space from the tables, after an older writer (or a damaged
+ * list, or a limited repair).  Leaks must be explained before the
+ * image is clean: by NEED_CHECK (compacted at the stop), or by a new
+ * list. */
+static int
+rebuild_at_open (struct qed_image *img, const struct qed_open_options *opts,
+                 bool rebuild)
+{
+  int r = 0;
+
+  if (img->readonly || !rebuild || opts->skip_check)
+    return 0;
+  if (qed_freelist_rebuild (img) == -1)
+    return -1;
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
+    if (img->free_list.len > 0 && qed_mark_need_check (img) == -1)
+      return -1;
+  }
+  if (img->need_check || img->list_record) {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->flush_lock);
+    r = try_clear_need_check (img);
+  }
+  return r;
+}
+
 struct qed_image *
 qed_open (const char *filename, const struct qed_open_options *opts)
 {
   struct qed_image *img = image_new (filename, opts);
   struct stat st;
+  bool rebuild;
 
   if (img == NULL)
     return NULL;
@@ -367,8 +428,10 @@ qed_open (const char *filename, const struct qed_open_options *opts)
   set_geometry (img, st.st_size);
   if (map_zero_buf (img) == -1 ||
       qed_tables_init (img, opts->l2_cache_bytes) == -1 ||
+      open_freelist (img, opts, &rebuild) == -1 ||
       qed_clear_unknown_autoclear (img) == -1 ||
-      check_at_open (img, opts) == -1)
+      check_at_open (img, opts) == -1 ||
+      rebuild_at_open (img, opts, rebuild) == -1)
     goto err;
   return img;
 
@@ -387,14 +450,26 @@ try_clear_need_check (struct qed_image *img)
 {
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
 
-  if (!img->need_check || img->active_ops || img->reservations ||
-      img->ndirty || img->pending_free.len || img->flushed_free.len ||
-      img->free_list.len)
+  if (img->active_ops || img->reservations || img->ndirty ||
+      img->pending_free.len)
+    return 0;
+  /* Free clusters are leaks on disk: clean only if compacted away, or
+   * listed. */
+  if (!img->freelist && (img->flushed_free.len || img->free_list.len))
     return 0;
   for (uint64_t i = 0; i < qed_l1_pages (img); ++i)
     if (img->l1_dirty[i])
       return 0;
-  if (qed_cut_tail (img) == -1 || qed_clear_need_check (img) == -1)
+  if (!img->need_check) {
+    /* A stale record of a list left by a writer that cleared the bit
+     * would make every writable open walk the tables. */
+    if (img->list_record &&
+        !(img->h.autoclear_features & QED_AF_FREELIST))
+      return qed_freelist_publish (img);
+    return 0;
+  }
+  if (qed_cut_tail (img) == -1 || qed_freelist_publish (img) == -1 ||
+      qed_clear_need_check (img) == -1)
     return -1;
   qed_debug ("%s: clean: NEED_CHECK cleared", img->filename);
   return 0;
@@ -418,19 +493,48 @@ qed_idle (struct qed_image *img)
   return try_clear_need_check (img);
 }
 
+/* At a clean stop: give back the space freed by zero and trim, moving
+ * at most compact_limit of data when the rest can be listed, so that
+ * the image is left with no unexplained leak.  flush_lock held. */
+static int
+close_compact (struct qed_image *img)
+{
+  int r;
+
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
+    if (!img->flushed_free.len && !img->free_list.len)
+      return 0;
+    /* A list on disk (from the idle timer, or the open) is still
+     * valid; with no data to move, leave it. */
+    if (!img->need_check && img->freelist && img->compact_limit < img->cs)
+      return 0;
+    if (qed_mark_need_check (img) == -1)
+      return -1;
+  }
+  if (img->freelist)
+    img->reclaim_budget = qed_cluster_index (img, img->compact_limit);
+  r = qed_compact (img);
+  img->reclaim_budget = RECLAIM_UNLIMITED;
+  if (r == 0 && img->freelist)
+    r = qed_freelist_rebuild (img);
+  return r;
+}
+
 /* Write everything back, give back the space freed by zero and trim
- * (so the image has no leaked clusters), then mark it clean. */
+ * (compacted, or listed), then mark it clean; demote last. */
 static int
 close_clean (struct qed_image *img)
 {
-  if (qed_flush (img) == -1)
+  if ((img->demote && qed_demote_zero_clusters (img) == -1) ||
+      qed_flush (img) == -1)
     return -1;
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->flush_lock);
-  if (img->need_check &&
-      (img->flushed_free.len || img->free_list.len) &&
-      qed_compact (img) == -1)
+  if (close_compact (img) == -1 || try_clear_need_check (img) == -1)
     return -1;
-  return try_clear_need_check (img);
+  if (img->demote)
+    return qed_demote_flags (img);
+  return 0;
 }
 
 int

@@ -142,7 +142,19 @@ struct qed_image {
   bool backing_raw;
 
   void *zero_buf;               /* cs bytes of zeros (lazily mapped) */
+
+  /* The free-cluster list (freelist.c). */
+  bool freelist;                /* write one at a clean stop */
+  uint64_t compact_limit;       /* bytes moved at a clean stop */
+  bool demote;
+  bool list_record;             /* a list record is on disk */
+  bool list_trusted;            /* the list was loaded into free_list */
+  uint64_t reclaim_budget;      /* clusters reclaim may still move */
+  struct offset_list *leak_sink; /* a check without repair lists leaks */
 };
+
+/* reclaim_budget when compaction is not limited. */
+#define RECLAIM_UNLIMITED UINT64_MAX
 
 /* The core's files, bottom up; each calls only the ones above it in
  * this list (HACKING.md walks a request through them).
@@ -165,6 +177,9 @@ extern int qed_header_load (struct qed_image *img, uint64_t file_size);
 extern int qed_mark_need_check (struct qed_image *img);   /* lock held */
 extern int qed_clear_need_check (struct qed_image *img);
 extern int qed_clear_unknown_autoclear (struct qed_image *img);
+/* Write the three flag words (features, compat, autoclear) at once. */
+extern int qed_write_flags (struct qed_image *img, uint64_t features,
+                            uint64_t compat, uint64_t autoclear);
 
 /* alloc.c */
 extern int offset_list_append (struct offset_list *l, uint64_t v);
@@ -173,6 +188,10 @@ extern int qed_cut_tail (struct qed_image *img);
 /* Allocate n contiguous zeroed (hole) clusters.  Lock held. */
 extern int qed_alloc_clusters (struct qed_image *img, uint64_t n,
                                uint64_t *offset);
+/* Allocate 1 to n contiguous zeroed clusters (*got of them: free
+ * clusters are reused a run at a time).  Lock held. */
+extern int qed_alloc_run (struct qed_image *img, uint64_t n,
+                          uint64_t *offset, uint64_t *got);
 extern void qed_recycle_free (struct qed_image *img);     /* lock held */
 /* Writeback made the unlinking of the first n clusters of pending_free
  * durable: they may be reused once no request that saw them runs.
@@ -202,6 +221,22 @@ extern bool qed_table_absent (struct qed_image *img, uint64_t cluster);
 extern int qed_writeback (struct qed_image *img);
 
 /* check.c */
+/* Give back free clusters at a clean stop (no request runs), moving at
+ * most img->reclaim_budget clusters of data. */
 extern int qed_compact (struct qed_image *img);
+
+/* freelist.c: the free-cluster list (autoclear bit 0x1) and demote. */
+extern uint32_t qed_crc32 (const void *buf, size_t len);
+/* Where the list record is (0: no room for one). */
+extern uint64_t qed_freelist_record_offset (const struct qed_image *img);
+/* At open: load a trusted list into free_list; *rebuild says that the
+ * free space must be rebuilt from the tables instead. */
+extern int qed_freelist_open (struct qed_image *img, bool *rebuild);
+extern int qed_freelist_rebuild (struct qed_image *img);
+/* Write the free clusters as the list and set the bit (NEED_CHECK set;
+ * the caller clears it).  Lock held, everything written back. */
+extern int qed_freelist_publish (struct qed_image *img);
+extern int qed_demote_zero_clusters (struct qed_image *img);
+extern int qed_demote_flags (struct qed_image *img);
 
 #endif /* NBDKIT_QED_INTERNAL_H */

@@ -24,6 +24,11 @@
 #define QED_F_NEED_CHECK           0x2
 #define QED_F_BACKING_FORMAT_NO_PROBE 0x4
 #define QED_F_KNOWN                0x7
+/* This project's compat and autoclear bits (QEMU defines none for QED,
+ * ignores unknown compat bits and clears unknown autoclear bits on a
+ * writable open).  nbdkit-qed.pod, "FEATURE BITS", has the details. */
+#define QED_CF_COPY_ON_READ        0x1  /* compat: copy-on-read hint */
+#define QED_AF_FREELIST            0x1  /* autoclear: valid free-cluster list */
 #define QED_MIN_CLUSTER_SIZE       4096u
 #define QED_MAX_CLUSTER_SIZE       (64u * 1024 * 1024)
 #define QED_DEFAULT_CLUSTER_SIZE   65536u
@@ -105,6 +110,15 @@ struct qed_open_options {
    * closed with the image, or on failure). */
   bool use_fd;
   int fd;
+  /* At a clean stop, move at most compact_limit bytes of data to give
+   * back freed clusters, and record the rest in a free-cluster list
+   * (else compact completely). */
+  bool freelist;
+  uint64_t compact_limit;
+  /* At a clean stop, remove what an older reader would not know:
+   * compact completely, no list, no copy-on-read hint, and zero
+   * clusters become unallocated when there is no backing file. */
+  bool demote;
 };
 
 struct qed_create_options {
@@ -114,6 +128,7 @@ struct qed_create_options {
   const char *backing_name;     /* stored as given; NULL = none */
   bool backing_raw;             /* sets BACKING_FORMAT_NO_PROBE */
   bool private_file;            /* mode 0600 whatever the umask */
+  uint64_t compat_features;     /* e.g. QED_CF_COPY_ON_READ */
   /* Allow geometries QEMU cannot open (only for tests). */
   bool allow_qemu_incompatible;
 };

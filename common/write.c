@@ -107,10 +107,11 @@ lookup_entry (struct qed_image *img, uint64_t c, uint64_t *e)
 }
 
 static int
-alloc_clusters (struct qed_image *img, uint64_t n, uint64_t *offset)
+alloc_run (struct qed_image *img, uint64_t n, uint64_t *offset,
+           uint64_t *got)
 {
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
-  return qed_alloc_clusters (img, n, offset);
+  return qed_alloc_run (img, n, offset, got);
 }
 
 /* Point guest clusters [c, c+n) at the n file clusters from offset.
@@ -228,7 +229,7 @@ find_new_cluster_run (struct qed_image *img, uint64_t e, uint64_t count,
 {
   uint64_t c = qed_cluster_index (img, offset);
   uint64_t last_c = qed_cluster_index (img, offset + count - 1);
-  uint64_t k = run_length (img, c, last_c - c + 1), last_e = e;
+  uint64_t k = run_length (img, c, last_c - c + 1), last_e = e, got;
 
   for (uint64_t i = 1; i < k; ++i) {
     uint64_t e2;
@@ -240,17 +241,26 @@ find_new_cluster_run (struct qed_image *img, uint64_t e, uint64_t count,
     }
     last_e = e2;
   }
+  reserve (img, &w->res, c, c + k - 1);
+  if (qed_alloc_run (img, k, &w->file_offset, &got) == -1) {
+    unreserve (img, &w->res);
+    return -1;
+  }
+  if (got < k) {
+    /* Free clusters are reused a contiguous run at a time. */
+    k = got;
+    w->res.last = c + k - 1;
+    if (qed_get_entry (img, c + k - 1, &last_e) == -1) {
+      unreserve (img, &w->res);
+      return -1;
+    }
+  }
   w->c = c;
   w->k = k;
   w->first_e = e;
   w->last_e = last_e;
   w->len = MIN (count, qed_clusters_to_bytes (img, k)
                 - qed_offset_into_cluster (img, offset));
-  reserve (img, &w->res, c, c + k - 1);
-  if (qed_alloc_clusters (img, k, &w->file_offset) == -1) {
-    unreserve (img, &w->res);
-    return -1;
-  }
   return 0;
 }
 
@@ -705,17 +715,27 @@ static int
 fill_data (struct qed_image *img, const char *base, uint64_t count,
            uint64_t offset, uint64_t c, uint64_t n)
 {
-  uint64_t s = qed_cluster_start (img, c), newoff;
-  uint64_t len = MIN (qed_cluster_start (img, c + n), offset + count) - s;
+  while (n > 0) {
+    uint64_t s = qed_cluster_start (img, c), newoff, got, len;
+    int r;
 
-  if (alloc_clusters (img, n, &newoff) == -1)
-    return -1;
-  if (pwrite_full (img->fd, base + (s - offset), len, newoff) == -1) {
-    qed_error ("%s: write at 0x%" PRIx64 ": %m", img->filename, newoff);
-    return -1;
+    /* Free clusters are reused a contiguous run at a time. */
+    if (alloc_run (img, n, &newoff, &got) == -1)
+      return -1;
+    len = MIN (qed_cluster_start (img, c + got), offset + count) - s;
+    if (pwrite_full (img->fd, base + (s - offset), len, newoff) == -1) {
+      qed_error ("%s: write at 0x%" PRIx64 ": %m", img->filename, newoff);
+      return -1;
+    }
+    pthread_mutex_lock (&img->lock);
+    r = link_clusters (img, c, got, newoff);
+    pthread_mutex_unlock (&img->lock);
+    if (r == -1)
+      return -1;
+    c += got;
+    n -= got;
   }
-  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
-  return link_clusters (img, c, n, newoff);
+  return 0;
 }
 
 /* Fill the reserved run [c, c+k): each run of data clusters gets new

@@ -5,7 +5,8 @@
  *          [qed-copy-on-read=BOOL] [qed-zero-detect=BOOL]
  *          [qed-cluster-size=SIZE] [qed-backing-name=NAME]
  *          [qed-readahead=SIZE]
- *          [qed-locking=on|off|auto]
+ *          [qed-locking=on|off|auto] [qed-compact-limit=SIZE]
+ *          [qed-freelist=BOOL]
  *
  * Behaviour notes (why things are the way they are):
  *
@@ -115,6 +116,8 @@ static uint32_t readahead = RA_DEFAULT_WINDOW;  /* the window's bound */
 static uint32_t cluster_size;           /* 0 = default, new overlays only */
 static char *backing_name;
 static enum qed_locking locking = QED_LOCKING_AUTO;
+static uint64_t compact_limit = 64 * 1024 * 1024;  /* as the plugin's */
+static bool freelist = true;
 
 /* A temporary overlay is created in its own private directory, made
  * in tmp_parent when the first connection needs it. */
@@ -190,6 +193,15 @@ qed_filter_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
   }
   else if (strcmp (key, "qed-locking") == 0)
     return glue_parse_locking (key, value, &locking);
+  else if (strcmp (key, "qed-compact-limit") == 0) {
+    int64_t v = glue_parse_size (key, value);
+    if (v == -1)
+      return -1;
+    compact_limit = v;
+    return 0;
+  }
+  else if (strcmp (key, "qed-freelist") == 0)
+    return glue_parse_bool (key, value, &freelist);
   else if (strncmp (key, "qed-", 4) == 0) {
     /* No plugin uses our prefix: a typo must not reach the plugin. */
     nbdkit_error ("unknown parameter '%s'", key);
@@ -211,7 +223,11 @@ qed_filter_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
   "                           misses (default 8M; 0 disables).\n" \
   "qed-backing-name=<NAME>    Record NAME (raw) as the overlay's backing\n" \
   "                           file, for other readers of the overlay.\n" \
-  "qed-locking=on|off|auto    Lock the overlay as QEMU does (default auto)."
+  "qed-locking=on|off|auto    Lock the overlay as QEMU does (default auto).\n" \
+  "qed-compact-limit=<SIZE>   At a clean stop move at most SIZE of data\n" \
+  "                           to give back freed space; list the rest\n" \
+  "                           (default 64M).\n" \
+  "qed-freelist=false         Never write a free-cluster list."
 
 static int
 qed_filter_config_complete (nbdkit_next_config_complete *next,
@@ -475,7 +491,8 @@ static struct qed_image *
 open_overlay (int64_t size)
 {
   struct qed_open_options oo = { .readonly = false, .locking = locking,
-                                 .use_fd = true };
+                                 .use_fd = true, .freelist = freelist,
+                                 .compact_limit = compact_limit };
   CLEANUP_FREE char *tmp_file = NULL;
   struct qed_image *i = NULL;
   const char *path = overlay;

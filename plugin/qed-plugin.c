@@ -5,6 +5,8 @@
  *              [l2-cache=SIZE] [follow-backing=true|false|beneath]
  *              [backing-devices=BOOL] [backing-override=PATH
  *              backing-override-format=raw|qed] [locking=on|off|auto]
+ *              [compact-limit=SIZE] [freelist=BOOL] [demote=BOOL]
+ *              [copy-on-read=BOOL]
  *
  * One image is shared by all connections (one L2 cache, one allocator),
  * so a flush on any connection covers every connection's writes and
@@ -57,6 +59,10 @@ static char *backing_override;
 static int backing_override_format = QED_FORMAT_PROBE;
 static unsigned idle_clean = 5;          /* seconds, 0 = never */
 static enum qed_locking locking = QED_LOCKING_AUTO;
+static uint64_t compact_limit = 64 * 1024 * 1024;
+static bool freelist = true;
+static bool demote;
+static int copy_on_read = -1;            /* -1: the image's compat bit */
 static bool file_writable;
 
 /* The image's backing chain, opened with the image by the first
@@ -64,6 +70,7 @@ static bool file_writable;
 static struct qed_chain *chain;
 static struct qed_below below;
 static bool have_below;
+static bool cor;                /* copy-on-read from the chain */
 
 static void
 qed_plugin_unload (void)
@@ -166,6 +173,24 @@ qed_plugin_config (const char *key, const char *value)
     return nbdkit_parse_unsigned (key, value, &idle_clean);
   else if (strcmp (key, "locking") == 0)
     return glue_parse_locking (key, value, &locking);
+  else if (strcmp (key, "compact-limit") == 0) {
+    int64_t v = glue_parse_size (key, value);
+    if (v == -1)
+      return -1;
+    compact_limit = v;
+    return 0;
+  }
+  else if (strcmp (key, "freelist") == 0)
+    return glue_parse_bool (key, value, &freelist);
+  else if (strcmp (key, "demote") == 0)
+    return glue_parse_bool (key, value, &demote);
+  else if (strcmp (key, "copy-on-read") == 0) {
+    bool b;
+    if (glue_parse_bool (key, value, &b) == -1)
+      return -1;
+    copy_on_read = b;
+    return 0;
+  }
   else {
     nbdkit_error ("unknown parameter '%s'", key);
     return -1;
@@ -190,7 +215,16 @@ qed_plugin_config (const char *key, const char *value)
   "backing-override-format=raw|qed  Its format (required with it).\n" \
   "idle-clean=<SECONDS>      Clear NEED_CHECK after this long without\n" \
   "                          writes (default 5, 0 = only at exit).\n" \
-  "locking=on|off|auto       Lock the image as QEMU does (default auto)."
+  "locking=on|off|auto       Lock the image as QEMU does (default auto).\n" \
+  "compact-limit=<SIZE>      At a clean stop move at most SIZE of data to\n" \
+  "                          give back freed space; list the rest\n" \
+  "                          (default 64M).\n" \
+  "freelist=false            Never write a free-cluster list (compact\n" \
+  "                          completely).\n" \
+  "demote=true               At the stop, remove every feature an older\n" \
+  "                          reader would not know.\n" \
+  "copy-on-read=<BOOL>       Store what is read from the backing chain\n" \
+  "                          (default: the image's copy-on-read hint)."
 
 /* The cheap checks of backing= before anything is created (the whole
  * chain is validated by get_ready, which removes the new image if it
@@ -254,6 +288,7 @@ qed_plugin_config_complete (void)
       .table_size = create_table_size,
       .backing_name = create_backing,
       .backing_raw = create_backing_format == QED_FORMAT_RAW,
+      .compat_features = copy_on_read == 1 ? QED_CF_COPY_ON_READ : 0,
     };
     if (create_size == -1) {
       nbdkit_error ("create=%s needs size=<SIZE>",
@@ -370,7 +405,10 @@ open_image (int readonly)
 {
   struct qed_open_options oo = { .readonly = readonly,
                                  .l2_cache_bytes = l2_cache,
-                                 .locking = locking };
+                                 .locking = locking,
+                                 .freelist = freelist,
+                                 .compact_limit = compact_limit,
+                                 .demote = demote };
   struct qed_chain_options co = {
     .follow = follow_backing, .beneath = follow_beneath,
     .devices = backing_devices, .override = backing_override,
@@ -393,6 +431,12 @@ open_image (int readonly)
   if (chain) {
     qed_chain_below (chain, &below);
     have_below = true;
+    cor = !qed_is_readonly (img) &&
+      (copy_on_read == -1
+       ? (qed_get_header (img)->compat_features & QED_CF_COPY_ON_READ) != 0
+       : copy_on_read == 1);
+    if (cor)
+      nbdkit_debug ("%s: copy-on-read from the backing chain", filename);
   }
   return img;
 }
@@ -467,11 +511,97 @@ get_below (void)
   return have_below ? &below : NULL;
 }
 
+/* Copy-on-read (as the filter's): whole clusters read from the chain
+ * are stored in the image; ranges the chain maps as holes are not read;
+ * all-zero clusters become zero clusters.  qed_fill installs only into
+ * clusters still unallocated, so a concurrent write always wins. */
+#define COR_CHUNK (32u * 1024 * 1024)
+
+static int
+cor_fill_chunk (char *wbuf, uint64_t start, uint64_t end)
+{
+  uint64_t pos = start;
+
+  while (pos < end) {
+    struct qed_map m;
+    uint64_t len;
+
+    if (qed_chain_map (chain, pos, end - pos, &m) == -1)
+      return -1;
+    len = MIN (m.length, end - pos);
+    if (len == 0) {
+      errno = EIO;
+      return -1;
+    }
+    if (m.type == QED_MAP_UNALLOCATED)
+      memset (wbuf + (pos - start), 0, len);
+    else if (below.read (below.opaque, wbuf + (pos - start), len, pos) == -1)
+      return -1;
+    pos += len;
+  }
+  /* A failed fill is logged by the core and leaves the clusters as
+   * they were: the data read is still right. */
+  qed_fill (glue_image (), wbuf, end - start, start, true, false);
+  return 0;
+}
+
+/* Read [offset, offset+count) (buf may be NULL: cache), storing the
+ * whole clusters around it. */
+static int
+cor_fetch (void *buf, uint64_t count, uint64_t offset)
+{
+  struct qed_image *img = glue_image ();
+  uint64_t cs = qed_get_cluster_size (img);
+  uint64_t start = ROUND_DOWN (offset, cs);
+  uint64_t end = MIN (ROUND_UP (offset + count, cs), qed_get_size (img));
+  uint64_t chunk = MAX ((uint64_t) COR_CHUNK, cs);
+  CLEANUP_FREE char *wbuf = malloc (MIN (chunk, end - start));
+
+  if (wbuf == NULL) {
+    nbdkit_error ("malloc: %m");
+    return -1;
+  }
+  for (uint64_t s = start; s < end; s += chunk) {
+    uint64_t t = MIN (s + chunk, end);
+    uint64_t from = MAX (s, offset), to = MIN (t, offset + count);
+    if (cor_fill_chunk (wbuf, s, t) == -1)
+      return -1;
+    if (buf && from < to)
+      memcpy ((char *) buf + (from - offset), wbuf + (from - s), to - from);
+  }
+  glue_note_write ();
+  return 0;
+}
+
+static int
+cor_read (void *opaque, void *buf, uint64_t count, uint64_t offset)
+{
+  return cor_fetch (buf, count, offset);
+}
+
+static int
+cor_prefetch (void *opaque, uint64_t count, uint64_t offset)
+{
+  return cor_fetch (NULL, count, offset);
+}
+
+static const struct qed_below cor_below = {
+  .read = cor_read, .prefetch = cor_prefetch,
+};
+
+/* Reads (and cache) copy on read; writes copy only the partial
+ * clusters they need. */
+static const struct qed_below *
+get_read_below (void)
+{
+  return cor ? &cor_below : get_below ();
+}
+
 static int
 qed_plugin_pread (void *handle, void *buf, uint32_t count, uint64_t offset,
                   uint32_t flags)
 {
-  return qed_read (glue_image (), get_below (), buf, count, offset);
+  return qed_read (glue_image (), get_read_below (), buf, count, offset);
 }
 
 static int
@@ -516,7 +646,7 @@ static int
 qed_plugin_cache (void *handle, uint32_t count, uint64_t offset,
                   uint32_t flags)
 {
-  return qed_prefetch (glue_image (), get_below (), count, offset);
+  return qed_prefetch (glue_image (), get_read_below (), count, offset);
 }
 
 /* An unallocated run: ask the backing chain what lies there. */
