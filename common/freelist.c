@@ -312,9 +312,11 @@ build_runs (struct qed_image *img, uint64_t **runs_out, uint64_t *total)
     qed_error ("malloc: %m");
     return -1;
   }
-  memcpy (all, img->free_list.ptr, img->free_list.len * sizeof *all);
-  memcpy (all + img->free_list.len, img->flushed_free.ptr,
-          img->flushed_free.len * sizeof *all);
+  if (img->free_list.len)       /* ptr may be NULL */
+    memcpy (all, img->free_list.ptr, img->free_list.len * sizeof *all);
+  if (img->flushed_free.len)
+    memcpy (all + img->free_list.len, img->flushed_free.ptr,
+            img->flushed_free.len * sizeof *all);
   qsort (all, n, sizeof *all, cmp_u64);
   *total = 0;
   for (size_t i = 0; i < n; ++i) {
