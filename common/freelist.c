@@ -340,20 +340,17 @@ build_runs (struct qed_image *img, uint64_t **runs_out, uint64_t *total)
  * (its clusters then hold the list instead of being listed), else at
  * the end of the file.  Lock held. */
 static int
-place_list (struct qed_image *img, uint64_t *runs, uint64_t *nruns,
+place_list (struct qed_image *img, uint64_t *runs, uint64_t nruns,
             uint64_t *total, uint64_t need, uint64_t *where)
 {
-  for (uint64_t i = 0; i < *nruns; ++i) {
-    if (runs[2*i+1] < need)
+  /* (A run is never used up: the list would be empty.) */
+  for (uint64_t i = 0; i < nruns; ++i) {
+    if (runs[2*i+1] <= need)
       continue;
     *where = runs[2*i];
     runs[2*i] += need << img->cs_bits;
     runs[2*i+1] -= need;
     *total -= need;
-    if (runs[2*i+1] == 0) {
-      memmove (&runs[2*i], &runs[2*i+2], (*nruns - i - 1) * 2 * 8);
-      --*nruns;
-    }
     return 0;
   }
   if (qed_cut_tail (img) == -1)
@@ -386,12 +383,10 @@ qed_freelist_publish (struct qed_image *img)
   nruns = n;
   if (nruns == 0 || qed_freelist_record_offset (img) == 0)
     return erase_record (img);
-  /* Taking the list's room from a run never adds a run. */
+  /* Taking the list's room from a run never adds or removes one. */
   need = (nruns * RUN_BYTES + img->cs - 1) >> img->cs_bits;
-  if (place_list (img, runs, &nruns, &total, need, &where) == -1)
+  if (place_list (img, runs, nruns, &total, need, &where) == -1)
     return -1;
-  if (nruns == 0)
-    return erase_record (img);
   r.list_offset = where;
   r.list_bytes = nruns * RUN_BYTES;
   r.free_clusters = total;
