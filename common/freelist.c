@@ -172,7 +172,7 @@ read_runs (struct qed_image *img, const struct record *r, const char **why)
 
   *why = NULL;
   if (r->list_bytes == 0 || r->list_bytes % RUN_BYTES ||
-      r->list_bytes > img->file_end ||
+      nruns > (img->file_end >> img->cs_bits) ||
       !valid_free_range (img, r->list_offset, list_clusters)) {
     *why = "the list's place or length is invalid";
     return NULL;
@@ -249,14 +249,14 @@ qed_freelist_open (struct qed_image *img, bool *rebuild)
     *rebuild = true;
     return 0;
   }
+  if (img->readonly)
+    return 0;                   /* nothing is allocated */
   runs = read_runs (img, &r, &why);
   if (runs == NULL) {
     qed_error ("%s: the free-cluster list is not used: %s", img->filename, why);
     *rebuild = true;
     return 0;
   }
-  if (img->readonly)
-    return 0;                   /* nothing is allocated */
   nruns = r.list_bytes / RUN_BYTES;
   /* The list's own clusters are free too, once the bit is cleared:
    * queued first, they are reused last. */

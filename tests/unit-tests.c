@@ -1807,6 +1807,111 @@ test_freelist (void)
   free (buf);
 }
 
+/* Hostile free-cluster lists: checksums right, contents wrong.  Each
+ * must be refused (with a message), the image served, and nothing
+ * handed out twice. */
+extern uint32_t qed_crc32 (const void *buf, size_t len);
+
+static void
+write_list (const char *f, uint32_t cs, uint64_t list_off,
+            const uint64_t *runs, uint64_t nruns, uint64_t count_adj)
+{
+  unsigned char rec[64] = "QEDFREEL";
+  uint64_t le[32], total = 0, v;
+  uint32_t crc;
+
+  for (uint64_t i = 0; i < nruns; ++i) {
+    le[2*i] = htole64 (runs[2*i]);
+    le[2*i+1] = htole64 (runs[2*i+1]);
+    total += runs[2*i+1];
+  }
+  write_at (f, le, nruns * 16, list_off);
+  v = htole64 (list_off); memcpy (rec + 8, &v, 8);
+  v = htole64 (nruns * 16); memcpy (rec + 16, &v, 8);
+  v = htole64 (total + count_adj); memcpy (rec + 24, &v, 8);
+  crc = htole32 (qed_crc32 (le, nruns * 16)); memcpy (rec + 32, &crc, 4);
+  crc = htole32 (qed_crc32 (rec, 60)); memcpy (rec + 60, &crc, 4);
+  write_at (f, rec, 64, cs - 64);
+  wr64 (f, 32, QED_AF_FREELIST);
+}
+
+static void
+test_freelist_hostile (void)
+{
+  const uint32_t cs = 65536;
+  char *buf = malloc (4 * cs), *rb = malloc (4 * cs);
+  uint64_t data = 5 * (uint64_t) cs;    /* after the header and the L1 */
+  struct {
+    const char *what;
+    uint64_t list_off, runs[4], nruns, adj;
+  } cases[] = {
+    { "a run over the L1", 0, { cs, 2 }, 1, 0 },
+    { "a run past the end", 0, { 100 * (uint64_t) cs, 2 }, 1, 0 },
+    { "a run over the header", 0, { 0, 1 }, 1, 0 },
+    { "a misaligned run", 0, { 0, 1 }, 1, 0 },
+    { "overlapping runs", 0, { 0, 2, 0, 1 }, 2, 0 },
+    { "a wrong count", 0, { 0, 1 }, 1, 5 },
+    { "the list inside a run", 1, { 0, 3 }, 1, 0 },
+  };
+
+  for (size_t k = 0; k < sizeof cases / sizeof cases[0]; ++k) {
+    const char *f = P ("hostile-list.qed");
+    struct qed_image *img;
+    struct qed_check_result r;
+    uint64_t file_end, list_off, runs[4];
+    unlink (f);
+    REQUIRE (create_img (f, 64 << 20, cs, 4) == 0);
+    img = open_rw (f);
+    REQUIRE (img != NULL);
+    memset (buf, 0x3c, 4 * cs);
+    /* Data at clusters 5..8, then a table, then a free tail cluster. */
+    CHECK (qed_write (img, NULL, buf, 4 * cs, 0, 0) == 0);
+    CHECK (qed_close (img) == 0);
+    file_end = file_size (f);
+    {
+      int fd = open (f, O_WRONLY);
+      REQUIRE (fd >= 0 && ftruncate (fd, file_end + 2 * cs) == 0);
+      close (fd);
+    }
+    list_off = file_end + cs;
+    memcpy (runs, cases[k].runs, sizeof runs);
+    /* Runs given as 0 point at the data clusters (in use!). */
+    for (uint64_t i = 0; i < cases[k].nruns; ++i)
+      if (runs[2*i] == 0 && k != 2)
+        runs[2*i] = data;
+    if (k == 3)
+      runs[0] = data + 512;
+    if (cases[k].list_off) {    /* the free tail, holding the list */
+      runs[0] = file_end;
+      runs[1] = 2;
+    }
+    write_list (f, cs, list_off, runs, cases[k].nruns, cases[k].adj);
+    nr_errors = 0;
+    {
+      struct qed_open_options o = { .freelist = true };
+      img = qed_open (f, &o);
+    }
+    REQUIRE (img != NULL);
+    CHECKF (nr_errors > 0, "%s: accepted without a message", cases[k].what);
+    /* Allocate: nothing may land on the data clusters. */
+    memset (buf, 0x5e, 4 * cs);
+    CHECK (qed_write (img, NULL, buf, 4 * cs, 32 << 20, 0) == 0);
+    CHECK (qed_read (img, NULL, rb, 4 * cs, 0) == 0);
+    memset (buf, 0x3c, 4 * cs);
+    CHECKF (memcmp (rb, buf, 4 * cs) == 0, "%s: data overwritten",
+            cases[k].what);
+    CHECK (qed_close (img) == 0);
+    img = open_ro (f);
+    REQUIRE (img != NULL);
+    CHECK (qed_check (img, false, &r) == 0);
+    CHECKF (r.corruptions == 0, "%s: %" PRIu64 " corruptions",
+            cases[k].what, r.corruptions);
+    qed_close (img);
+  }
+  free (buf);
+  free (rb);
+}
+
 /* ------------------------------------------------------------------ */
 /* A crash: copy the file while it is open. */
 
@@ -2544,6 +2649,7 @@ main (int argc, char *argv[])
     { "l2_cache", test_l2_cache },
     { "fill", test_fill },
     { "freelist", test_freelist },
+    { "freelist_hostile", test_freelist_hostile },
     { "punch_reuse", test_punch_reuse },
     { "compaction", test_compaction },
     { "crash", test_crash },
