@@ -94,6 +94,31 @@ parse_format (const char *key, const char *value, int *format)
   return 0;
 }
 
+/* The keys of the feature bits: the free-cluster list, demote, and
+ * copy-on-read. */
+static int
+config_features (const char *key, const char *value)
+{
+  bool b;
+
+  if (strcmp (key, "compact-limit") == 0) {
+    int64_t v = glue_parse_size (key, value);
+    if (v == -1)
+      return -1;
+    compact_limit = v;
+    return 0;
+  }
+  if (glue_parse_bool (key, value, &b) == -1)
+    return -1;
+  if (strcmp (key, "freelist") == 0)
+    freelist = b;
+  else if (strcmp (key, "demote") == 0)
+    demote = b;
+  else
+    copy_on_read = b;
+  return 0;
+}
+
 static int
 qed_plugin_config (const char *key, const char *value)
 {
@@ -173,24 +198,10 @@ qed_plugin_config (const char *key, const char *value)
     return nbdkit_parse_unsigned (key, value, &idle_clean);
   else if (strcmp (key, "locking") == 0)
     return glue_parse_locking (key, value, &locking);
-  else if (strcmp (key, "compact-limit") == 0) {
-    int64_t v = glue_parse_size (key, value);
-    if (v == -1)
-      return -1;
-    compact_limit = v;
-    return 0;
-  }
-  else if (strcmp (key, "freelist") == 0)
-    return glue_parse_bool (key, value, &freelist);
-  else if (strcmp (key, "demote") == 0)
-    return glue_parse_bool (key, value, &demote);
-  else if (strcmp (key, "copy-on-read") == 0) {
-    bool b;
-    if (glue_parse_bool (key, value, &b) == -1)
-      return -1;
-    copy_on_read = b;
-    return 0;
-  }
+  else if (strcmp (key, "compact-limit") == 0 ||
+           strcmp (key, "freelist") == 0 || strcmp (key, "demote") == 0 ||
+           strcmp (key, "copy-on-read") == 0)
+    return config_features (key, value);
   else {
     nbdkit_error ("unknown parameter '%s'", key);
     return -1;
