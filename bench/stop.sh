@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Clean-stop bench: how long SIGTERM takes after 1 GiB was freed (trim)
 # in the middle of a 4 GiB image full of data, and the file left behind,
 # for the three ways of giving the space back:

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* nbdkit-qed: the free-cluster list (autoclear feature bit 0x1) and
  * demote.
  *

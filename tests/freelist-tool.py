@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 # Helpers for the free-cluster list tests: read the list record, the
 # header's flag words, and edit an image as an older writer would.
 #   freelist-tool.py flags IMG            -> "features compat autoclear"

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # The filter's overlay keeps a free-cluster list too (qed-compact-limit=,
 # qed-freelist=): with qed-compact-limit=0 a clean stop lists the
 # clusters freed by trim (bit set, NEED_CHECK clear, qemu-img check

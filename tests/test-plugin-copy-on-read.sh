@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Copy-on-read in the plugin, and the copy-on-read hint (compat bit 0x1):
 # 1. copy-on-read=true: what is read from the backing file is stored in
 #    whole clusters; backing zeros (written zeros and holes) become zero

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # demote=true: at the stop, every feature an older reader would not know
 # is removed: the free-cluster list (compacted completely, record gone,
 # autoclear bit 0x1 clear), the copy-on-read hint (compat bit 0x1), and,

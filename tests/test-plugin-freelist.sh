@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # The free-cluster list (autoclear bit 0x1), with QEMU as the oracle:
 # 1. compact-limit=0: a clean stop moves no data, lists the freed
 #    clusters (bit set, NEED_CHECK clear, still punched); qemu-img check
