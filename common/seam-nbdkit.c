@@ -7,6 +7,8 @@
  */
 
 #include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
 #include <errno.h>
 
 /* nbdkit_verror and nbdkit_vdebug come from nbdkit-common.h, which
@@ -15,6 +17,10 @@
 #include <nbdkit-plugin.h>
 
 #include "seam.h"
+
+/* The thread's last error, for the one-line summary of a failed open
+ * (qed_open_failed). */
+static _Thread_local char last_error[512];
 
 /* -D qed.verbose=1 (both objects are named "qed"): see qed_verbose. */
 NBDKIT_DLL_PUBLIC int qed_debug_verbose = 0;
@@ -32,9 +38,22 @@ qed_error (const char *fs, ...)
   int e = errno;
 
   va_start (args, fs);
-  nbdkit_verror (fs, args);
+  vsnprintf (last_error, sizeof last_error, fs, args);
   va_end (args);
+  nbdkit_error ("%s", last_error);
   errno = e;
+}
+
+const char *
+qed_last_error (void)
+{
+  return last_error;
+}
+
+void
+qed_clear_last_error (void)
+{
+  last_error[0] = '\0';
 }
 
 void
@@ -46,5 +65,21 @@ qed_debug (const char *fs, ...)
   va_start (args, fs);
   nbdkit_vdebug (fs, args);
   va_end (args);
+  errno = e;
+}
+
+void
+qed_open_failed (const char *what, const char *filename)
+{
+  const char *cause = last_error;
+  size_t n = strlen (filename);
+  int e = errno;
+
+  /* "FILE: cause" from the core: keep just the cause. */
+  if (strncmp (cause, filename, n) == 0 && strncmp (cause + n, ": ", 2) == 0)
+    cause += n + 2;
+  if (*cause == '\0')
+    cause = strerror (e ? e : EIO);
+  nbdkit_error ("%s: %s: cannot open the image: %s", what, filename, cause);
   errno = e;
 }

@@ -513,8 +513,11 @@ open_overlay (int64_t size)
     oo.fd = qed_open_overlay_fd (path, true, &missing);
   }
   glue_release_startup_locks ();
+  qed_clear_last_error ();
   if (oo.fd >= 0)
     i = qed_open (path, &oo);
+  if (i == NULL)
+    qed_open_failed ("qed-overlay", path);
   if (i == NULL && made && overlay)
     unlink (path);              /* the next connection starts afresh */
   if (overlay == NULL) {

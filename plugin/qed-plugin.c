@@ -431,9 +431,12 @@ open_image (int readonly)
   bool none;
 
   glue_release_startup_locks ();
+  qed_clear_last_error ();
   img = qed_open (filename, &oo);
-  if (img == NULL)
+  if (img == NULL) {
+    qed_open_failed ("qed", filename);
     return NULL;
+  }
   chain = qed_chain_open (img, &co, &none);
   if (chain == NULL && !none) {
     qed_close (img);
