@@ -117,10 +117,16 @@ deps:
 
 # Longer runs (not part of check):
 #   make crash-test [TRIALS=300]   crash and power-loss trials
+#   make fault-test [TRIALS=2000]  random operations with injected faults
 #   make fuzz [SECONDS=300]        libFuzzer over open/validate/lookup/check
 #   make bench [QUICK=1]           against qemu-nbd and the file plugin
 crash-test: all
 	@bash tests/crash-long.sh $(TRIALS)
+
+# Random operations with random injected faults, long form (the short
+# form, tests/test-faults-property.sh, runs in make check).
+fault-test: all
+	@FAULT_TRIALS=$(or $(TRIALS),2000) bash tests/test-faults-property.sh
 
 fuzz:
 	@bash tests/fuzz.sh $(SECONDS)
@@ -136,5 +142,6 @@ clean:
 	rm -f $(PLUGIN) $(FILTER) nbdkit-qed.1 tests/unit-tests \
 	  tests/unit-tests-asan
 
-.PHONY: all check check-debian13 install uninstall run deps clean crash-test fuzz bench \
+.PHONY: all check check-debian13 install uninstall run deps clean crash-test \
+        fault-test fuzz bench \
         print-core-srcs

@@ -71,6 +71,15 @@ qed_free_durable (struct qed_image *img, size_t n)
     qed_recycle_free (img);
 }
 
+void
+qed_note_leak (struct qed_image *img, const char *why)
+{
+  if (!img->leaking)
+    qed_debug ("%s: clusters leaked (%s): NEED_CHECK stays set until a "
+               "check reclaims them", img->filename, why);
+  img->leaking = true;
+}
+
 /* Take up to n contiguous free clusters (exactly n if exact), punched
  * again: an in-place write that looked a cluster up before a zero or
  * trim freed it may have landed after that punch (no such request is
@@ -101,7 +110,9 @@ take_free_run (struct qed_image *img, uint64_t n, bool exact, uint64_t *off)
     return 0;
   if (fallocate (img->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                  *off, qed_clusters_to_bytes (img, got)) == -1) {
-    img->free_list.len = 0;     /* leaks now: reclaimed at close */
+    /* Only this run leaks (the next check reclaims it). */
+    img->free_list.len -= got;
+    qed_note_leak (img, "free clusters could not be punched again");
     return 0;
   }
   img->free_list.len -= got;
@@ -189,7 +200,7 @@ qed_cut_tail (struct qed_image *img)
      * loss can keep the cleared flag but not the cut, and the tail's
      * clusters stay leaked for good. */
     if (ftruncate (img->fd, img->file_end) == -1 ||
-        fdatasync (img->fd) == -1) {
+        qed_sync (img) == -1) {
       qed_error ("%s: ftruncate: %m", img->filename);
       return -1;
     }

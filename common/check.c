@@ -28,6 +28,8 @@
 #include <inttypes.h>
 #include <endian.h>
 #include <unistd.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
 
 #include "qed-internal.h"
 #include "geometry.h"
@@ -94,9 +96,25 @@ write_entries (struct checker *ck, const uint64_t *t, uint64_t n,
 }
 
 static int
-write_table (struct checker *ck, const uint64_t *t, uint64_t offset)
+write_table (struct checker *ck, const uint64_t *t, uint64_t l1i,
+             uint64_t offset)
 {
-  return write_entries (ck, t, ck->img->table_entries, offset);
+  return write_entries (ck, t, qed_table_reach (ck->img, l1i), offset);
+}
+
+/* Tables are read and written only as far as the image size reaches
+ * (a 64M/16 table is 1 GiB; a 1 GiB disk reaches 128 bytes of it). */
+static int
+read_table (struct checker *ck, uint64_t l1i, uint64_t offset)
+{
+  struct qed_image *img = ck->img;
+  uint64_t n = qed_table_reach (img, l1i);
+
+  if (pread_full (img->fd, ck->buf, n * 8, offset) == -1)
+    return -1;
+  for (uint64_t j = 0; j < n; ++j)
+    ck->buf[j] = le64toh (ck->buf[j]);
+  return 0;
 }
 
 static int
@@ -163,14 +181,27 @@ grow (struct checker *ck, uint64_t n, uint64_t *off)
   return 0;
 }
 
+/* Clusters are copied COPY_CHUNK at a time (a 64M cluster must not
+ * cost 64M of memory); the destination is punched first, so that zero
+ * chunks need no write and take no space.  The last chunk is always
+ * written: a copy past the end of the file must extend it. */
+#define COPY_CHUNK (1u << 20)
+
 static int
 copy_cluster (struct qed_image *img, uint64_t from, uint64_t to, void *tmp)
 {
-  if (pread_full (img->fd, tmp, img->cs, from) == -1 ||
-      pwrite_full (img->fd, tmp, img->cs, to) == -1) {
-    qed_error ("%s: cannot copy cluster 0x%" PRIx64 " to 0x%" PRIx64 ": %m",
-               img->filename, from, to);
-    return -1;
+  uint64_t n = MIN ((uint64_t) COPY_CHUNK, (uint64_t) img->cs);
+  bool holes = fallocate (img->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                          to, img->cs) == 0;
+
+  for (uint64_t done = 0; done < img->cs; done += n) {
+    if (pread_full (img->fd, tmp, n, from + done) == -1 ||
+        (!(holes && done + n < img->cs && is_zero (tmp, n)) &&
+         pwrite_full (img->fd, tmp, n, to + done) == -1)) {
+      qed_error ("%s: cannot copy cluster 0x%" PRIx64 " to 0x%" PRIx64
+                 ": %m", img->filename, from, to);
+      return -1;
+    }
   }
   return 0;
 }
@@ -184,7 +215,7 @@ check_table (struct checker *ck, uint64_t l1i, uint64_t t)
   uint64_t fixed = 0;
   CLEANUP_FREE void *tmp = NULL;
 
-  for (uint64_t j = 0; j < img->table_entries; ++j) {
+  for (uint64_t j = 0; j < qed_table_reach (img, l1i); ++j) {
     uint64_t e = ck->buf[j];
     uint64_t guest =
       qed_cluster_start (img, qed_l1_first_cluster (img, l1i) + j);
@@ -212,7 +243,7 @@ check_table (struct checker *ck, uint64_t l1i, uint64_t t)
                  ck->repair ? ": repaired (given its own copy)" : "");
       if (!ck->repair)
         continue;
-      if (tmp == NULL && (tmp = malloc (img->cs)) == NULL) {
+      if (tmp == NULL && (tmp = malloc (COPY_CHUNK)) == NULL) {
         qed_error ("malloc: %m");
         return -1;
       }
@@ -226,13 +257,35 @@ check_table (struct checker *ck, uint64_t l1i, uint64_t t)
   }
   if (fixed > 0) {
     /* Copies must be durable before the table points at them. */
-    if (fdatasync (img->fd) == -1) {
+    if (qed_sync (img) == -1) {
       qed_error ("%s: fdatasync: %m", img->filename);
       return -1;
     }
-    if (write_table (ck, ck->buf, t) == -1)
+    if (write_table (ck, ck->buf, l1i, t) == -1)
       return -1;
     ck->res->corruptions_fixed += fixed;
+  }
+  return 0;
+}
+
+/* Entries of the last table beyond the image size are never followed;
+ * a repair clears them, so that no cluster they name (a leak to us) is
+ * both reclaimed and, for QEMU, still in use. */
+static int
+clear_table_tail (struct checker *ck, uint64_t l1i, uint64_t t)
+{
+  struct qed_image *img = ck->img;
+  uint64_t reach = qed_table_reach (img, l1i), n, in_file;
+
+  if (!ck->repair || reach == img->table_entries)
+    return 0;
+  if (qed_scan_unreachable (img, t + reach * 8, t + img->table_bytes, true,
+                            &n, &in_file) == -1)
+    return -1;
+  if (n > 0) {
+    qed_debug ("%s: cleared %" PRIu64 " L2 entries beyond the image size",
+               img->filename, n);
+    ck->wrote = true;
   }
   return 0;
 }
@@ -265,22 +318,20 @@ walk (struct checker *ck)
         continue;
       if (valid) {
         /* Keep what the table says, in a copy of its own. */
-        if (pread_full (img->fd, ck->buf, img->table_bytes, t) == -1) {
+        if (read_table (ck, i, t) == -1) {
           ck->res->check_errors++;
           continue;
         }
-        for (uint64_t j = 0; j < img->table_entries; ++j)
-          ck->buf[j] = le64toh (ck->buf[j]);
       }
       else {
-        for (uint64_t j = 0; j < img->table_entries; ++j)
+        for (uint64_t j = 0; j < qed_table_reach (img, i); ++j)
           ck->buf[j] = hide_entry (img);
       }
       if (!valid && !img->has_backing)
         t = 0;
       else if (grow (ck, img->h.table_size, &t) == -1 ||
-               write_table (ck, ck->buf, t) == -1 ||
-               fdatasync (img->fd) == -1)
+               write_table (ck, ck->buf, i, t) == -1 ||
+               qed_sync (img) == -1)
         return -1;
       img->l1[i] = t;
       l1_changed = true;
@@ -288,18 +339,14 @@ walk (struct checker *ck)
       if (t == 0)
         continue;
     }
-    else if (pread_full (img->fd, ck->buf, img->table_bytes, t) == -1) {
+    else if (read_table (ck, i, t) == -1) {
       qed_error ("%s: cannot read L2 table at 0x%" PRIx64 ": %m",
                  img->filename, t);
       ck->res->check_errors++;
       continue;
     }
-    else {
-      for (uint64_t j = 0; j < img->table_entries; ++j)
-        ck->buf[j] = le64toh (ck->buf[j]);
-    }
     mark (ck, t, img->h.table_size, true);
-    if (check_table (ck, i, t) == -1)
+    if (check_table (ck, i, t) == -1 || clear_table_tail (ck, i, t) == -1)
       return -1;
   }
 
@@ -540,35 +587,31 @@ plan_reclaim (struct checker *ck, struct reclaim_plan *pl, unsigned pass,
   return 0;
 }
 
-/* Point the L2 table at t at the moved clusters' copies. */
+/* Point the L2 table at t (of L1 index l1i) at the moved clusters'
+ * copies. */
 static int
-relink_table (struct checker *ck, const struct reclaim_plan *pl, uint64_t t)
+relink_table (struct checker *ck, const struct reclaim_plan *pl,
+              uint64_t l1i, uint64_t t)
 {
   struct qed_image *img = ck->img;
   bool changed = false;
 
-  if (pread_full (img->fd, ck->buf, img->table_bytes, t) == -1) {
+  if (read_table (ck, l1i, t) == -1) {
     qed_error ("%s: cannot read L2 table at 0x%" PRIx64 ": %m",
                img->filename, t);
     return -1;
   }
-  for (uint64_t j = 0; j < img->table_entries; ++j) {
-    struct move key = { .src = le64toh (ck->buf[j]) }, *m;
+  for (uint64_t j = 0; j < qed_table_reach (img, l1i); ++j) {
+    struct move key = { .src = ck->buf[j] }, *m;
     if (key.src <= QED_ENTRY_ZERO)
       continue;
     m = bsearch (&key, pl->moves, pl->nmoves, sizeof *pl->moves, move_cmp);
     if (m) {
-      ck->buf[j] = htole64 (m->dst);
+      ck->buf[j] = m->dst;
       changed = true;
     }
   }
-  if (changed &&
-      pwrite_full (img->fd, ck->buf, img->table_bytes, t) == -1) {
-    qed_error ("%s: cannot write L2 table at 0x%" PRIx64 ": %m",
-               img->filename, t);
-    return -1;
-  }
-  return 0;
+  return changed ? write_table (ck, ck->buf, l1i, t) : 0;
 }
 
 /* 1. Copy, and make the copies durable.  2. Point the tables at the
@@ -578,7 +621,7 @@ static int
 apply_moves (struct checker *ck, struct reclaim_plan *pl)
 {
   struct qed_image *img = ck->img;
-  CLEANUP_FREE void *tmp = malloc (img->cs);
+  CLEANUP_FREE void *tmp = malloc (COPY_CHUNK);
 
   if (tmp == NULL) {
     qed_error ("malloc: %m");
@@ -587,7 +630,7 @@ apply_moves (struct checker *ck, struct reclaim_plan *pl)
   for (uint64_t k = 0; k < pl->nmoves; ++k)
     if (copy_cluster (img, pl->moves[k].src, pl->moves[k].dst, tmp) == -1)
       return -1;
-  if (fdatasync (img->fd) == -1) {
+  if (qed_sync (img) == -1) {
     qed_error ("%s: fdatasync: %m", img->filename);
     return -1;
   }
@@ -595,7 +638,7 @@ apply_moves (struct checker *ck, struct reclaim_plan *pl)
   for (size_t k = 0; k < pl->ntmoves; ++k)
     img->l1[pl->tmoves[k].l1i] = pl->tmoves[k].dst;
   for (uint64_t i = 0; i < img->l1_entries; ++i)
-    if (img->l1[i] != 0 && relink_table (ck, pl, img->l1[i]) == -1)
+    if (img->l1[i] != 0 && relink_table (ck, pl, i, img->l1[i]) == -1)
       return -1;
   if (pl->ntmoves > 0 && write_l1 (ck) == -1)
     return -1;
@@ -609,8 +652,8 @@ truncate_reclaimed (struct checker *ck, uint64_t new_end, uint64_t nmoves)
   struct qed_image *img = ck->img;
   uint64_t removed;
 
-  if (fdatasync (img->fd) == -1 || ftruncate (img->fd, new_end) == -1 ||
-      fdatasync (img->fd) == -1) {
+  if (qed_sync (img) == -1 || ftruncate (img->fd, new_end) == -1 ||
+      qed_sync (img) == -1) {
     qed_error ("%s: cannot truncate leaked clusters: %m", img->filename);
     return -1;
   }
@@ -625,6 +668,31 @@ truncate_reclaimed (struct checker *ck, uint64_t new_end, uint64_t nmoves)
   img->tail_garbage = false;
   ck->wrote = true;
   return removed;
+}
+
+/* Truncate the leaked clusters at the end of the file (no new space
+ * needed).  Returns the number of clusters cut, or -1. */
+static int64_t
+cut_trailing_leaks (struct checker *ck)
+{
+  struct qed_image *img = ck->img;
+  uint64_t first = qed_cluster_index (img, img->header_end);
+  uint64_t end = qed_cluster_index (img, img->file_end), top = end;
+
+  while (top > first && !bm_get (&ck->used, top - 1))
+    top--;
+  if (top == end)
+    return 0;
+  if (qed_sync (img) == -1 ||
+      ftruncate (img->fd, qed_cluster_start (img, top)) == -1 ||
+      qed_sync (img) == -1) {
+    qed_error ("%s: cannot truncate leaked clusters: %m", img->filename);
+    return -1;
+  }
+  img->file_end = img->alloc_end = qed_cluster_start (img, top);
+  img->tail_garbage = false;
+  ck->wrote = true;
+  return end - top;
 }
 
 /* Plan, apply, truncate.  Returns the number of clusters truncated. */
@@ -674,7 +742,7 @@ check_pass (struct checker *ck, unsigned pass)
   ck->used.n = ck->table.n = n;
   ck->used.bits = calloc ((n + 63) / 64 + 1, 8);
   ck->table.bits = calloc ((n + 63) / 64 + 1, 8);
-  ck->buf = malloc (img->table_bytes);
+  ck->buf = malloc (MAX (qed_table_reach (img, 0), (uint64_t) 1) * 8);
   if (!ck->used.bits || !ck->table.bits || !ck->buf) {
     qed_error ("cannot allocate memory for the check: %m");
     return -1;
@@ -699,10 +767,21 @@ check_pass (struct checker *ck, unsigned pass)
   if (res->leaks > 0)
     qed_debug ("%s: %" PRIu64 " leaked clusters", img->filename, res->leaks);
   if (ck->repair && res->leaks > 0) {
-    int64_t k = reclaim (ck, pass);
-    if (k == -1)
-      return -1;
-    res->leaks_fixed = k;
+    /* Leaks are harmless: what cannot be reclaimed now (a full file
+     * system, a failing disk) is kept for a later check, with
+     * NEED_CHECK set; it never fails the open.  Cutting the tail first
+     * needs no space, and frees some for the moves. */
+    int64_t cut = cut_trailing_leaks (ck), k = -1;
+    if (cut >= 0)
+      k = reclaim (ck, pass);
+    if (k == -1) {
+      qed_error ("%s: could not reclaim all leaked clusters (%m): they "
+                 "are kept, and NEED_CHECK stays set", img->filename);
+      ck->again = false;
+      ck->wrote = true;
+      k = 0;
+    }
+    res->leaks_fixed = MAX (cut, 0) + k;
   }
   return 0;
 }
@@ -731,17 +810,21 @@ check_finish (struct checker *ck)
   /* Repairs wrote tables behind the L2 cache: drop its stale pages. */
   if (ck->wrote)
     qed_cache_drop (img);
-  if (ck->repair && ck->wrote && fdatasync (img->fd) == -1) {
+  if (ck->repair && ck->wrote && qed_sync (img) == -1) {
     qed_error ("%s: fdatasync: %m", img->filename);
     return -1;
   }
-  /* After a limited compaction, leaks may remain: the caller lists
-   * them before the image is marked clean. */
+  /* Clean only when no leaked cluster is left either.  After a limited
+   * compaction, leaks may remain: the caller lists them before the
+   * image is marked clean. */
   if (ck->repair && res->check_errors == 0 &&
-      res->corruptions == res->corruptions_fixed && img->need_check &&
-      img->reclaim_budget == RECLAIM_UNLIMITED &&
-      qed_clear_need_check (img) == -1)
-    return -1;
+      res->corruptions == res->corruptions_fixed &&
+      img->reclaim_budget == RECLAIM_UNLIMITED) {
+    img->leaking = res->leaks > res->leaks_fixed;
+    if (img->need_check && !img->leaking &&
+        qed_clear_need_check (img) == -1)
+      return -1;
+  }
   return 0;
 }
 
@@ -768,7 +851,7 @@ qed_check (struct qed_image *img, bool repair, struct qed_check_result *res)
     if (ck[n].again) {
       /* Room was made below a table: another pass moves it (before
        * NEED_CHECK is cleared, so a crash still gets checked). */
-      if (fdatasync (img->fd) == -1) {
+      if (qed_sync (img) == -1) {
         qed_error ("%s: fdatasync: %m", img->filename);
         return -1;
       }

@@ -282,7 +282,7 @@ erase_record (struct qed_image *img)
   if (!img->list_record || off == 0)
     return 0;
   if (pwrite_full (img->fd, zero, sizeof zero, off) == -1 ||
-      fdatasync (img->fd) == -1) {
+      qed_sync (img) == -1) {
     qed_error ("%s: cannot erase the free-cluster list record: %m",
                img->filename);
     return -1;
@@ -400,7 +400,7 @@ qed_freelist_publish (struct qed_image *img)
   if (pwrite_full (img->fd, runs, r.list_bytes, where) == -1 ||
       pwrite_full (img->fd, raw, sizeof raw,
                    qed_freelist_record_offset (img)) == -1 ||
-      fdatasync (img->fd) == -1) {
+      qed_sync (img) == -1) {
     qed_error ("%s: cannot write the free-cluster list: %m", img->filename);
     return -1;
   }

@@ -99,6 +99,19 @@ qed_l1_pages (const struct qed_image *img)
   return img->l1_entries / L2_PAGE_ENTRIES;
 }
 
+/* Entries of the L2 table of L1 index l1i that guest offsets reach (a
+ * 64M/16 table is 1 GiB: a 1 GiB disk reaches 128 bytes of it). */
+static inline uint64_t
+qed_table_reach (const struct qed_image *img, uint64_t l1i)
+{
+  uint64_t first = l1i << img->table_bits;
+
+  if (first >= img->nr_clusters)
+    return 0;
+  return img->nr_clusters - first < img->table_entries
+    ? img->nr_clusters - first : img->table_entries;
+}
+
 /* Entry checks.  A data cluster (or table) of len bytes must be aligned
  * (reserved low bits clear), after the header, inside the file and not
  * in the L1.

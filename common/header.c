@@ -276,7 +276,7 @@ write_field (struct qed_image *img, uint64_t offset, uint64_t value,
   uint64_t le = htole64 (value);
 
   if (pwrite_full (img->fd, &le, 8, offset) == -1 ||
-      fdatasync (img->fd) == -1) {
+      qed_sync (img) == -1) {
     qed_error ("%s: cannot %s: %m", img->filename, what);
     return -1;
   }
@@ -300,7 +300,7 @@ qed_write_flags (struct qed_image *img, uint64_t features, uint64_t compat,
                       htole64 (autoclear) };
 
   if (pwrite_full (img->fd, raw, sizeof raw, 16) == -1 ||
-      fdatasync (img->fd) == -1) {
+      qed_sync (img) == -1) {
     qed_error ("%s: cannot update the header: %m", img->filename);
     return -1;
   }
@@ -330,15 +330,26 @@ qed_mark_need_check (struct qed_image *img)
   return 0;
 }
 
+/* The cleared flag may be in the page cache even if the write or its
+ * fdatasync failed: write the set flag back, or, if even that fails,
+ * forget that it is set, so that the next change sets it first. */
 int
 qed_clear_need_check (struct qed_image *img)
 {
+  uint64_t le = htole64 (img->h.features | QED_F_NEED_CHECK);
+  int err;
+
   assert (!img->readonly);
   if (write_features (img, img->h.features & ~(uint64_t) QED_F_NEED_CHECK)
-      == -1)
-    return -1;
-  img->need_check = false;
-  return 0;
+      == 0) {
+    img->need_check = false;
+    return 0;
+  }
+  err = errno;
+  if (pwrite_full (img->fd, &le, 8, 16) == -1)
+    img->need_check = false;
+  errno = err;
+  return -1;
 }
 
 /* Unknown autoclear bits guard data we may be about to make stale:

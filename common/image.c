@@ -321,6 +321,30 @@ map_zero_buf (struct qed_image *img)
   return 0;
 }
 
+/* L1 entries beyond what the image size reaches are never followed.
+ * A writable open clears them on disk (QEMU would follow them); if one
+ * named a cluster inside the file, with NEED_CHECK set first: the check
+ * then reclaims what it pointed at. */
+static int
+clear_unreachable_l1 (struct qed_image *img)
+{
+  uint64_t n, in_file;
+
+  if (img->l1_unreachable == 0)
+    return 0;
+  qed_error ("%s: %" PRIu64 " L1 entries beyond the image size are %s",
+             img->filename, img->l1_unreachable,
+             img->readonly ? "ignored" : "ignored and cleared");
+  if (img->readonly)
+    return 0;
+  if ((img->l1_unreachable_in_file > 0 && qed_mark_need_check (img) == -1) ||
+      qed_scan_unreachable (img, img->l1_start + img->l1_reach * 8,
+                            img->l1_end, true, &n, &in_file) == -1 ||
+      qed_sync (img) == -1)
+    return -1;
+  return 0;
+}
+
 /* The check at open, if NEED_CHECK is set or asked for: repair unless
  * read-only, and refuse the image if corruptions remain. */
 static int
@@ -430,6 +454,7 @@ qed_open (const char *filename, const struct qed_open_options *opts)
       qed_tables_init (img, opts->l2_cache_bytes) == -1 ||
       open_freelist (img, opts, &rebuild) == -1 ||
       qed_clear_unknown_autoclear (img) == -1 ||
+      clear_unreachable_l1 (img) == -1 ||
       check_at_open (img, opts) == -1 ||
       rebuild_at_open (img, opts, rebuild) == -1)
     goto err;
@@ -451,7 +476,7 @@ try_clear_need_check (struct qed_image *img)
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
 
   if (img->active_ops || img->reservations || img->ndirty ||
-      img->pending_free.len)
+      img->pending_free.len || img->leaking || img->sync_error)
     return 0;
   /* Free clusters are leaks on disk: clean only if compacted away, or
    * listed. */
@@ -503,7 +528,7 @@ close_compact (struct qed_image *img)
 
   {
     ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
-    if (!img->flushed_free.len && !img->free_list.len)
+    if (!img->flushed_free.len && !img->free_list.len && !img->leaking)
       return 0;
     /* A list on disk (from the idle timer, or the open) is still
      * valid; with no data to move, leave it. */
@@ -530,6 +555,9 @@ close_clean (struct qed_image *img)
       qed_flush (img) == -1)
     return -1;
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->flush_lock);
+  /* Nothing is marked clean after a failed fdatasync. */
+  if (img->sync_error)
+    return -1;
   if (close_compact (img) == -1 || try_clear_need_check (img) == -1)
     return -1;
   if (img->demote)

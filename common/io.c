@@ -14,6 +14,7 @@
 #include <sys/uio.h>
 
 #include "qed-internal.h"
+#include "seam.h"
 
 /* Read exactly count bytes.  *got is how many bytes the file had
  * before its end (count unless the file is shorter). */
@@ -99,6 +100,26 @@ pwritev_full (int fd, struct iovec *iov, int iovcnt, uint64_t off)
       iov->iov_base = (char *) iov->iov_base + r;
       iov->iov_len -= r;
     }
+  }
+  return 0;
+}
+
+int
+qed_sync (struct qed_image *img)
+{
+  int err = __atomic_load_n (&img->sync_error, __ATOMIC_ACQUIRE);
+
+  if (err) {
+    errno = err;
+    return -1;
+  }
+  if (fdatasync (img->fd) == -1) {
+    err = errno ? errno : EIO;
+    __atomic_store_n (&img->sync_error, err, __ATOMIC_RELEASE);
+    qed_error ("%s: fdatasync failed: %m; every later flush fails until "
+               "the image is reopened (and checked)", img->filename);
+    errno = err;
+    return -1;
   }
   return 0;
 }

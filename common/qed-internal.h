@@ -69,6 +69,7 @@ struct l2_page {
   bool dirty;
   bool pinned;                  /* being written back: keep in memory */
   bool referenced;              /* used since the eviction scan passed */
+  bool backed;                  /* has disk space (table.c: reserve_page) */
 };
 
 /* A run of clusters reserved by one request. */
@@ -105,11 +106,14 @@ struct qed_image {
   pthread_mutex_t flush_lock;
 
   /* L1, always resident: the first l1_entries, the ones the guest size
-   * reaches (the rest of the table on disk is zero, checked at open;
-   * else all of it).  A 64M-cluster image has a 1 GiB L1 table, of
+   * reaches (entries beyond it are ignored, and cleared on disk by a
+   * writable open).  A 64M-cluster image has a 1 GiB L1 table, of
    * which a 1 TiB disk uses 64 bytes. */
   uint64_t *l1;
   uint64_t l1_entries;          /* a multiple of L2_PAGE_ENTRIES */
+  uint64_t l1_reach;            /* entries the image size reaches */
+  uint64_t l1_unreachable;      /* nonzero entries beyond, at open */
+  uint64_t l1_unreachable_in_file;  /* of which name a cluster */
   bool *l1_dirty;               /* per 4K page: l1_entries / 512 of them */
 
   /* L2 page cache: hash for lookup, LRU for eviction. */
@@ -138,6 +142,15 @@ struct qed_image {
   unsigned active_ops;          /* data requests in progress */
 
   bool need_check;              /* NEED_CHECK is set on disk */
+  /* The first failed fdatasync's errno, or 0.  After a writeback error
+   * Linux may drop the unsynced pages, so a later fdatasync that
+   * succeeds proves nothing: every later sync (and flush) fails, and
+   * NEED_CHECK is never cleared, until the image is reopened. */
+  int sync_error;
+  /* Clusters left the allocator without reaching a table or a free
+   * list (a failed write or fill): NEED_CHECK must stay set until a
+   * check reclaims them.  Lock held. */
+  bool leaking;
   bool has_backing;
   bool backing_raw;
 
@@ -171,6 +184,8 @@ extern int pread_zeros_past_eof (int fd, void *buf, size_t count,
 extern int pwrite_full (int fd, const void *buf, size_t count, uint64_t off);
 /* Consumes iov (its entries are advanced). */
 extern int pwritev_full (int fd, struct iovec *iov, int iovcnt, uint64_t off);
+/* fdatasync the image; fails for good after the first failure. */
+extern int qed_sync (struct qed_image *img);
 
 /* header.c: fields written in place and made durable. */
 extern int qed_header_load (struct qed_image *img, uint64_t file_size);
@@ -197,6 +212,8 @@ extern void qed_recycle_free (struct qed_image *img);     /* lock held */
  * durable: they may be reused once no request that saw them runs.
  * Lock not held. */
 extern void qed_free_durable (struct qed_image *img, size_t n);
+/* Note that clusters leaked (lock held, or no request running). */
+extern void qed_note_leak (struct qed_image *img, const char *why);
 
 /* Requests in progress (freed clusters are reused only when none
  * runs).  Lock held. */
@@ -219,6 +236,10 @@ extern int qed_set_entry (struct qed_image *img, uint64_t cluster,
 extern bool qed_table_absent (struct qed_image *img, uint64_t cluster);
 /* Write back dirty metadata (flush_lock held, lock not held). */
 extern int qed_writeback (struct qed_image *img);
+/* Count (and maybe clear on disk) nonzero entries in [from, to). */
+extern int qed_scan_unreachable (struct qed_image *img, uint64_t from,
+                                 uint64_t to, bool clear, uint64_t *count,
+                                 uint64_t *in_file);
 
 /* check.c */
 /* Give back free clusters at a clean stop (no request runs), moving at

@@ -18,6 +18,7 @@
 #include <inttypes.h>
 #include <endian.h>
 #include <unistd.h>
+#include <fcntl.h>
 #include <sys/mman.h>
 
 #include "qed-internal.h"
@@ -34,8 +35,61 @@ le_to_host (uint64_t *e, size_t n)
 #endif
 }
 
-/* Keep in memory only the L1 entries that guest offsets reach, if all
- * the others are zero (as QEMU and we always leave them). */
+/* Count (and, if clear, zero on disk) the nonzero 8-byte entries in
+ * [from, to) of the file: table entries that the image size cannot
+ * reach; *in_file counts those that name a cluster inside the file.
+ * Holes are skipped (SEEK_DATA) and the file is read 1 MiB at a time,
+ * so a 1 GiB sparse table costs neither memory nor time, and clearing
+ * writes only the entries that are set (no file growth). */
+int
+qed_scan_unreachable (struct qed_image *img, uint64_t from, uint64_t to,
+                      bool clear, uint64_t *count, uint64_t *in_file)
+{
+  const uint64_t chunk = 1u << 20;
+  CLEANUP_FREE uint64_t *buf = malloc (MIN (chunk, to - from + 8));
+  static const uint64_t zero = 0;
+
+  *count = *in_file = 0;
+  if (buf == NULL) {
+    qed_error ("malloc: %m");
+    return -1;
+  }
+  while (from < to) {
+    off_t d = lseek (img->fd, from, SEEK_DATA);
+    uint64_t len;
+    if (d == -1 && errno == ENXIO)
+      break;                    /* only holes up to EOF */
+    if (d != -1 && (uint64_t) d > from)
+      from = ROUND_DOWN ((uint64_t) d, 8);
+    if (from >= to)
+      break;
+    len = MIN (chunk, to - from);
+    if (pread_zeros_past_eof (img->fd, buf, len, from) == -1) {
+      qed_error ("%s: cannot read table entries at 0x%" PRIx64 ": %m",
+                 img->filename, from);
+      return -1;
+    }
+    for (uint64_t i = 0; i < len / 8; ++i) {
+      if (buf[i] == 0)
+        continue;
+      (*count)++;
+      if (valid_cluster_offset (img, le64toh (buf[i]), img->cs))
+        (*in_file)++;
+      if (clear && pwrite_full (img->fd, &zero, 8, from + i * 8) == -1) {
+        qed_error ("%s: cannot clear a table entry at 0x%" PRIx64 ": %m",
+                   img->filename, from + i * 8);
+        return -1;
+      }
+    }
+    from += len;
+  }
+  return 0;
+}
+
+/* Keep in memory only the L1 entries that guest offsets reach.  The
+ * others must be zero (as QEMU and we always leave them); a hostile
+ * image's are ignored, never loaded, checked or followed (a writable
+ * open clears them: image.c). */
 static int
 load_l1 (struct qed_image *img)
 {
@@ -44,28 +98,7 @@ load_l1 (struct qed_image *img)
   uint64_t n = MIN (ROUND_UP (need, (uint64_t) L2_PAGE_ENTRIES),
                     img->table_entries);
 
-  if (n < img->table_entries) {
-    const uint64_t chunk = 1u << 20;
-    uint64_t off = img->l1_start + n * 8;
-    CLEANUP_FREE uint64_t *buf = malloc (MIN (chunk, img->table_bytes));
-
-    if (buf == NULL) {
-      qed_error ("malloc: %m");
-      return -1;
-    }
-    while (off < img->l1_end && n < img->table_entries) {
-      uint64_t len = MIN (chunk, img->l1_end - off);
-      if (pread_full (img->fd, buf, len, off) == -1) {
-        qed_error ("%s: cannot read the L1 table: %m", img->filename);
-        return -1;
-      }
-      for (uint64_t i = 0; i < len / 8; ++i)
-        if (buf[i] != 0)
-          n = img->table_entries;       /* keep it all */
-      off += len;
-    }
-  }
-
+  img->l1_reach = need;
   img->l1_entries = n;
   img->l1 = malloc (n * 8);
   img->l1_dirty = calloc (qed_l1_pages (img), sizeof (bool));
@@ -78,6 +111,22 @@ load_l1 (struct qed_image *img)
     return -1;
   }
   le_to_host (img->l1, n);
+  img->l1_unreachable = img->l1_unreachable_in_file = 0;
+  for (uint64_t i = need; i < n; ++i) {
+    if (img->l1[i] != 0)
+      img->l1_unreachable++;
+    if (valid_cluster_offset (img, img->l1[i], img->cs))
+      img->l1_unreachable_in_file++;
+    img->l1[i] = 0;
+  }
+  if (n < img->table_entries) {
+    uint64_t far, far_in_file;
+    if (qed_scan_unreachable (img, img->l1_start + n * 8, img->l1_end, false,
+                              &far, &far_in_file) == -1)
+      return -1;
+    img->l1_unreachable += far;
+    img->l1_unreachable_in_file += far_in_file;
+  }
   return 0;
 }
 
@@ -319,6 +368,34 @@ mark_dirty (struct qed_image *img, struct l2_page *p)
   }
 }
 
+/* A table page that is still a hole (all its entries zero: a new
+ * table, or a page never written) needs a block of its own when it is
+ * written back.  Take it now, so that on a full file system the write
+ * that needs it fails with ENOSPC, and not the writeback after the
+ * write was acknowledged.  Lock held. */
+static int
+reserve_page (struct qed_image *img, struct l2_page *p, bool fresh)
+{
+  bool hole = fresh;
+
+  if (p->backed)
+    return 0;
+  if (!hole) {
+    hole = true;
+    for (size_t i = 0; i < L2_PAGE_ENTRIES && hole; ++i)
+      hole = p->entries[i] == 0;
+  }
+  if (hole && fallocate (img->fd, FALLOC_FL_KEEP_SIZE, p->offset,
+                         L2_PAGE_BYTES) == -1 &&
+      errno != EOPNOTSUPP && errno != ENOSYS) {
+    qed_error ("%s: cannot reserve space for a table at 0x%" PRIx64 ": %m",
+               img->filename, p->offset);
+    return -1;
+  }
+  p->backed = true;
+  return 0;
+}
+
 int
 qed_set_entry (struct qed_image *img, uint64_t cluster, uint64_t entry)
 {
@@ -345,6 +422,8 @@ qed_set_entry (struct qed_image *img, uint64_t cluster, uint64_t entry)
     errno = EIO;
     return -1;
   }
+  if (reserve_page (img, p, fresh) == -1)
+    return -1;
   p->entries[idx % L2_PAGE_ENTRIES] = entry;
   mark_dirty (img, p);
   return 0;
@@ -421,16 +500,21 @@ copy_dirty_pages (struct qed_image *img, struct writeback *wb)
   return 0;
 }
 
-/* Steps 2 and 3.  Lock not held. */
+/* Steps 2 and 3.  Lock not held.  *written: the copies reached the
+ * file (even if a sync failed).
+ *
+ * After a failed fdatasync (it sticks: qed_sync) the tables are still
+ * written, so that the page cache has them: a clean close keeps the
+ * writes, and NEED_CHECK, which then stays set, covers a crash.  The
+ * flush fails all the same. */
 static int
-write_copies (struct qed_image *img, struct writeback *wb)
+write_copies (struct qed_image *img, struct writeback *wb, bool *written)
 {
-  if (fdatasync (img->fd) == -1) {
-    qed_error ("%s: fdatasync: %m", img->filename);
+  *written = false;
+  if (qed_sync (img) == -1 && !img->sync_error)
     return -1;
-  }
   if (wb->n == 0)
-    return 0;
+    return img->sync_error ? (errno = img->sync_error, -1) : 0;
   qed_verbose ("writeback: %zu table page%s", wb->n, wb->n == 1 ? "" : "s");
   for (size_t i = 0; i < wb->n; ++i) {
     struct page_copy *c = &wb->copies[i];
@@ -444,11 +528,8 @@ write_copies (struct qed_image *img, struct writeback *wb)
       return -1;
     }
   }
-  if (fdatasync (img->fd) == -1) {
-    qed_error ("%s: fdatasync: %m", img->filename);
-    return -1;
-  }
-  return 0;
+  *written = true;
+  return qed_sync (img);
 }
 
 /* Unpin the copied pages; if the writeback failed, mark them dirty
@@ -476,13 +557,14 @@ int
 qed_writeback (struct qed_image *img)
 {
   struct writeback wb = { .copies = NULL };
+  bool written;
   int r, err;
 
   if (copy_dirty_pages (img, &wb) == -1)
     return -1;
-  r = write_copies (img, &wb);
+  r = write_copies (img, &wb, &written);
   err = errno;
-  finish_copies (img, &wb, r == 0);
+  finish_copies (img, &wb, written);
   if (wb.copies)
     munmap (wb.copies, wb.bytes);
   errno = err;

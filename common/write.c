@@ -114,16 +114,42 @@ alloc_run (struct qed_image *img, uint64_t n, uint64_t *offset,
   return qed_alloc_run (img, n, offset, got);
 }
 
-/* Point guest clusters [c, c+n) at the n file clusters from offset.
- * Lock held. */
+static int punch (struct qed_image *img, uint64_t fo, uint64_t len);
+
+/* New clusters that will not be linked (their write failed): punched,
+ * they are free again (reused after the next writeback, reclaimed at
+ * close); if they cannot be punched, they leak (qed_note_leak).  Lock
+ * held. */
+static void
+give_back (struct qed_image *img, uint64_t offset, uint64_t n)
+{
+  int err = errno;
+
+  if (punch (img, offset, qed_clusters_to_bytes (img, n)) != 1)
+    qed_note_leak (img, "a failed write's clusters could not be punched");
+  else
+    for (uint64_t i = 0; i < n; ++i)
+      if (offset_list_append (&img->pending_free,
+                              offset + qed_clusters_to_bytes (img, i)) == -1) {
+        qed_note_leak (img, "out of memory");
+        break;
+      }
+  errno = err;
+}
+
+/* Point guest clusters [c, c+n) at the n file clusters from offset;
+ * those not linked when a table update fails are given back.  Lock
+ * held. */
 static int
 link_clusters (struct qed_image *img, uint64_t c, uint64_t n,
                uint64_t offset)
 {
   for (uint64_t i = 0; i < n; ++i)
     if (qed_set_entry (img, c + i,
-                       offset + qed_clusters_to_bytes (img, i)) == -1)
+                       offset + qed_clusters_to_bytes (img, i)) == -1) {
+      give_back (img, offset + qed_clusters_to_bytes (img, i), n - i);
       return -1;
+    }
   return 0;
 }
 
@@ -348,19 +374,14 @@ commit_run (struct qed_image *img, struct write_run *w)
 }
 
 /* The run's data could not be written: give its new clusters back
- * (they are reclaimed at close) and release it.  Lock not held. */
+ * and release it.  Lock not held. */
 static void
 abandon_run (struct qed_image *img, struct write_run *w)
 {
   int err = errno ? errno : EIO;
-  bool punched = punch (img, w->file_offset,
-                        qed_clusters_to_bytes (img, w->k)) == 1;
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
 
-  if (punched)
-    for (uint64_t i = 0; i < w->k; ++i)
-      offset_list_append (&img->pending_free,
-                          w->file_offset + qed_clusters_to_bytes (img, i));
+  give_back (img, w->file_offset, w->k);
   unreserve (img, &w->res);
   errno = err;
 }
@@ -478,15 +499,17 @@ commit_zeroed (struct qed_image *img, const struct qed_below *below,
 
   for (uint64_t i = 0; i < k; ++i) {
     uint64_t e = entries[i], ne = e;
-    if (e > QED_ENTRY_ZERO && freed[i]) {
+    if (e > QED_ENTRY_ZERO && freed[i])
       ne = below ? QED_ENTRY_ZERO : QED_ENTRY_UNALLOCATED;
-      if (offset_list_append (&img->pending_free, e) == -1)
-        return -1;
-    }
     else if (e == QED_ENTRY_UNALLOCATED && below)
       ne = QED_ENTRY_ZERO;
     if (ne != e && qed_set_entry (img, c + i, ne) == -1)
       return -1;
+    /* Unlinked (not before: a cluster still linked must never be
+     * reused): free once the unlinking is durable. */
+    if (e > QED_ENTRY_ZERO && freed[i] &&
+        offset_list_append (&img->pending_free, e) == -1)
+      qed_note_leak (img, "out of memory");
   }
   return 0;
 }
@@ -620,8 +643,10 @@ op_end (struct qed_image *img, int r)
     qed_op_end (img);
     too_dirty = img->ndirty > img->max_pages / 2;
   }
-  if (r == 0 && too_dirty)
-    return qed_flush (img);
+  /* After a failed fdatasync every flush fails (qed_sync), but the
+   * writeback still cleaned the pages: not this request's error. */
+  if (r == 0 && too_dirty && qed_flush (img) == -1 && !img->sync_error)
+    return -1;
   errno = err;
   return r;
 }
@@ -725,6 +750,9 @@ fill_data (struct qed_image *img, const char *base, uint64_t count,
     len = MIN (qed_cluster_start (img, c + got), offset + count) - s;
     if (pwrite_full (img->fd, base + (s - offset), len, newoff) == -1) {
       qed_error ("%s: write at 0x%" PRIx64 ": %m", img->filename, newoff);
+      pthread_mutex_lock (&img->lock);
+      give_back (img, newoff, got);
+      pthread_mutex_unlock (&img->lock);
       return -1;
     }
     pthread_mutex_lock (&img->lock);

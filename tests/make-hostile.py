@@ -494,6 +494,31 @@ def main():
         if idx < ents:
             patch(p, 2 * M + 8 * idx, "<Q", (1 << 64) - 2 * M)
 
+    # ---- L1 entries beyond what image_size reaches (64M/16: a 1 GiB L1
+    # of which a 1 GiB disk reaches one entry; the file is sparse, a few
+    # KiB on disk).  They must never be loaded, checked or repaired:
+    # bounded memory, no file growth. ----
+    far = 0x7ff               # guest offset 0xffe0000000000000
+    p = geom("geom-64m16-far", 64 * M, 16, 1 * G, "serve0",
+             "64M/16, 1G, a nonzero L1 entry the size cannot reach")
+    patch(p, 64 * M + 8 * far, "<Q", 64 * M)
+    p = geom("geom-64m16-far-nc", 64 * M, 16, 1 * G, "serve0",
+             "64M/16, 1G, NEED_CHECK, L1[0] and a far entry share a table",
+             extra=16 * 64 * M)
+    t = (1 + 16) * 64 * M
+    patch(p, 64 * M, "<Q", t)
+    patch(p, 64 * M + 8 * far, "<Q", t)
+    patch(p, t, "<Q", 0)            # the table's first entry: unallocated
+    set_field(p, "features", NEED_CHECK)
+    p = geom("geom-64m16-far-data", 64 * M, 16, 1 * G, "serve0",
+             "64M/16, 1G, a far entry whose table points at L1[0]'s data",
+             extra=(16 + 1) * 64 * M)
+    patch(p, 64 * M, "<Q", t)
+    patch(p, 64 * M + 8 * far, "<Q", t)
+    patch(p, t, "<Q", t + 16 * 64 * M)   # guest cluster 0: a data cluster
+    patch_bytes(p, t + 16 * 64 * M, b"far" * 100)
+    set_field(p, "features", NEED_CHECK)
+
     # ---- Images with a valid header but an L2 table at EOF - 4K ----
     p = new("l1e-last-cluster", base)
     patch(p, l1, "<Q", fsize // cs * cs - cs)

@@ -33,9 +33,12 @@ for t in "${tests[@]}"; do
   echo "RUN:  $name"
   log=$logs/$name.log
   start=$(date +%s.%N)
+  # A script may ask for more time with a "# test-timeout: SECONDS" line.
+  limit=${TEST_TIMEOUT:-$(sed -n 's/^# test-timeout: \([0-9]*\)$/\1/p' "$t" 2>/dev/null | head -n1)}
+  limit=${limit:-300}
   case "$t" in
-    *.sh) TOP=$top timeout -k 10 ${TEST_TIMEOUT:-300} bash "$t" >"$log" 2>&1 ;;
-    *)    TOP=$top timeout -k 10 ${TEST_TIMEOUT:-300} "./$t" >"$log" 2>&1 ;;
+    *.sh) TOP=$top timeout -k 10 $limit bash "$t" >"$log" 2>&1 ;;
+    *)    TOP=$top timeout -k 10 $limit "./$t" >"$log" 2>&1 ;;
   esac
   rc=$?
   secs=$(printf '%.1f' "$(echo "$(date +%s.%N) - $start" | bc)")
