@@ -17,7 +17,7 @@ cd "$tmp/small"
 
 # Data at 0-2M, 6M and 7M; trim 0-1M; crash after the trim is durable.
 qemu-img create -q -f qed disk.qed 64M
-start_nbdkit p "$PLUGIN" disk.qed idle-clean=0
+start_nbdkit p "$PLUGIN" disk.qed idle-clean=0 freelist=false
 nbdsh -u "$(uri p)" -c '
 h.pwrite(b"A" * (2 << 20), 0)
 h.pwrite(b"B" * (1 << 20), 6 << 20)
@@ -34,7 +34,7 @@ fill_fs "$tmp/small"
 df -k . | tail -1
 
 # 1. Opens writable and serves, although the repair has no room.
-start_nbdkit p2 "$PLUGIN" disk.qed idle-clean=1
+start_nbdkit p2 "$PLUGIN" disk.qed idle-clean=1 freelist=false
 check_data='
 assert h.pread(1 << 20, 0) == bytes(1 << 20), "0-1M"
 assert h.pread(1 << 20, 1 << 20) == b"A" * (1 << 20), "1-2M"

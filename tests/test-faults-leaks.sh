@@ -41,7 +41,7 @@ after_fault () {
   leaks_only_with_need_check disk.qed "$what (idle)" -U
   stop_nbdkit p
   leaks_only_with_need_check disk.qed "$what (clean stop)"
-  nbdkit -U - "$PLUGIN" disk.qed --run 'nbdsh -u "$uri" -c "h.flush()"' ||
+  nbdkit -U - "$PLUGIN" disk.qed freelist=false --run 'nbdsh -u "$uri" -c "h.flush()"' ||
     fail "$what: reopen failed"
   [ "$(need_check disk.qed)" = 0 ] || fail "$what: NEED_CHECK set after a reopen"
   qemu_check disk.qed
@@ -51,7 +51,7 @@ after_fault () {
 if want 1; then
 fresh
 inject fallocate "EOPNOTSUPP 0 -1 punch"
-LD_PRELOAD=$FAULTSIM start_nbdkit p "$PLUGIN" disk.qed idle-clean=1
+LD_PRELOAD=$FAULTSIM start_nbdkit p "$PLUGIN" disk.qed idle-clean=1 freelist=false
 nbdsh -u "$(uri p)" -c '
 h.pwrite(b"A" * 65536, 0)
 import os
@@ -73,7 +73,7 @@ fi
 if want 2; then
 fresh
 inject ftruncate "EIO 1 -1 grow"
-LD_PRELOAD=$FAULTSIM start_nbdkit p "$PLUGIN" disk.qed idle-clean=1
+LD_PRELOAD=$FAULTSIM start_nbdkit p "$PLUGIN" disk.qed idle-clean=1 freelist=false
 nbdsh -u "$(uri p)" -c '
 try:
     h.pwrite(b"C" * ((8 << 20) - (320 << 10)), 0)
@@ -89,7 +89,7 @@ fi
 # 3. Trimmed clusters are recycled; re-punching one fails.
 if want 3; then
 fresh
-LD_PRELOAD=$FAULTSIM start_nbdkit p "$PLUGIN" disk.qed idle-clean=1
+LD_PRELOAD=$FAULTSIM start_nbdkit p "$PLUGIN" disk.qed idle-clean=1 freelist=false
 nbdsh -u "$(uri p)" -c '
 import os
 h.pwrite(b"D" * (1 << 20), 0)
@@ -111,7 +111,8 @@ want 4 || { echo OK; exit 0; }
 [ -f "$FILTER" ] || skip "the filter is not built"
 small_fs "$tmp/small" 20M
 LD_PRELOAD=$FAULTSIM FAULTSIM_FILE=$tmp/small/ov.qed \
-  start_nbdkit f --filter="$FILTER" pattern 64M qed-overlay="$tmp/small/ov.qed"
+  start_nbdkit f --filter="$FILTER" pattern 64M qed-overlay="$tmp/small/ov.qed" \
+  qed-freelist=false
 nbdsh -u "$(uri f)" -c '
 import time
 for off in range(0, 32 << 20, 1 << 20):
@@ -124,7 +125,7 @@ sleep 7                         # the filter cleans after 5 s idle
 leaks_only_with_need_check "$tmp/small/ov.qed" "4 (fill ENOSPC, idle)" -U
 stop_nbdkit f
 leaks_only_with_need_check "$tmp/small/ov.qed" "4 (fill ENOSPC, clean stop)"
-start_nbdkit f2 --filter="$FILTER" pattern 64M qed-overlay="$tmp/small/ov.qed" \
+start_nbdkit f2 --filter="$FILTER" pattern 64M qed-overlay="$tmp/small/ov.qed" qed-freelist=false \
   qed-copy-on-read=false
 nbdinfo --size "$(uri f2)" >/dev/null
 stop_nbdkit f2
