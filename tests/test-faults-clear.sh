@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Clearing NEED_CHECK is ordered so that memory and disk agree when the
 # header's fdatasync fails: the cleared flag may be in the page cache,
 # so the image must not go on believing the flag is set on disk.  Here

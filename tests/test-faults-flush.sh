@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # A failed fdatasync sticks.  After Linux reports a writeback error it
 # may have dropped the unsynced pages, so a later fdatasync that
 # succeeds proves nothing about the data written before: every later

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # A full file system:
 #   1. an image with only leaks (a crash after trims, NEED_CHECK set)
 #      opens writable and serves on a full file system: the repair

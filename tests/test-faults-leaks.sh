@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Leak accounting that cannot lie: a cluster that leaves the allocator
 # without reaching a table is returned to a free list or marks the
 # image as leaking, and NEED_CHECK is cleared only on a clean image.

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # When the first connection cannot open the image, nbdkit's log has one
 # line naming the file and the cause.  Here: a read-only open of an
 # image with NEED_CHECK set and a corrupt L2 entry (a read-only check

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Random operations with random injected faults (EIO, ENOSPC, no hole
 # punching; on pread, pwrite, fdatasync, ftruncate, fallocate; some
 # trials on a small tmpfs that fills up), then a clean stop: qemu-img
