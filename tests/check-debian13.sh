@@ -21,7 +21,7 @@ mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 # What the build and the tests need (as tests/install-deps.sh, less the
 # guestfish appliance: see EXCLUDE below).
 pkgs="nbdkit nbdkit-plugin-dev qemu-utils libnbd-bin python3-libnbd
-      gcc make pkg-config perl bc time procps fio valgrind clang
+      gcc make pkg-config perl bc time procps mount fio valgrind clang
       libclang-rt-19-dev nginx"
 # Tests that cannot run in the root: the guestfish and examples tests
 # boot a libguestfs appliance, which supermin builds from a kernel and
