@@ -423,8 +423,10 @@ rebuild_at_open (struct qed_image *img, const struct qed_open_options *opts,
 
   if (img->readonly || !rebuild || opts->skip_check)
     return 0;
+  /* Leaks are harmless: a list that cannot be written now (a full file
+   * system) never fails the open; NEED_CHECK stays set instead. */
   if (qed_freelist_rebuild (img) == -1)
-    return -1;
+    goto kept;
   {
     ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
     if (img->free_list.len > 0 && qed_mark_need_check (img) == -1)
@@ -434,7 +436,12 @@ rebuild_at_open (struct qed_image *img, const struct qed_open_options *opts,
     ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->flush_lock);
     r = try_clear_need_check (img);
   }
-  return r;
+  if (r == 0)
+    return 0;
+ kept:
+  qed_error ("%s: the free clusters could not be listed (%m): NEED_CHECK "
+             "stays set", img->filename);
+  return img->need_check ? 0 : -1;
 }
 
 struct qed_image *

@@ -13,12 +13,15 @@ source "$(dirname "$0")/functions.sh"
 requires qemu-img --version
 requires nbdsh --version
 [ -f "$PLUGIN" ] || skip "the plugin is not built"
+# FULLFS_FREELIST= (empty) runs it with the free-cluster list (the
+# default), as test-faults-fullfs-freelist.sh does.
+fl=${FULLFS_FREELIST-freelist=false}
 small_fs "$tmp/small" 8M
 cd "$tmp/small"
 
 # Data at 0-2M, 6M and 7M; trim 0-1M; crash after the trim is durable.
 qemu-img create -q -f qed disk.qed 64M
-start_nbdkit p "$PLUGIN" disk.qed idle-clean=0 freelist=false
+start_nbdkit p "$PLUGIN" disk.qed idle-clean=0 $fl
 nbdsh -u "$(uri p)" -c '
 h.pwrite(b"A" * (2 << 20), 0)
 h.pwrite(b"B" * (1 << 20), 6 << 20)
@@ -35,7 +38,7 @@ fill_fs "$tmp/small"
 df -k . | tail -1
 
 # 1. Opens writable and serves, although the repair has no room.
-start_nbdkit p2 "$PLUGIN" disk.qed idle-clean=1 freelist=false
+start_nbdkit p2 "$PLUGIN" disk.qed idle-clean=1 $fl
 check_data='
 assert h.pread(1 << 20, 0) == bytes(1 << 20), "0-1M"
 assert h.pread(1 << 20, 1 << 20) == b"A" * (1 << 20), "1-2M"
