@@ -96,34 +96,15 @@ struct record {
 };
 
 static void
-put64 (unsigned char *p, uint64_t v)
-{
-  v = htole64 (v);
-  memcpy (p, &v, 8);
-}
-
-static uint64_t
-get64 (const unsigned char *p)
-{
-  uint64_t v;
-  memcpy (&v, p, 8);
-  return le64toh (v);
-}
-
-static void
 encode_record (unsigned char raw[RECORD_BYTES], const struct record *r)
 {
-  uint32_t crc;
-
   memset (raw, 0, RECORD_BYTES);
   memcpy (raw, record_magic, 8);
-  put64 (raw + 8, r->list_offset);
-  put64 (raw + 16, r->list_bytes);
-  put64 (raw + 24, r->free_clusters);
-  crc = htole32 (r->list_crc);
-  memcpy (raw + 32, &crc, 4);
-  crc = htole32 (qed_crc32 (raw, 60));
-  memcpy (raw + 60, &crc, 4);
+  put_le64 (raw + 8, r->list_offset);
+  put_le64 (raw + 16, r->list_bytes);
+  put_le64 (raw + 24, r->free_clusters);
+  put_le32 (raw + 32, r->list_crc);
+  put_le32 (raw + 60, qed_crc32 (raw, 60));
 }
 
 /* 1 if a record with a good checksum is there, 0 if not, -1 on error. */
@@ -132,7 +113,6 @@ read_record (struct qed_image *img, struct record *r)
 {
   uint64_t off = qed_freelist_record_offset (img);
   unsigned char raw[RECORD_BYTES];
-  uint32_t crc;
 
   if (off == 0)
     return 0;
@@ -143,14 +123,12 @@ read_record (struct qed_image *img, struct record *r)
   }
   if (memcmp (raw, record_magic, 8) != 0)
     return 0;
-  memcpy (&crc, raw + 60, 4);
-  if (le32toh (crc) != qed_crc32 (raw, 60))
+  if (get_le32 (raw + 60) != qed_crc32 (raw, 60))
     return 0;
-  r->list_offset = get64 (raw + 8);
-  r->list_bytes = get64 (raw + 16);
-  r->free_clusters = get64 (raw + 24);
-  memcpy (&crc, raw + 32, 4);
-  r->list_crc = le32toh (crc);
+  r->list_offset = get_le64 (raw + 8);
+  r->list_bytes = get_le64 (raw + 16);
+  r->free_clusters = get_le64 (raw + 24);
+  r->list_crc = get_le32 (raw + 32);
   return 1;
 }
 

@@ -28,66 +28,36 @@
 #include "seam.h"
 #include "util.h"
 
-static uint32_t
-get32 (const unsigned char *p)
-{
-  uint32_t v;
-  memcpy (&v, p, 4);
-  return le32toh (v);
-}
-
-static uint64_t
-get64 (const unsigned char *p)
-{
-  uint64_t v;
-  memcpy (&v, p, 8);
-  return le64toh (v);
-}
-
-static void
-put32 (unsigned char *p, uint32_t v)
-{
-  v = htole32 (v);
-  memcpy (p, &v, 4);
-}
-
-static void
-put64 (unsigned char *p, uint64_t v)
-{
-  v = htole64 (v);
-  memcpy (p, &v, 8);
-}
-
 void
 qed_header_decode (struct qed_header *h, const unsigned char raw[64])
 {
-  h->magic = get32 (raw + 0);
-  h->cluster_size = get32 (raw + 4);
-  h->table_size = get32 (raw + 8);
-  h->header_size = get32 (raw + 12);
-  h->features = get64 (raw + 16);
-  h->compat_features = get64 (raw + 24);
-  h->autoclear_features = get64 (raw + 32);
-  h->l1_table_offset = get64 (raw + 40);
-  h->image_size = get64 (raw + 48);
-  h->backing_filename_offset = get32 (raw + 56);
-  h->backing_filename_size = get32 (raw + 60);
+  h->magic = get_le32 (raw + 0);
+  h->cluster_size = get_le32 (raw + 4);
+  h->table_size = get_le32 (raw + 8);
+  h->header_size = get_le32 (raw + 12);
+  h->features = get_le64 (raw + 16);
+  h->compat_features = get_le64 (raw + 24);
+  h->autoclear_features = get_le64 (raw + 32);
+  h->l1_table_offset = get_le64 (raw + 40);
+  h->image_size = get_le64 (raw + 48);
+  h->backing_filename_offset = get_le32 (raw + 56);
+  h->backing_filename_size = get_le32 (raw + 60);
 }
 
 void
 qed_header_encode (unsigned char raw[64], const struct qed_header *h)
 {
-  put32 (raw + 0, h->magic);
-  put32 (raw + 4, h->cluster_size);
-  put32 (raw + 8, h->table_size);
-  put32 (raw + 12, h->header_size);
-  put64 (raw + 16, h->features);
-  put64 (raw + 24, h->compat_features);
-  put64 (raw + 32, h->autoclear_features);
-  put64 (raw + 40, h->l1_table_offset);
-  put64 (raw + 48, h->image_size);
-  put32 (raw + 56, h->backing_filename_offset);
-  put32 (raw + 60, h->backing_filename_size);
+  put_le32 (raw + 0, h->magic);
+  put_le32 (raw + 4, h->cluster_size);
+  put_le32 (raw + 8, h->table_size);
+  put_le32 (raw + 12, h->header_size);
+  put_le64 (raw + 16, h->features);
+  put_le64 (raw + 24, h->compat_features);
+  put_le64 (raw + 32, h->autoclear_features);
+  put_le64 (raw + 40, h->l1_table_offset);
+  put_le64 (raw + 48, h->image_size);
+  put_le32 (raw + 56, h->backing_filename_offset);
+  put_le32 (raw + 60, h->backing_filename_size);
 }
 
 /* Each L1 entry covers (entries per table) clusters, and there are as
@@ -125,7 +95,7 @@ describe_non_qed (const unsigned char raw[64])
   static const unsigned char zeros[64];
 
   if (memcmp (raw, "QFI\xfb", 4) == 0)
-    return get32 (raw + 4) == 0x01000000 ? "this is a qcow (version 1) image"
+    return get_le32 (raw + 4) == 0x01000000 ? "this is a qcow (version 1) image"
       : "this is a qcow2 image";
   if (memcmp (raw, "KDMV", 4) == 0 || memcmp (raw, "# Disk DescriptorFile", 21) == 0)
     return "this is a VMDK image";

@@ -12,6 +12,7 @@
 #include <string.h>
 #include <strings.h>
 #include <pthread.h>
+#include <endian.h>
 
 #define MIN(a, b) ({ __typeof__ (a) _mina = (a); \
                      __typeof__ (b) _minb = (b);        \
@@ -24,6 +25,37 @@
 #define ROUND_UP(i, n)   (((i) + (n) - 1) & ~((__typeof__ (i)) (n) - 1))
 #define ROUND_DOWN(i, n) ((i) & ~((__typeof__ (i)) (n) - 1))
 #define IS_ALIGNED(i, n) (((i) & ((n) - 1)) == 0)
+
+/* Little-endian fields of on-disk records (unaligned, any host). */
+static inline uint32_t
+get_le32 (const unsigned char *p)
+{
+  uint32_t v;
+  memcpy (&v, p, 4);
+  return le32toh (v);
+}
+
+static inline uint64_t
+get_le64 (const unsigned char *p)
+{
+  uint64_t v;
+  memcpy (&v, p, 8);
+  return le64toh (v);
+}
+
+static inline void
+put_le32 (unsigned char *p, uint32_t v)
+{
+  v = htole32 (v);
+  memcpy (p, &v, 4);
+}
+
+static inline void
+put_le64 (unsigned char *p, uint64_t v)
+{
+  v = htole64 (v);
+  memcpy (p, &v, 8);
+}
 
 static inline bool
 is_power_of_2 (uint64_t v)
