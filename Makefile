@@ -119,6 +119,7 @@ deps:
 #   make crash-test [TRIALS=300]   crash and power-loss trials
 #   make fault-test [TRIALS=2000]  random operations with injected faults
 #   make fuzz [SECONDS=300]        libFuzzer over open/validate/lookup/check
+#   make fuzz-file [SECONDS=300]   the same, every input through every pass
 #   make bench [QUICK=1]           against qemu-nbd and the file plugin
 crash-test: all
 	@bash tests/crash-long.sh $(TRIALS)
@@ -130,6 +131,9 @@ fault-test: all
 
 fuzz:
 	@bash tests/fuzz.sh $(SECONDS)
+
+fuzz-file:
+	@bash tests/fuzz.sh --file $(SECONDS)
 
 bench: all
 	@bash bench/run.sh $(if $(QUICK),--quick)
@@ -143,5 +147,5 @@ clean:
 	  tests/unit-tests-asan
 
 .PHONY: all check check-debian13 install uninstall run deps clean crash-test \
-        fault-test fuzz bench \
+        fault-test fuzz fuzz-file bench \
         print-core-srcs

@@ -23,8 +23,9 @@ disk of its size; it defaults to EXPECT_RW (the test script expects
 "connect:is an overlay of a" when the sizes cannot match).  Every
 image must be served or refused with a peak RSS under 64 MiB, and a
 writable open must not grow the file (by allocated blocks).
-With --corpus, the images up to --max-corpus bytes (default 256K) are
-also copied into CORPUSDIR as a seed corpus for tests/fuzz-open.
+With --corpus, the first --max-corpus bytes (default 128K, the
+fuzzer's -max_len) of every image are also copied into CORPUSDIR as a
+seed corpus for tests/fuzz-open.
 """
 
 import os
@@ -140,7 +141,7 @@ def main():
     global out
     args = sys.argv[1:]
     corpus = None
-    max_corpus = 256 * K
+    max_corpus = 128 * K
     if "--corpus" in args:
         i = args.index("--corpus")
         corpus = args[i + 1]
@@ -536,10 +537,13 @@ def main():
         n = 0
         for m in manifest:
             src = os.path.join(out, m[0] + ".qed")
-            st = os.stat(src)
-            if st.st_size <= max_corpus:
-                shutil.copyfile(src, os.path.join(corpus, m[0] + ".qed"))
-                n += 1
+            if not os.path.isfile(src):
+                continue
+            with open(src, "rb") as f:
+                head = f.read(max_corpus)
+            with open(os.path.join(corpus, m[0] + ".qed"), "wb") as f:
+                f.write(head)
+            n += 1
         print("%d corpus files in %s" % (n, corpus))
     print("%d images in %s" % (len(manifest), out))
 
