@@ -10,12 +10,15 @@ requires qemu-img --version
 requires qemu-io --version
 requires qemu-nbd --version
 
-# lock_bytes FILE: the OFD lock ranges on FILE, as "type start-end ..."
+# lock_bytes FILE: the OFD lock ranges on FILE, as "type start-end ...",
+# each range once: qemu-nbd sometimes still holds a second descriptor's
+# copy of the same locks just after --fork returns, which changes nothing
+# about what it refuses.
 lock_bytes () {
   local ino
   ino=$(stat -c %i "$1")
   awk -v ino=":$ino" '$2 == "OFDLCK" && index($6, ino) == length($6) - length(ino) + 1 {
-    print $4, $7 "-" $8 }' /proc/locks | sort -t' ' -k2n | tr '\n' ' '
+    print $4, $7 "-" $8 }' /proc/locks | sort -u | sort -t' ' -k2n | tr '\n' ' '
 }
 # qemu_nbd_locks IMAGE [qemu-nbd args]: the lock bytes qemu-nbd holds.
 qemu_nbd_locks () {
