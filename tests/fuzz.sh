@@ -55,6 +55,7 @@ echo "seed corpus: $(ls "$corpus" | wc -l) files, work corpus: $(ls "$work" | wc
 
 log=tests/logs/fuzz.log
 mkdir -p tests/logs
+rm -f tests/logs/fuzz-[0-9]*.log
 before=$(ls tests/fuzz-crash-* tests/fuzz-leak-* tests/fuzz-timeout-* \
          tests/fuzz-oom-* 2>/dev/null | wc -l)
 ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1} \
@@ -65,9 +66,17 @@ UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1} \
 rc=$?
 after=$(ls tests/fuzz-crash-* tests/fuzz-leak-* tests/fuzz-timeout-* \
         tests/fuzz-oom-* 2>/dev/null | wc -l)
-execs=$(grep -h 'stat::number_of_executed_units' "$log" tests/logs/fuzz-*.log \
-          fuzz-*.log 2>/dev/null | awk '{s+=$2} END {print s+0}')
-grep -E '^#[0-9]+ +DONE|stat::' "$log" | tail -n 8
+# With JOBS the jobs write fuzz-N.log here and the main log repeats
+# their stats: count the job logs only (moved to tests/logs/).
+if [ -n "${JOBS:-}" ]; then
+  mv fuzz-[0-9]*.log tests/logs/ 2>/dev/null
+  log=$(ls tests/logs/fuzz-[0-9]*.log)
+fi
+# shellcheck disable=SC2086
+execs=$(grep -h 'stat::number_of_executed_units' $log 2>/dev/null |
+          awk '{s+=$2} END {print s+0}')
+# shellcheck disable=SC2086
+grep -hE '^#[0-9]+ +DONE|stat::' $log | tail -n 8
 echo "target: $target, seconds: $secs, executions/s: $((execs / (secs > 0 ? secs : 1)))"
 echo "executions: $execs, new crashes: $((after - before)), libFuzzer exit $rc"
 ls tests/fuzz-crash-* tests/fuzz-leak-* tests/fuzz-timeout-* \
