@@ -212,6 +212,7 @@ qed_cut_tail (struct qed_image *img)
 void
 qed_op_begin (struct qed_image *img)
 {
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
   img->active_ops++;
 }
 

@@ -95,13 +95,6 @@ read_run (struct qed_image *img, const struct qed_below *below,
   abort ();
 }
 
-static void
-op_begin (struct qed_image *img)
-{
-  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
-  qed_op_begin (img);
-}
-
 /* Preserves errno. */
 static void
 op_end (struct qed_image *img)
@@ -121,7 +114,7 @@ qed_read (struct qed_image *img, const struct qed_below *below,
   int r = 0;
 
   assert (offset <= img->h.image_size && count <= img->h.image_size - offset);
-  op_begin (img);
+  qed_op_begin (img);
   while (count > 0) {
     struct qed_map m;
 

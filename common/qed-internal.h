@@ -216,7 +216,8 @@ extern void qed_free_durable (struct qed_image *img, size_t n);
 extern void qed_note_leak (struct qed_image *img, const char *why);
 
 /* Requests in progress (freed clusters are reused only when none
- * runs).  Lock held. */
+ * runs).  qed_op_begin takes the lock; qed_op_end is called with it
+ * held, so that a caller can look at the image in the same section. */
 extern void qed_op_begin (struct qed_image *img);
 extern void qed_op_end (struct qed_image *img);
 

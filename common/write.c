@@ -622,13 +622,6 @@ write_detect_zero (struct qed_image *img, const struct qed_below *below,
   return 0;
 }
 
-static void
-op_begin (struct qed_image *img)
-{
-  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
-  qed_op_begin (img);
-}
-
 /* End a request.  Dirty table pages cannot be evicted, so when they
  * fill half the cache, write them back now: memory stays bounded by
  * l2-cache however much is written between flushes. */
@@ -661,18 +654,27 @@ finish_request (struct qed_image *img, int r, unsigned flags)
   return r;
 }
 
+/* Start a request that changes the image: refused on a read-only one. */
+static int
+begin_change (struct qed_image *img, uint64_t count, uint64_t offset)
+{
+  assert (offset <= img->h.image_size && count <= img->h.image_size - offset);
+  if (img->readonly) {
+    errno = EROFS;
+    return -1;
+  }
+  qed_op_begin (img);
+  return 0;
+}
+
 int
 qed_write (struct qed_image *img, const struct qed_below *below,
            const void *buf, uint64_t count, uint64_t offset, unsigned flags)
 {
   int r;
 
-  assert (offset <= img->h.image_size && count <= img->h.image_size - offset);
-  if (img->readonly) {
-    errno = EROFS;
+  if (begin_change (img, count, offset) == -1)
     return -1;
-  }
-  op_begin (img);
   if (flags & QED_WRITE_DETECT_ZERO)
     r = write_detect_zero (img, below, buf, count, offset);
   else
@@ -686,12 +688,8 @@ zero_request (struct qed_image *img, const struct qed_below *below,
 {
   int r;
 
-  assert (offset <= img->h.image_size && count <= img->h.image_size - offset);
-  if (img->readonly) {
-    errno = EROFS;
+  if (begin_change (img, count, offset) == -1)
     return -1;
-  }
-  op_begin (img);
   r = zero_range (img, below, count, offset, flags, trim);
   return finish_request (img, r, flags);
 }
@@ -810,7 +808,7 @@ qed_fill (struct qed_image *img, const void *buf, uint64_t count,
   assert (buf != NULL || known_zero);
   if (img->readonly)
     return 0;
-  op_begin (img);
+  qed_op_begin (img);
   while (c < end_c && r == 0) {
     struct reservation res;
     uint64_t k = reserve_for_fill (img, c, end_c - c, &res);
