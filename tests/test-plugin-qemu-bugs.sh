@@ -22,26 +22,6 @@ qemu_read_pattern () {
     fail "QEMU reads something other than $2 at $3+$4: $out";; esac
 }
 
-# qemu_check_phantom IMAGE: like qemu_check, but QEMU 7.2 counts
-# file_clusters/(cs-1) phantom leaks past EOF (its bug 2), so exit 3 is
-# accepted when the leaks are exactly those and nothing else is wrong.
-qemu_check_phantom () {
-  local img=$1 rc=0 json
-  json=$(qemu-img check --output=json "$img") || rc=$?
-  [ $rc = 0 ] && return 0
-  [ $rc = 3 ] || { echo "$json"; fail "qemu-img check $img: rc $rc"; }
-  /usr/bin/python3 - "$img" "$json" <<'EOF' || fail "qemu-img check: real leaks"
-import json, os, struct, sys
-img, j = sys.argv[1], json.loads(sys.argv[2])
-cs = struct.unpack("<I", open(img, "rb").read(8)[4:8])[0]
-n = (os.path.getsize(img) + cs - 1) // cs
-phantom = n * cs // (cs - 1) - n
-print("leaks", j.get("leaks"), "phantom", phantom)
-assert j.get("corruptions", 0) == 0 and j.get("check-errors", 0) == 0
-assert j.get("leaks", 0) == phantom and phantom > 0
-EOF
-}
-
 # ---- (a) COW from a zero cluster.  Backing: 1M of 0x07.
 qemu-img create -q -f raw "$tmp/b7.raw" 1M
 qemu-io -f raw -c "write -P 7 0 1M" "$tmp/b7.raw" >/dev/null
