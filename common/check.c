@@ -795,10 +795,17 @@ check_pass_free (struct checker *ck)
   ck->used.bits = ck->table.bits = ck->buf = NULL;
 }
 
+/* A pass left nothing it could not fix (leaks aside). */
+static bool
+pass_clean (const struct qed_check_result *res)
+{
+  return res->check_errors == 0 && res->corruptions == res->corruptions_fixed;
+}
+
 /* The end of a pass, after the passes it asked for: the free lists,
- * the cache, and NEED_CHECK. */
+ * the cache, and NEED_CHECK.  all_clean: every pass was clean. */
 static int
-check_finish (struct checker *ck)
+check_finish (struct checker *ck, bool all_clean)
 {
   struct qed_image *img = ck->img;
   const struct qed_check_result *res = ck->res;
@@ -814,12 +821,18 @@ check_finish (struct checker *ck)
     qed_error ("%s: fdatasync: %m", img->filename);
     return -1;
   }
+  /* A repair that did not end clean in every pass (a later pass walks
+   * tables that reclaim moved, and may fail where the first did not)
+   * leaves the image not known clean: nothing may clear NEED_CHECK
+   * before another check succeeds. */
+  if (ck->repair && !all_clean) {
+    qed_note_leak (img, "the check did not complete");
+    return 0;
+  }
   /* Clean only when no leaked cluster is left either.  After a limited
    * compaction, leaks may remain: the caller lists them before the
    * image is marked clean. */
-  if (ck->repair && res->check_errors == 0 &&
-      res->corruptions == res->corruptions_fixed &&
-      img->reclaim_budget == RECLAIM_UNLIMITED) {
+  if (ck->repair && img->reclaim_budget == RECLAIM_UNLIMITED) {
     img->leaking = res->leaks > res->leaks_fixed;
     if (img->need_check && !img->leaking &&
         qed_clear_need_check (img) == -1)
@@ -830,13 +843,16 @@ check_finish (struct checker *ck)
 
 /* Passes run until one needs no other (at most MAX_RECLAIM_PASSES
  * more); they finish in reverse order, each counting as fixed the
- * leaks that the later passes did not leave. */
+ * leaks that the later passes did not leave.  What a later pass could
+ * not fix (a table it could not read) is added to *res, so the caller
+ * sees it as if the first pass had found it. */
 int
 qed_check (struct qed_image *img, bool repair, struct qed_check_result *res)
 {
   struct checker ck[MAX_RECLAIM_PASSES + 1];
   struct qed_check_result later[MAX_RECLAIM_PASSES];
   unsigned n = 0;
+  bool all_clean;
 
   do {
     int r;
@@ -860,6 +876,13 @@ qed_check (struct qed_image *img, bool repair, struct qed_check_result *res)
   } while (ck[n++].again);
   assert (n <= MAX_RECLAIM_PASSES + 1);
 
+  all_clean = pass_clean (res);
+  for (unsigned i = 1; i < n; ++i) {
+    all_clean &= pass_clean (&later[i - 1]);
+    res->corruptions += later[i - 1].corruptions;
+    res->corruptions_fixed += later[i - 1].corruptions_fixed;
+    res->check_errors += later[i - 1].check_errors;
+  }
   for (unsigned i = n; i-- > 0; ) {
     if (i + 1 < n) {
       /* Count leaks, not clusters truncated (a parked table's copy was
@@ -869,7 +892,7 @@ qed_check (struct qed_image *img, bool repair, struct qed_check_result *res)
       uint64_t left = next->leaks - MIN (next->leaks, next->leaks_fixed);
       r->leaks_fixed = r->leaks - MIN (r->leaks, left);
     }
-    if (check_finish (&ck[i]) == -1)
+    if (check_finish (&ck[i], all_clean) == -1)
       return -1;
   }
   return 0;
