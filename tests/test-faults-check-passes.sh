@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: BSD-3-Clause
-# NEED_CHECK is cleared only when every pass of the repair ended clean.
+# NEED_CHECK is cleared only when every pass of a check ended clean.
 # The image below needs two passes: the only hole lies below its L2
 # table but is one cluster, so the first pass parks the table after the
 # end of the file and a second pass moves it down.  When the second
 # pass cannot read the parked table (EIO), the first pass's clean result
 # must not clear NEED_CHECK: the open fails as for any check error, the
 # flag stays set, and a later open without the fault repairs the image.
+# The same at a clean stop: when the compaction cannot read a table,
+# the trimmed clusters stay leaked and NEED_CHECK must stay set.
 source "$(dirname "$0")/functions.sh"
 requires qemu-img --version
 requires qemu-io --version
 requires nbdinfo --version
+requires /usr/bin/python3 -c "import nbd"
 [ -f "$PLUGIN" ] || skip "the plugin is not built"
 build_faultsim
 cd "$tmp"
@@ -86,4 +89,33 @@ for fl in false true; do
   data_intact "freelist=$fl, reopened"
   echo "ok: freelist=$fl: a failed second pass keeps NEED_CHECK"
 done
+
+# The compaction at a clean stop cannot read the L2 tables (8K reads:
+# served requests read 4K pages).
+rm -f disk.qed "$FAULTSIM_DIR"/log "$FAULTSIM_DIR"/pread
+qemu-img create -q -f qed -o cluster_size=4k,table_size=2 disk.qed 8M
+export FAULTSIM_FILE=$tmp/disk.qed
+LD_PRELOAD=$FAULTSIM start_nbdkit p "$PLUGIN" disk.qed idle-clean=0 freelist=false
+/usr/bin/python3 - "$(uri p)" <<'EOF'
+import nbd, sys
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+h.pwrite(b"A" * 65536, 0)
+h.pwrite(b"B" * 65536, 4 << 20)
+h.flush()
+h.trim(32768, 0)
+h.flush()
+EOF
+inject pread "EIO 0 -1 len>=8192 len<8193"
+stop_nbdkit p
+uninject pread
+[ "$(fault_hits pread)" -ge 1 ] || fail "stop: the fault was not hit"
+rc=0; qemu-img check disk.qed > check.out 2>&1 || rc=$?
+[ $rc = 3 ] || { cat check.out; fail "stop: expected leaks (rc $rc)"; }
+[ "$(need_check disk.qed)" = 1 ] ||
+  fail "stop: NEED_CHECK cleared with leaked clusters after a failed check"
+nbdkit -U - "$PLUGIN" disk.qed freelist=false \
+  --run 'nbdinfo --size "$uri" >/dev/null' || fail "stop: reopen failed"
+[ "$(need_check disk.qed)" = 0 ] || fail "stop: NEED_CHECK after reopen"
+qemu_check disk.qed
+echo "ok: a compaction that cannot read a table keeps NEED_CHECK"
 echo PASS
