@@ -108,7 +108,7 @@ take_free_run (struct qed_image *img, uint64_t n, bool exact, uint64_t *off)
   }
   if (exact && got != n)
     return 0;
-  if (fallocate (img->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+  if (qed_io_fallocate (img->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                  *off, qed_clusters_to_bytes (img, got)) == -1) {
     /* Only this run leaks (the next check reclaims it). */
     img->free_list.len -= got;
@@ -157,7 +157,7 @@ alloc_at_end (struct qed_image *img, uint64_t n, uint64_t *offset)
   /* Bytes after the last whole cluster are garbage that must not show
    * through in a new cluster (QEMU overwrites them; we cut them). */
   if (img->tail_garbage) {
-    if (ftruncate (img->fd, img->file_end) == -1) {
+    if (qed_io_truncate (img->fd, img->file_end) == -1) {
       qed_error ("%s: ftruncate: %m", img->filename);
       return -1;
     }
@@ -177,8 +177,9 @@ alloc_at_end (struct qed_image *img, uint64_t n, uint64_t *offset)
     uint64_t chunk = MAX ((uint64_t) ALLOC_CHUNK, (uint64_t) img->cs);
     uint64_t grow_to = new_end <= INT64_MAX - chunk
       ? ROUND_UP (new_end, chunk) : new_end;
-    if (ftruncate (img->fd, grow_to) == -1 &&
-        (grow_to == new_end || ftruncate (img->fd, grow_to = new_end) == -1)) {
+    if (qed_io_truncate (img->fd, grow_to) == -1 &&
+        (grow_to == new_end ||
+         qed_io_truncate (img->fd, grow_to = new_end) == -1)) {
       qed_error ("%s: cannot grow the file to %" PRIu64 ": %m",
                  img->filename, new_end);
       return -1;
@@ -199,7 +200,7 @@ qed_cut_tail (struct qed_image *img)
     /* Durable before the caller clears NEED_CHECK: otherwise a power
      * loss can keep the cleared flag but not the cut, and the tail's
      * clusters stay leaked for good. */
-    if (ftruncate (img->fd, img->file_end) == -1 ||
+    if (qed_io_truncate (img->fd, img->file_end) == -1 ||
         qed_sync (img) == -1) {
       qed_error ("%s: ftruncate: %m", img->filename);
       return -1;

@@ -80,7 +80,7 @@ layer_prefetch (void *opaque, uint64_t count, uint64_t offset)
   if (l->qed)
     return qed_prefetch (l->qed, l->below ? &l->below_ops : NULL,
                          count, offset);
-  posix_fadvise (l->fd, offset, count, POSIX_FADV_WILLNEED);
+  qed_io_advise (l->fd, offset, count);
   return 0;
 }
 
@@ -92,7 +92,7 @@ layer_free (struct layer *l)
     if (l->qed)
       qed_close (l->qed);
     if (l->fd >= 0)
-      close (l->fd);
+      qed_io_close (l->fd);
     free (l->path);
     free (l);
     l = below;
@@ -307,7 +307,7 @@ open_layer (const struct walk *w, const char *path, int format,
   if (qed_lock_file (l->fd, path, QED_LOCK_BACKING, w->o->locking) == -1)
     goto err;
   if (S_ISBLK (st.st_mode)) {
-    off_t end = lseek (l->fd, 0, SEEK_END);
+    off_t end = qed_io_seek (l->fd, 0, SEEK_END);
     if (end == -1) {
       qed_error ("backing file %s: lseek: %m", path);
       goto err;
@@ -404,7 +404,7 @@ qed_chain_open (struct qed_image *img, const struct qed_chain_options *o,
     qed_error ("malloc: %m");
     return NULL;
   }
-  if (fstat (img->fd, &st) == -1) {
+  if (qed_io_fstat (img->fd, &st) == -1) {
     qed_error ("%s: fstat: %m", qed_get_filename (img));
     return NULL;
   }
@@ -481,7 +481,7 @@ layer_map (struct layer *l, uint64_t offset, uint64_t count,
   }
   /* A raw file: holes read as zeros. */
   {
-    off_t data = lseek (l->fd, offset, SEEK_DATA), hole;
+    off_t data = qed_io_seek (l->fd, offset, SEEK_DATA), hole;
     if (data == -1 && errno == ENXIO) {
       map->type = QED_MAP_UNALLOCATED;
       map->length = count;
@@ -497,7 +497,7 @@ layer_map (struct layer *l, uint64_t offset, uint64_t count,
       map->length = MIN (count, (uint64_t) data - offset);
       return 0;
     }
-    hole = lseek (l->fd, offset, SEEK_HOLE);
+    hole = qed_io_seek (l->fd, offset, SEEK_HOLE);
     map->type = QED_MAP_DATA;
     map->length = hole == -1 ? count : MIN (count, (uint64_t) hole - offset);
     if (map->length == 0)

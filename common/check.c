@@ -171,7 +171,7 @@ grow (struct checker *ck, uint64_t n, uint64_t *off)
   if (bm_resize (&ck->used, qed_cluster_index (img, new_end)) == -1 ||
       bm_resize (&ck->table, qed_cluster_index (img, new_end)) == -1)
     return -1;
-  if (ftruncate (img->fd, new_end) == -1) {
+  if (qed_io_truncate (img->fd, new_end) == -1) {
     qed_error ("%s: ftruncate: %m", img->filename);
     return -1;
   }
@@ -191,8 +191,9 @@ static int
 copy_cluster (struct qed_image *img, uint64_t from, uint64_t to, void *tmp)
 {
   uint64_t n = MIN ((uint64_t) COPY_CHUNK, (uint64_t) img->cs);
-  bool holes = fallocate (img->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                          to, img->cs) == 0;
+  bool holes = qed_io_fallocate (img->fd,
+                                 FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                 to, img->cs) == 0;
 
   for (uint64_t done = 0; done < img->cs; done += n) {
     if (pread_full (img->fd, tmp, n, from + done) == -1 ||
@@ -652,7 +653,7 @@ truncate_reclaimed (struct checker *ck, uint64_t new_end, uint64_t nmoves)
   struct qed_image *img = ck->img;
   uint64_t removed;
 
-  if (qed_sync (img) == -1 || ftruncate (img->fd, new_end) == -1 ||
+  if (qed_sync (img) == -1 || qed_io_truncate (img->fd, new_end) == -1 ||
       qed_sync (img) == -1) {
     qed_error ("%s: cannot truncate leaked clusters: %m", img->filename);
     return -1;
@@ -684,7 +685,7 @@ cut_trailing_leaks (struct checker *ck)
   if (top == end)
     return 0;
   if (qed_sync (img) == -1 ||
-      ftruncate (img->fd, qed_cluster_start (img, top)) == -1 ||
+      qed_io_truncate (img->fd, qed_cluster_start (img, top)) == -1 ||
       qed_sync (img) == -1) {
     qed_error ("%s: cannot truncate leaked clusters: %m", img->filename);
     return -1;

@@ -335,7 +335,8 @@ place_list (struct qed_image *img, uint64_t *runs, uint64_t nruns,
   if (qed_cut_tail (img) == -1)
     return -1;
   *where = img->file_end;
-  if (ftruncate (img->fd, img->file_end + (need << img->cs_bits)) == -1) {
+  if (qed_io_truncate (img->fd,
+                       img->file_end + (need << img->cs_bits)) == -1) {
     qed_error ("%s: cannot grow the file for the free-cluster list: %m",
                img->filename);
     return -1;
@@ -412,7 +413,7 @@ qed_freelist_rebuild (struct qed_image *img)
   img->pending_free.len = img->flushed_free.len = img->free_list.len = 0;
   /* Pushed from the top down: reused from the bottom up. */
   for (size_t i = leaks.len; r == 0 && i-- > 0; ) {
-    if (fallocate (img->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+    if (qed_io_fallocate (img->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                    leaks.ptr[i], img->cs) == -1 &&
         errno != EOPNOTSUPP && errno != ENOSYS) {
       qed_error ("%s: fallocate: %m", img->filename);

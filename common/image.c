@@ -208,7 +208,7 @@ image_free (struct qed_image *img)
     return;
   qed_tables_free (img);
   if (img->fd >= 0)
-    close (img->fd);
+    qed_io_close (img->fd);
   if (img->zero_buf)
     munmap (img->zero_buf, img->cs);
   pthread_mutex_destroy (&img->lock);
@@ -232,7 +232,7 @@ image_new (const char *filename, const struct qed_open_options *opts)
   if (img == NULL) {
     qed_error ("calloc: %m");
     if (opts->use_fd)
-      close (opts->fd);
+      qed_io_close (opts->fd);
     return NULL;
   }
   img->fd = opts->use_fd ? opts->fd : -1;
@@ -263,14 +263,15 @@ open_file (struct qed_image *img, const struct qed_open_options *opts,
   const char *filename = img->filename;
 
   /* O_NONBLOCK: opening a FIFO must fail below, not hang. */
-  if (!opts->use_fd)
+  if (!opts->use_fd) {
     img->fd = open (filename, (opts->readonly ? O_RDONLY : O_RDWR) |
                     O_CLOEXEC | O_NONBLOCK);
-  if (img->fd == -1) {
-    qed_error ("%s: %m", filename);
-    return -1;
+    if (img->fd == -1) {
+      qed_error ("%s: %m", filename);
+      return -1;
+    }
   }
-  if (fstat (img->fd, st) == -1) {
+  if (qed_io_fstat (img->fd, st) == -1) {
     qed_error ("%s: fstat: %m", filename);
     return -1;
   }
@@ -279,7 +280,10 @@ open_file (struct qed_image *img, const struct qed_open_options *opts,
     errno = EINVAL;
     return -1;
   }
-  fcntl (img->fd, F_SETFL, fcntl (img->fd, F_GETFL) & ~O_NONBLOCK);
+  /* A descriptor we were given is the caller's (safe_open clears
+   * O_NONBLOCK itself). */
+  if (!opts->use_fd)
+    fcntl (img->fd, F_SETFL, fcntl (img->fd, F_GETFL) & ~O_NONBLOCK);
   return qed_lock_file (img->fd, filename,
                         opts->backing_layer ? QED_LOCK_BACKING :
                         opts->readonly ? QED_LOCK_READER : QED_LOCK_WRITER,

@@ -23,7 +23,8 @@ pread_upto (int fd, void *buf, size_t count, uint64_t off, size_t *got)
 {
   *got = 0;
   while (*got < count) {
-    ssize_t r = pread (fd, (char *) buf + *got, count - *got, off + *got);
+    ssize_t r = qed_io_pread (fd, (char *) buf + *got, count - *got,
+                              off + *got);
     if (r == -1) {
       if (errno == EINTR)
         continue;
@@ -67,7 +68,7 @@ int
 pwrite_full (int fd, const void *buf, size_t count, uint64_t off)
 {
   while (count > 0) {
-    ssize_t r = pwrite (fd, buf, count, off);
+    ssize_t r = qed_io_pwrite (fd, buf, count, off);
     if (r == -1) {
       if (errno == EINTR)
         continue;
@@ -84,7 +85,7 @@ int
 pwritev_full (int fd, struct iovec *iov, int iovcnt, uint64_t off)
 {
   while (iovcnt > 0) {
-    ssize_t r = pwritev (fd, iov, iovcnt, off);
+    ssize_t r = qed_io_pwritev (fd, iov, iovcnt, off);
     if (r == -1) {
       if (errno == EINTR)
         continue;
@@ -113,7 +114,7 @@ qed_sync (struct qed_image *img)
     errno = err;
     return -1;
   }
-  if (fdatasync (img->fd) == -1) {
+  if (qed_io_datasync (img->fd) == -1) {
     err = errno ? errno : EIO;
     __atomic_store_n (&img->sync_error, err, __ATOMIC_RELEASE);
     qed_error ("%s: fdatasync failed: %m; every later flush fails until "

@@ -141,7 +141,7 @@ qed_prefetch (struct qed_image *img, const struct qed_below *below,
     if (qed_map (img, offset, count, &m) == -1)
       return -1;
     if (m.type == QED_MAP_DATA)
-      posix_fadvise (img->fd, m.file_offset, m.length, POSIX_FADV_WILLNEED);
+      qed_io_advise (img->fd, m.file_offset, m.length);
     else if (m.type == QED_MAP_UNALLOCATED && below && below->prefetch &&
              below->prefetch (below->opaque, m.length, offset) == -1)
       return -1;

@@ -1,14 +1,25 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
-/* nbdkit-qed: the seam between the format core and its host.
+/* nbdkit-qed: the seams between the format core and its host.
  *
  * The core never calls nbdkit directly.  Each host (the plugin, the
- * filter, the unit tests) defines these two functions: the plugin and
+ * filter, the unit tests) defines the message functions: the plugin and
  * filter forward them to nbdkit_error and nbdkit_debug.  Both objects
  * are built with -fvisibility=hidden, so each binds to its own copy.
+ *
+ * Nor does the core call the kernel on an image's descriptor directly:
+ * every transfer, sync, resize, hole and stat of an open image goes
+ * through the qed_io_* functions below.  common/io-file.c implements
+ * them over the file; the fuzz target links an in-memory file instead
+ * (tests/fuzz-io-mem.c), so that no input costs a system call.
  */
 
 #ifndef NBDKIT_QED_SEAM_H
 #define NBDKIT_QED_SEAM_H
+
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
 
 /* An error the user should see.  Must preserve errno. */
 extern void qed_error (const char *fs, ...)
@@ -33,5 +44,23 @@ extern int qed_verbose_enabled (void);
 extern const char *qed_last_error (void);
 extern void qed_clear_last_error (void);
 extern void qed_open_failed (const char *what, const char *filename);
+
+/* The image file (io-file.c).  Each behaves as the system call it is
+ * named after, errno included: pread, pwrite, pwritev, fdatasync,
+ * ftruncate, fallocate (mode: FALLOC_FL_*), lseek (whence: SEEK_END,
+ * SEEK_DATA or SEEK_HOLE), fstat and close.  qed_io_advise is
+ * posix_fadvise (POSIX_FADV_WILLNEED): a hint, it cannot fail. */
+extern ssize_t qed_io_pread (int fd, void *buf, size_t count, uint64_t off);
+extern ssize_t qed_io_pwrite (int fd, const void *buf, size_t count,
+                              uint64_t off);
+extern ssize_t qed_io_pwritev (int fd, const struct iovec *iov, int iovcnt,
+                               uint64_t off);
+extern int qed_io_datasync (int fd);
+extern int qed_io_truncate (int fd, uint64_t size);
+extern int qed_io_fallocate (int fd, int mode, uint64_t off, uint64_t len);
+extern off_t qed_io_seek (int fd, off_t off, int whence);
+extern void qed_io_advise (int fd, uint64_t off, uint64_t len);
+extern int qed_io_fstat (int fd, struct stat *st);
+extern int qed_io_close (int fd);
 
 #endif /* NBDKIT_QED_SEAM_H */

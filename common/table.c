@@ -55,7 +55,7 @@ qed_scan_unreachable (struct qed_image *img, uint64_t from, uint64_t to,
     return -1;
   }
   while (from < to) {
-    off_t d = lseek (img->fd, from, SEEK_DATA);
+    off_t d = qed_io_seek (img->fd, from, SEEK_DATA);
     uint64_t len;
     if (d == -1 && errno == ENXIO)
       break;                    /* only holes up to EOF */
@@ -385,7 +385,7 @@ reserve_page (struct qed_image *img, struct l2_page *p, bool fresh)
     for (size_t i = 0; i < L2_PAGE_ENTRIES && hole; ++i)
       hole = p->entries[i] == 0;
   }
-  if (hole && fallocate (img->fd, FALLOC_FL_KEEP_SIZE, p->offset,
+  if (hole && qed_io_fallocate (img->fd, FALLOC_FL_KEEP_SIZE, p->offset,
                          L2_PAGE_BYTES) == -1 &&
       errno != EOPNOTSUPP && errno != ENOSYS) {
     qed_error ("%s: cannot reserve space for a table at 0x%" PRIx64 ": %m",

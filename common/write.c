@@ -169,7 +169,7 @@ read_below (struct qed_image *img, const struct qed_below *below,
 static int
 zero_in_place (struct qed_image *img, uint64_t fo, uint64_t len, bool fast)
 {
-  if (fallocate (img->fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+  if (qed_io_fallocate (img->fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
                  fo, len) == 0)
     return 0;
   if (errno != EOPNOTSUPP && errno != ENOSYS) {
@@ -197,7 +197,7 @@ static int
 punch (struct qed_image *img, uint64_t fo, uint64_t len)
 {
   if (img->can_punch &&
-      fallocate (img->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+      qed_io_fallocate (img->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                  fo, len) == 0)
     return 1;
   if (img->can_punch && errno != EOPNOTSUPP && errno != ENOSYS) {
