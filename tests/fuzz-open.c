@@ -2,11 +2,14 @@
 /* nbdkit-qed: a libFuzzer target over opening and using QED images.
  *
  * Build and run: bash tests/fuzz.sh [--file] [SECONDS] (see there).
- * Built with -DFUZZ_FAST (the default target, tests/fuzz-open) it
- * bounds the work per input: lookups of at most 1024 clusters, the
- * writable pass (step 3 and 4) on one input in 8 chosen by a hash of
- * the input, and qed_error messages formatted only with FUZZ_VERBOSE.
- * Without it (tests/fuzz-open-file) every input takes every step.
+ * Built with -DFUZZ_FAST -DFUZZ_MEM (the default target,
+ * tests/fuzz-open) the images are files in memory (fuzz-io-mem.c, the
+ * core's I/O seam without the kernel) and the work per input is
+ * bounded: lookups of at most 1024 clusters, the writable pass (step 3
+ * and 4) on one input in 8 chosen by a hash of the input, and
+ * qed_error messages formatted only with FUZZ_VERBOSE.  Without them
+ * (tests/fuzz-open-file) each input is a file in /dev/shm and takes
+ * every step.
  *
  * Reproduce a crash: ./tests/fuzz-open CRASH-FILE
  * FUZZ_VERBOSE=1 prints the core's messages; FUZZ_LEAKS=1 also
@@ -40,6 +43,9 @@
 
 #include "qed.h"
 #include "seam.h"
+#ifdef FUZZ_MEM
+#include "fuzz-io-mem.h"
+#endif
 
 static bool verbose;
 static bool strict_leaks;       /* FUZZ_LEAKS=1: leaks after close abort */
@@ -91,6 +97,15 @@ qed_verbose_enabled (void)
 
 static char dir[64], ro_path[128], rw_path[128], raw_path[128];
 
+/* The two images an input becomes: the read-only one (step 2) and the
+ * writable copy (step 3). */
+enum input_copy { RO, RW };
+#ifdef FUZZ_MEM
+/* Files in memory (tests/fuzz-io-mem.c); the paths name them in the
+ * core's messages, and their directory holds the raw layer. */
+static struct mem_file *mem[2];
+#endif
+
 static void
 cleanup (void)
 {
@@ -117,6 +132,10 @@ init (void)
   snprintf (ro_path, sizeof ro_path, "%s/ro.qed", dir);
   snprintf (rw_path, sizeof rw_path, "%s/rw.qed", dir);
   snprintf (raw_path, sizeof raw_path, "%s/below.raw", dir);
+#ifdef FUZZ_MEM
+  mem[RO] = mem_file_new ();
+  mem[RW] = mem_file_new ();
+#endif
   for (size_t i = 0; i < sizeof buf; ++i)
     buf[i] = (i * 7 + 3) | 1;
   fd = open (raw_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
@@ -128,6 +147,7 @@ init (void)
   atexit (cleanup);
 }
 
+#ifndef FUZZ_MEM
 static void
 write_file (const char *path, const uint8_t *data, size_t size)
 {
@@ -151,6 +171,39 @@ file_equals (const char *path, const uint8_t *data, size_t size)
   r = read (fd, buf, sizeof buf);
   close (fd);
   return r == (ssize_t) size && memcmp (buf, data, size) == 0;
+}
+
+#endif
+
+static void
+put_input (enum input_copy which, const uint8_t *data, size_t size)
+{
+#ifdef FUZZ_MEM
+  mem_file_set (mem[which], data, size);
+#else
+  write_file (which == RO ? ro_path : rw_path, data, size);
+#endif
+}
+
+static struct qed_image *
+open_input (enum input_copy which, struct qed_open_options *o)
+{
+#ifdef FUZZ_MEM
+  o->use_fd = true;
+  o->fd = mem_file_open (mem[which], o->readonly);
+  o->locking = QED_LOCKING_OFF;   /* OFD locks need a kernel file */
+#endif
+  return qed_open (which == RO ? ro_path : rw_path, o);
+}
+
+static bool
+input_unchanged (enum input_copy which, const uint8_t *data, size_t size)
+{
+#ifdef FUZZ_MEM
+  return mem_file_equals (mem[which], data, size);
+#else
+  return file_equals (which == RO ? ro_path : rw_path, data, size);
+#endif
 }
 
 /* A few interesting guest offsets. */
@@ -291,8 +344,8 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
   }
 
   /* 2. Read-only. */
-  write_file (ro_path, data, size);
-  img = qed_open (ro_path, &ro);
+  put_input (RO, data, size);
+  img = open_input (RO, &ro);
   if (img && !valid)
     abort ();                   /* open accepted what validate refused */
   if (img) {
@@ -320,7 +373,7 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
       abort ();
     qed_close (img);
   }
-  if (!file_equals (ro_path, data, size))
+  if (!input_unchanged (RO, data, size))
     abort ();                   /* a read-only open changed the file */
 
 #ifdef FUZZ_FAST
@@ -332,8 +385,8 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
 #endif
 
   /* 3. Writable, on a copy: repair, then use it. */
-  write_file (rw_path, data, size);
-  img = qed_open (rw_path, &rw);
+  put_input (RW, data, size);
+  img = open_input (RW, &rw);
   if (img) {
     bool repaired = false;
     struct qed_chain_options co = { .follow = false, .override = raw_path,
@@ -367,7 +420,7 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
     /* A repaired image used only through the API stays consistent. */
     if (repaired) {
       struct qed_open_options o = { .readonly = true };
-      img = qed_open (rw_path, &o);
+      img = open_input (RW, &o);
       if (img == NULL) {
         fprintf (stderr, "cannot reopen a repaired image: %s\n", last_error);
         abort ();
