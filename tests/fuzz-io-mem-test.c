@@ -88,9 +88,10 @@ compare_state (int ffd, int mfd, bool seeks)
   r2 = qed_io_pread (mfd, b2, sizeof b2, 0);
   if (r1 != r2)
     differ ("whole read", r1, r2);
-  for (ssize_t i = 0; i < r1; ++i)
-    if (b1[i] != b2[i])
-      differ ("byte differs at", i, b2[i]);
+  if (r1 > 0 && memcmp (b1, b2, r1) != 0)
+    for (ssize_t i = 0; i < r1; ++i)
+      if (b1[i] != b2[i])
+        differ ("byte differs at", i, b2[i]);
   if (!seeks)
     return;
   for (int i = 0; i < 4; ++i) {
