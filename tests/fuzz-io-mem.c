@@ -64,6 +64,53 @@ static uint8_t **free_blocks;   /* freed, reused last first */
 static uint64_t nr_free;
 static uint64_t next_ino = 1;
 
+static struct {
+  unsigned ops;                 /* 0: no fault armed */
+  uint64_t after;
+  int err;
+  bool sticky;
+  uint64_t hits;
+} fault;
+
+void
+mem_fault_set (unsigned ops, uint64_t after, int err, bool sticky)
+{
+  fault.ops = ops;
+  fault.after = after;
+  fault.err = err;
+  fault.sticky = sticky;
+  fault.hits = 0;
+}
+
+void
+mem_fault_clear (void)
+{
+  fault.ops = 0;
+}
+
+uint64_t
+mem_fault_hits (void)
+{
+  return fault.hits;
+}
+
+/* Does this call (of kind op) fail? */
+static bool
+injected (unsigned op)
+{
+  if (!(fault.ops & op))
+    return false;
+  if (fault.after > 0) {
+    fault.after--;
+    return false;
+  }
+  if (!fault.sticky)
+    fault.ops = 0;
+  fault.hits++;
+  errno = fault.err;
+  return true;
+}
+
 static uint8_t *
 arena_get (void)
 {
@@ -272,7 +319,7 @@ qed_io_pread (int fd, void *buf, size_t count, uint64_t off)
 
   if (kernel)
     return pread (fd, buf, count, off);
-  if (m == NULL)
+  if (m == NULL || injected (MEM_OP_READ))
     return -1;
   f = m->file;
   if (off >= f->size)
@@ -292,17 +339,12 @@ qed_io_pread (int fd, void *buf, size_t count, uint64_t off)
   return done;
 }
 
-ssize_t
-qed_io_pwrite (int fd, const void *buf, size_t count, uint64_t off)
+/* Write into f: a short write (or ENOSPC) when the space runs out. */
+static ssize_t
+file_write (struct mem_file *f, const void *buf, size_t count, uint64_t off)
 {
-  bool kernel;
-  struct mem_file *f = writable (fd, &kernel);
   size_t done = 0;
 
-  if (kernel)
-    return pwrite (fd, buf, count, off);
-  if (f == NULL)
-    return -1;
   if (off >= MEM_MAX_FILE || count > MEM_MAX_FILE - off) {
     errno = EFBIG;
     return -1;
@@ -312,7 +354,7 @@ qed_io_pwrite (int fd, const void *buf, size_t count, uint64_t off)
     size_t n = BLOCK - in < count - done ? BLOCK - in : count - done;
     uint8_t *p = block_alloc (f, b);
     if (p == NULL)
-      break;                    /* ENOSPC: a short write, or none */
+      break;
     memcpy (p + in, (const uint8_t *) buf + done, n);
     done += n;
   }
@@ -322,17 +364,31 @@ qed_io_pwrite (int fd, const void *buf, size_t count, uint64_t off)
 }
 
 ssize_t
+qed_io_pwrite (int fd, const void *buf, size_t count, uint64_t off)
+{
+  bool kernel;
+  struct mem_file *f = writable (fd, &kernel);
+
+  if (kernel)
+    return pwrite (fd, buf, count, off);
+  if (f == NULL || injected (MEM_OP_WRITE))
+    return -1;
+  return file_write (f, buf, count, off);
+}
+
+ssize_t
 qed_io_pwritev (int fd, const struct iovec *iov, int iovcnt, uint64_t off)
 {
   bool kernel;
+  struct mem_file *f = writable (fd, &kernel);
   ssize_t total = 0;
 
-  mem_fd (fd, &kernel);
   if (kernel)
     return pwritev (fd, iov, iovcnt, off);
+  if (f == NULL || injected (MEM_OP_WRITE))
+    return -1;
   for (int i = 0; i < iovcnt; ++i) {
-    ssize_t r = qed_io_pwrite (fd, iov[i].iov_base, iov[i].iov_len,
-                               off + total);
+    ssize_t r = file_write (f, iov[i].iov_base, iov[i].iov_len, off + total);
     if (r == -1)
       return total > 0 ? total : -1;
     total += r;
@@ -349,7 +405,7 @@ qed_io_datasync (int fd)
 
   if (mem_fd (fd, &kernel) == NULL)
     return kernel ? fdatasync (fd) : -1;
-  return 0;
+  return injected (MEM_OP_SYNC) ? -1 : 0;
 }
 
 int
@@ -360,7 +416,7 @@ qed_io_truncate (int fd, uint64_t size)
 
   if (kernel)
     return ftruncate (fd, size);
-  if (f == NULL)
+  if (f == NULL || injected (MEM_OP_TRUNCATE))
     return -1;
   if (size > MEM_MAX_FILE) {
     errno = EFBIG;
@@ -391,7 +447,7 @@ qed_io_fallocate (int fd, int mode, uint64_t off, uint64_t len)
 
   if (kernel)
     return fallocate (fd, mode, off, len);
-  if (f == NULL)
+  if (f == NULL || injected (MEM_OP_FALLOCATE))
     return -1;
   if (len == 0 || off >= MEM_MAX_FILE || len > MEM_MAX_FILE - off) {
     errno = len == 0 ? EINVAL : EFBIG;

@@ -30,4 +30,17 @@ extern bool mem_file_equals (const struct mem_file *f, const void *data,
 extern uint64_t mem_file_size (const struct mem_file *f);
 extern uint64_t mem_file_allocated (const struct mem_file *f);
 
+/* Fault injection, on memory descriptors only.  After `after` more
+ * calls of the kinds in `ops`, the next one fails with `err` (and, if
+ * sticky, every one after it), changing nothing; mem_fault_clear ends
+ * it.  mem_fault_hits: the calls failed since mem_fault_set. */
+enum {
+  MEM_OP_READ = 1, MEM_OP_WRITE = 2, MEM_OP_SYNC = 4, MEM_OP_TRUNCATE = 8,
+  MEM_OP_FALLOCATE = 16,
+};
+extern void mem_fault_set (unsigned ops, uint64_t after, int err,
+                           bool sticky);
+extern void mem_fault_clear (void);
+extern uint64_t mem_fault_hits (void);
+
 #endif /* NBDKIT_QED_FUZZ_IO_MEM_H */

@@ -26,6 +26,11 @@
  *     the repair claimed success, a fresh check must find nothing.
  *  4. Reads through a raw layer beneath (backing-override), so
  *     backing COW paths run too.
+ *  5. In memory only, on one trusted input in 4 (step 2 found it clean,
+ *     or NEED_CHECK is set): the writable pass with injected I/O
+ *     failures, then the fault-property oracle: no corruption, leaks
+ *     only with NEED_CHECK set, and clean after a reopen and a clean
+ *     close (see fault_pass).
  * Oracles: the sanitizers, plus abort() on a broken invariant.
  */
 
@@ -290,7 +295,7 @@ exercise_writes (struct qed_image *img, const struct qed_below *below,
   qed_flush (img);
 }
 
-#ifdef FUZZ_FAST
+#if defined (FUZZ_FAST) || defined (FUZZ_MEM)
 /* FNV-1a over the size and the first 4 KiB (header and L1 start). */
 static uint32_t
 input_hash (const uint8_t *data, size_t size)
@@ -300,6 +305,78 @@ input_hash (const uint8_t *data, size_t size)
   for (size_t i = 0; i < size && i < 4096; ++i)
     hash = (hash ^ data[i]) * 16777619u;
   return hash;
+}
+#endif
+
+#ifdef FUZZ_MEM
+/* The image in the writable copy, read-only: it must open, and a check
+ * must find no corruption, no I/O error, and leaks only if NEED_CHECK
+ * is set (or, with strict, none at all and NEED_CHECK clear). */
+static void
+expect_consistent (const char *when, bool strict)
+{
+  struct qed_open_options o = { .readonly = true };
+  struct qed_check_result res;
+  struct qed_image *img = open_input (RW, &o);
+  bool need_check;
+
+  if (img == NULL) {
+    fprintf (stderr, "%s: the image does not open: %s\n", when, last_error);
+    abort ();
+  }
+  need_check = qed_get_header (img)->features & QED_F_NEED_CHECK;
+  if (qed_check (img, false, &res) == -1 || res.corruptions ||
+      res.check_errors || (res.leaks && (strict || !need_check)) ||
+      (strict && need_check)) {
+    fprintf (stderr, "%s: %" PRIu64 " corruptions, %" PRIu64 " leaks, %"
+             PRIu64 " errors, NEED_CHECK %s\n", when, res.corruptions,
+             res.leaks, res.check_errors, need_check ? "set" : "clear");
+    abort ();
+  }
+  qed_close (img);
+}
+
+/* 5. Faults (in memory only): the writable pass on a trusted input
+ * (step 2 found it clean, or it has NEED_CHECK set) with I/O calls
+ * failing, chosen by bits of the input's hash: after 0-63 calls of
+ * one kind or of any, EIO or ENOSPC, once or from then on.  Whatever
+ * failed, the image must then be consistent, and a writable open and
+ * a clean close without faults must leave it clean, if the L1 table
+ * follows the header as in every image qemu-img or we create: the L1
+ * never moves, so leaks below one placed higher are never reclaimed
+ * (NEED_CHECK then stays set, which the first oracle checks). */
+static void
+fault_pass (const uint8_t *data, size_t size, uint32_t bits,
+            const struct qed_header *h, const uint64_t *offs, size_t noffs)
+{
+  static const unsigned kinds[] = {
+    MEM_OP_READ | MEM_OP_WRITE | MEM_OP_SYNC | MEM_OP_TRUNCATE |
+    MEM_OP_FALLOCATE,
+    MEM_OP_WRITE, MEM_OP_SYNC, MEM_OP_TRUNCATE | MEM_OP_FALLOCATE,
+  };
+  struct qed_open_options rw = { .l2_cache_bytes = 65536 };
+  struct qed_image *img;
+
+  put_input (RW, data, size);
+  mem_fault_set (kinds[bits % 4], (bits >> 2) % 64,
+                 (bits >> 8) & 1 ? ENOSPC : EIO, (bits >> 9) & 1);
+  img = open_input (RW, &rw);
+  if (img) {
+    exercise_reads (img, NULL, offs, noffs);
+    exercise_writes (img, NULL, offs, noffs);
+    qed_close (img);
+  }
+  mem_fault_clear ();
+  expect_consistent ("after faults", false);
+  img = open_input (RW, &rw);
+  if (img == NULL) {
+    fprintf (stderr, "no writable open after faults: %s\n", last_error);
+    abort ();
+  }
+  qed_close (img);
+  expect_consistent ("after faults, a writable open and a clean close",
+                     h->l1_table_offset ==
+                     (uint64_t) h->header_size * h->cluster_size);
 }
 #endif
 
@@ -317,6 +394,7 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
   struct qed_check_result res;
   uint64_t offs[8];
   size_t noffs = 0;
+  bool trusted = false;
 
   if (!initialised) {
     init ();
@@ -356,7 +434,10 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
     bool none;
 
     exercise_reads (img, NULL, offs, noffs);
-    qed_check (img, false, &res);
+    /* Clean, or says it is not: then the oracles of step 5 hold. */
+    trusted = qed_check (img, false, &res) == 0 && res.corruptions == 0 &&
+      res.check_errors == 0 &&
+      (res.leaks == 0 || (h.features & QED_F_NEED_CHECK));
     chain = qed_chain_open (img, &co, &none);
     if (chain) {
       struct qed_map m;
@@ -376,6 +457,10 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
   if (!input_unchanged (RO, data, size))
     abort ();                   /* a read-only open changed the file */
 
+#ifdef FUZZ_MEM
+  if (valid && trusted && input_hash (data, size) % 4 == 1)
+    fault_pass (data, size, input_hash (data, size) >> 3, &h, offs, noffs);
+#endif
 #ifdef FUZZ_FAST
   /* The fast target does the costly writable pass (repair, writes,
    * compaction, reopen) on one input in 8, picked by a hash of the

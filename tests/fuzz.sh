@@ -7,8 +7,10 @@
 # -DFUZZ_MEM): the image files are in memory (tests/fuzz-io-mem.c in
 # place of common/io-file.c, so an input costs no system call), -O2,
 # ASan, UBSan in trap mode, no comparison tracing, lookups of at most
-# 1024 clusters, and the writable pass (repair, writes, compaction,
-# reopen) on one input in 8.
+# 1024 clusters, the writable pass (repair, writes, compaction,
+# reopen) on one input in 8, and on one trusted input in 4 the same
+# with injected I/O failures, then the fault-property oracle (step 5 in
+# tests/fuzz-open.c).
 # --file builds tests/fuzz-open-file instead: each input written to a
 # file in /dev/shm and opened through the kernel (common/io-file.c),
 # every input through the full read-only and writable passes, -O1,
