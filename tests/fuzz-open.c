@@ -380,21 +380,149 @@ fault_pass (const uint8_t *data, size_t size, uint32_t bits,
 }
 #endif
 
+/* 1. Header validation alone; encode and decode must round-trip. */
+static bool
+header_step (const uint8_t *data, size_t size, struct qed_header *h)
+{
+  unsigned char raw[QED_HEADER_BYTES] = { 0 }, raw2[QED_HEADER_BYTES];
+  struct qed_header h2;
+  char msg[256];
+  bool valid;
+
+  memcpy (raw, data, size < sizeof raw ? size : sizeof raw);
+  qed_header_decode (h, raw);
+  valid = qed_header_validate (h, size, msg, sizeof msg) == 0;
+  qed_header_encode (raw2, h);
+  qed_header_decode (&h2, raw2);
+  if (memcmp (h, &h2, sizeof *h) != 0 || memcmp (raw, raw2, sizeof raw))
+    abort ();
+  if (valid) {
+    qed_max_image_size (h->cluster_size, h->table_size);
+    qed_qemu_can_open (h->cluster_size, h->table_size);
+  }
+  return valid;
+}
+
+/* 2. Read-only.  Returns whether the image is trusted: clean, or says
+ * it is not (NEED_CHECK), so that the oracles of step 5 hold. */
+static bool
+readonly_step (const uint8_t *data, size_t size, bool valid,
+               const struct qed_header *h, const uint64_t *offs,
+               size_t noffs)
+{
+  struct qed_open_options ro = { .readonly = true, .l2_cache_bytes = 65536 };
+  struct qed_chain_options co = { .follow = false, .override = raw_path,
+                                  .override_format = QED_FORMAT_RAW };
+  struct qed_check_result res;
+  struct qed_image *img;
+  struct qed_chain *chain;
+  struct qed_below below;
+  bool none, trusted;
+
+  put_input (RO, data, size);
+  img = open_input (RO, &ro);
+  if (img && !valid)
+    abort ();                   /* open accepted what validate refused */
+  if (img == NULL)
+    return false;
+  exercise_reads (img, NULL, offs, noffs);
+  trusted = qed_check (img, false, &res) == 0 && res.corruptions == 0 &&
+    res.check_errors == 0 &&
+    (res.leaks == 0 || (h->features & QED_F_NEED_CHECK));
+  chain = qed_chain_open (img, &co, &none);
+  if (chain) {
+    struct qed_map m;
+    qed_chain_below (chain, &below);
+    exercise_reads (img, &below, offs, noffs);
+    for (size_t i = 0; i < noffs; ++i)
+      qed_chain_map (chain, offs[i], 100000, &m);
+    qed_chain_close (chain);
+  }
+  /* follow=false on an image naming a backing file must refuse. */
+  co.override = NULL;
+  chain = qed_chain_open (img, &co, &none);
+  if (chain || (!none && qed_get_backing_name (img) == NULL))
+    abort ();
+  qed_close (img);
+  if (!input_unchanged (RO, data, size))
+    abort ();                   /* a read-only open changed the file */
+  return trusted;
+}
+
+/* A repaired image used only through the API stays consistent. */
+static void
+expect_repaired_consistent (void)
+{
+  struct qed_open_options o = { .readonly = true };
+  struct qed_check_result res;
+  struct qed_image *img = open_input (RW, &o);
+
+  if (img == NULL) {
+    fprintf (stderr, "cannot reopen a repaired image: %s\n", last_error);
+    abort ();
+  }
+  if (qed_check (img, false, &res) == -1 || res.corruptions ||
+      res.check_errors || (strict_leaks && res.leaks)) {
+    fprintf (stderr, "repaired image corrupted by use: %" PRIu64
+             " corruptions, %" PRIu64 " errors, %" PRIu64 " leaks\n",
+             res.corruptions, res.check_errors, res.leaks);
+    abort ();
+  }
+  qed_close (img);
+}
+
+/* 3 and 4. Writable, on a copy: repair, then use it, also over a raw
+ * layer beneath. */
+static void
+writable_step (const uint8_t *data, size_t size, const uint64_t *offs,
+               size_t noffs)
+{
+  struct qed_open_options rw = { .l2_cache_bytes = 65536 };
+  struct qed_chain_options co = { .follow = false, .override = raw_path,
+                                  .override_format = QED_FORMAT_RAW };
+  struct qed_check_result res;
+  struct qed_image *img;
+  struct qed_chain *chain;
+  struct qed_below below;
+  bool repaired = false, none;
+
+  put_input (RW, data, size);
+  img = open_input (RW, &rw);
+  if (img == NULL)
+    return;
+  if (qed_check (img, true, &res) == 0 && res.check_errors == 0 &&
+      res.corruptions == res.corruptions_fixed) {
+    repaired = true;
+    if (qed_check (img, false, &res) == -1 || res.corruptions ||
+        (strict_leaks && res.leaks) || res.check_errors) {
+      fprintf (stderr, "after repair: %" PRIu64 " corruptions, %" PRIu64
+               " leaks, %" PRIu64 " errors\n", res.corruptions, res.leaks,
+               res.check_errors);
+      abort ();
+    }
+  }
+  exercise_reads (img, NULL, offs, noffs);
+  exercise_writes (img, NULL, offs, noffs);
+  chain = qed_chain_open (img, &co, &none);
+  if (chain) {
+    qed_chain_below (chain, &below);
+    exercise_writes (img, &below, offs, noffs);
+    exercise_reads (img, &below, offs, noffs);
+    qed_chain_close (chain);
+  }
+  qed_close (img);
+  if (repaired)
+    expect_repaired_consistent ();
+}
+
 int
 LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
 {
   static bool initialised;
-  unsigned char raw[QED_HEADER_BYTES] = { 0 };
   struct qed_header h;
-  char msg[256];
-  bool valid;
-  struct qed_open_options ro = { .readonly = true, .l2_cache_bytes = 65536 };
-  struct qed_open_options rw = { .l2_cache_bytes = 65536 };
-  struct qed_image *img;
-  struct qed_check_result res;
   uint64_t offs[8];
   size_t noffs = 0;
-  bool trusted = false;
+  bool valid, trusted;
 
   if (!initialised) {
     init ();
@@ -403,60 +531,10 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
   if (size > (1 << 20))
     return 0;
 
-  /* 1. Header validation alone. */
-  memcpy (raw, data, size < sizeof raw ? size : sizeof raw);
-  qed_header_decode (&h, raw);
-  valid = qed_header_validate (&h, size, msg, sizeof msg) == 0;
-  {
-    unsigned char raw2[QED_HEADER_BYTES];
-    struct qed_header h2;
-    qed_header_encode (raw2, &h);
-    qed_header_decode (&h2, raw2);
-    if (memcmp (&h, &h2, sizeof h) != 0 || memcmp (raw, raw2, sizeof raw))
-      abort ();
-  }
-  if (valid) {
+  valid = header_step (data, size, &h);
+  if (valid)
     noffs = pick_offsets (&h, offs);
-    qed_max_image_size (h.cluster_size, h.table_size);
-    qed_qemu_can_open (h.cluster_size, h.table_size);
-  }
-
-  /* 2. Read-only. */
-  put_input (RO, data, size);
-  img = open_input (RO, &ro);
-  if (img && !valid)
-    abort ();                   /* open accepted what validate refused */
-  if (img) {
-    struct qed_chain_options co = { .follow = false, .override = raw_path,
-                                    .override_format = QED_FORMAT_RAW };
-    struct qed_chain *chain;
-    struct qed_below below;
-    bool none;
-
-    exercise_reads (img, NULL, offs, noffs);
-    /* Clean, or says it is not: then the oracles of step 5 hold. */
-    trusted = qed_check (img, false, &res) == 0 && res.corruptions == 0 &&
-      res.check_errors == 0 &&
-      (res.leaks == 0 || (h.features & QED_F_NEED_CHECK));
-    chain = qed_chain_open (img, &co, &none);
-    if (chain) {
-      struct qed_map m;
-      qed_chain_below (chain, &below);
-      exercise_reads (img, &below, offs, noffs);
-      for (size_t i = 0; i < noffs; ++i)
-        qed_chain_map (chain, offs[i], 100000, &m);
-      qed_chain_close (chain);
-    }
-    /* follow=false on an image naming a backing file must refuse. */
-    co.override = NULL;
-    chain = qed_chain_open (img, &co, &none);
-    if (chain || (!none && qed_get_backing_name (img) == NULL))
-      abort ();
-    qed_close (img);
-  }
-  if (!input_unchanged (RO, data, size))
-    abort ();                   /* a read-only open changed the file */
-
+  trusted = readonly_step (data, size, valid, &h, offs, noffs);
 #ifdef FUZZ_MEM
   if (valid && trusted && input_hash (data, size) % 4 == 1)
     fault_pass (data, size, input_hash (data, size) >> 3, &h, offs, noffs);
@@ -468,57 +546,6 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
   if (!valid || input_hash (data, size) % 8 != 0)
     return 0;
 #endif
-
-  /* 3. Writable, on a copy: repair, then use it. */
-  put_input (RW, data, size);
-  img = open_input (RW, &rw);
-  if (img) {
-    bool repaired = false;
-    struct qed_chain_options co = { .follow = false, .override = raw_path,
-                                    .override_format = QED_FORMAT_RAW };
-    struct qed_chain *chain;
-    struct qed_below below;
-    bool none;
-
-    if (qed_check (img, true, &res) == 0 && res.check_errors == 0 &&
-        res.corruptions == res.corruptions_fixed) {
-      repaired = true;
-      if (qed_check (img, false, &res) == -1 || res.corruptions ||
-          (strict_leaks && res.leaks) || res.check_errors) {
-        fprintf (stderr, "after repair: %" PRIu64 " corruptions, %" PRIu64
-                 " leaks, %" PRIu64 " errors\n", res.corruptions, res.leaks,
-                 res.check_errors);
-        abort ();
-      }
-    }
-    exercise_reads (img, NULL, offs, noffs);
-    exercise_writes (img, NULL, offs, noffs);
-    chain = qed_chain_open (img, &co, &none);
-    if (chain) {
-      qed_chain_below (chain, &below);
-      exercise_writes (img, &below, offs, noffs);
-      exercise_reads (img, &below, offs, noffs);
-      qed_chain_close (chain);
-    }
-    qed_close (img);
-
-    /* A repaired image used only through the API stays consistent. */
-    if (repaired) {
-      struct qed_open_options o = { .readonly = true };
-      img = open_input (RW, &o);
-      if (img == NULL) {
-        fprintf (stderr, "cannot reopen a repaired image: %s\n", last_error);
-        abort ();
-      }
-      if (qed_check (img, false, &res) == -1 || res.corruptions ||
-          res.check_errors || (strict_leaks && res.leaks)) {
-        fprintf (stderr, "repaired image corrupted by use: %" PRIu64
-                 " corruptions, %" PRIu64 " errors, %" PRIu64 " leaks\n",
-                 res.corruptions, res.check_errors, res.leaks);
-        abort ();
-      }
-      qed_close (img);
-    }
-  }
+  writable_step (data, size, offs, noffs);
   return 0;
 }
