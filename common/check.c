@@ -63,6 +63,7 @@ struct checker {
   uint64_t *buf;                /* one L2 table */
   bool wrote;                   /* repairs were written */
   bool again;                   /* reclaim made room for another pass */
+  bool diverged;                /* the L1 in memory is not the file's */
 };
 
 static uint64_t
@@ -636,13 +637,19 @@ apply_moves (struct checker *ck, struct reclaim_plan *pl)
     return -1;
   }
   qsort (pl->moves, pl->nmoves, sizeof *pl->moves, move_cmp);
+  /* From here until the L1 is written, the L1 in memory points at the
+   * moved tables and the file's at the old ones: a failure cannot be
+   * left for later (requests would go through tables the file does not
+   * reach, and the next walk would cut the old ones away). */
   for (size_t k = 0; k < pl->ntmoves; ++k)
     img->l1[pl->tmoves[k].l1i] = pl->tmoves[k].dst;
+  ck->diverged = pl->ntmoves > 0;
   for (uint64_t i = 0; i < img->l1_entries; ++i)
     if (img->l1[i] != 0 && relink_table (ck, pl, i, img->l1[i]) == -1)
       return -1;
   if (pl->ntmoves > 0 && write_l1 (ck) == -1)
     return -1;
+  ck->diverged = false;
   return 0;
 }
 
@@ -775,6 +782,12 @@ check_pass (struct checker *ck, unsigned pass)
     int64_t cut = cut_trailing_leaks (ck), k = -1;
     if (cut >= 0)
       k = reclaim (ck, pass);
+    if (k == -1 && ck->diverged) {
+      qed_error ("%s: the repair could not update the L1 table (%m); the "
+                 "file is left consistent, with NEED_CHECK set",
+                 img->filename);
+      return -1;
+    }
     if (k == -1) {
       qed_error ("%s: could not reclaim all leaked clusters (%m): they "
                  "are kept, and NEED_CHECK stays set", img->filename);
