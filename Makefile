@@ -119,7 +119,8 @@ deps:
 
 # Longer runs (not part of check):
 #   make crash-test [TRIALS=300]   crash and power-loss trials
-#   make fault-test [TRIALS=2000]  random operations with injected faults
+#   make fault-test [TRIALS=2000] [SEED=S] [FIRST=N]
+#                                  random operations with injected faults
 #   make fuzz [SECONDS=300]        libFuzzer over open/validate/lookup/check
 #   make fuzz-file [SECONDS=300]   the same, every input through every pass
 #   make bench [QUICK=1]           against qemu-nbd and the file plugin
@@ -127,9 +128,12 @@ crash-test: all
 	@bash tests/crash-long.sh $(TRIALS)
 
 # Random operations with random injected faults, long form (the short
-# form, tests/test-faults-property.sh, runs in make check).
+# form, tests/test-faults-property.sh, runs in make check).  It prints
+# its seed first and ends with "N trials, F failures, T s (seed S,
+# trials A-B)"; SEED=S FIRST=n TRIALS=1 replays trial n.
 fault-test: all
-	@FAULT_TRIALS=$(or $(TRIALS),2000) bash tests/test-faults-property.sh
+	@FAULT_TRIALS=$(or $(TRIALS),2000) FAULT_SEED=$(or $(SEED),$(FAULT_SEED)) \
+	  FAULT_FIRST=$(or $(FIRST),$(FAULT_FIRST)) bash tests/test-faults-property.sh
 
 fuzz:
 	@bash tests/fuzz.sh $(SECONDS)

@@ -3,7 +3,7 @@
 """Property test: random operations with random injected faults.
 
 Usage: fault-property.py --plugin SO --shim SO [--trials N] [--seed S]
-                         [--tmpdir DIR] [--keep DIR]
+                         [--first N] [--tmpdir DIR] [--keep DIR]
 
 Each trial serves a fresh image (random geometry, sometimes on a small
 tmpfs that fills up) through the plugin with tests/faultsim.so
@@ -11,7 +11,9 @@ preloaded, and runs random writes, zeroes, trims, flushes and reads
 from one client while random faults are armed and disarmed: EIO, ENOSPC
 (or EOPNOTSUPP for hole punching) on pread, pwrite, fdatasync, ftruncate
 and fallocate, once, a few times or for good.  Requests may fail; the
-server must not.  Then a clean stop (SIGTERM), and:
+server must not.  In some trials with idle-clean=1, the idle writeback
+runs first: if it clears NEED_CHECK, `qemu-img check -U` must find the
+served image clean.  Then a clean stop (SIGTERM), and:
   1. nbdkit exited 0 (it may report a failed close: exit 0 still);
   2. `qemu-img check` finds no corruption, and leaks only if NEED_CHECK
      is set;
@@ -19,7 +21,13 @@ server must not.  Then a clean stop (SIGTERM), and:
      `qemu-img check` exits 0 and NEED_CHECK is clear;
   4. every byte the client wrote (or zeroed) successfully, and did not
      touch later with a failed request, reads back (after the reopen).
-Prints one line per failing trial and a summary; exits 1 on failure.
+Prints the seed first, one line per failing trial, and a summary
+"fault-property: N trials, F failures, T s (seed S, trials A-B)";
+exits 1 on failure.  Trial n of seed S draws its operations and faults
+from its own generator, so `--seed S --first n --trials 1` (make
+fault-test SEED=S FIRST=n TRIALS=1) replays it (only the timing may
+differ); --keep DIR keeps a failing trial's files (image, nbdkit log,
+fault log).
 """
 
 import argparse
@@ -36,6 +44,10 @@ import time
 
 import nbd
 
+# Of the trials with idle-clean=1, the share that waits for the idle
+# writeback and checks the image while served.
+IDLE_CHECK = 0.3
+
 KINDS = ["pread", "pwrite", "fdatasync", "ftruncate", "fallocate"]
 
 
@@ -45,8 +57,9 @@ def need_check(path):
         return bool(struct.unpack("<Q", f.read(8))[0] & 2)
 
 
-def qemu_check(path):
-    p = subprocess.run(["qemu-img", "check", path], capture_output=True,
+def qemu_check(path, *opts):
+    p = subprocess.run(["qemu-img", "check"] + list(opts) + [path],
+                       capture_output=True,
                        text=True)
     return p.returncode, p.stdout + p.stderr
 
@@ -150,8 +163,9 @@ def trial(opts, n, rng, work):
     log = os.path.join(tdir, "nbdkit.log")
     errors = []
     model = {}                      # 512-byte sector -> byte value or None
+    idle = rng.random() < 0.3
     srv = Server(opts.plugin, image, os.path.join(tdir, "s.sock"), log, env,
-                 ["idle-clean=1"] if rng.random() < 0.3 else [])
+                 ["idle-clean=1"] if idle else [])
     try:
         h = connect(srv.uri())
         nops = rng.randrange(20, 80)
@@ -208,6 +222,18 @@ def trial(opts, n, rng, work):
     disarm(fdir)
     if small and os.path.exists(os.path.join(small, "filler")):
         os.unlink(os.path.join(small, "filler"))
+    # 1a. Sometimes let the idle timer run first: while served, a clear
+    # NEED_CHECK on disk means a clean image (faults now off, so the
+    # writeback can clear it; nothing writes once it has).
+    if idle and rng.random() < IDLE_CHECK:
+        for _ in range(25):
+            time.sleep(0.1)
+            if not need_check(image):
+                qrc, qout = qemu_check(image, "-U")
+                if qrc != 0:
+                    errors.append("idle: NEED_CHECK clear, qemu-img check "
+                                  "exit %d: %s" % (qrc, qout.strip()))
+                break
     rc = srv.stop()
     if rc not in (0, 1):
         errors.append("nbdkit exited with %s" % rc)
@@ -276,7 +302,8 @@ def main():
         if not os.path.exists(f):
             print("fault-property: FAIL: %s is missing" % f)
             sys.exit(1)
-    print("fault-property: seed %d, %d trials" % (opts.seed, opts.trials),
+    print("fault-property: seed %d, %d trials from %d" %
+          (opts.seed, opts.trials, opts.first),
           flush=True)
     work = tempfile.mkdtemp(prefix="qed-faults.", dir=opts.tmpdir)
     failures = 0
@@ -291,8 +318,10 @@ def main():
                       flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print("fault-property: %d trials, %d failures, %.0f s (seed %d)" %
-          (opts.trials, failures, time.time() - t0, opts.seed), flush=True)
+    print("fault-property: %d trials, %d failures, %.0f s (seed %d, "
+          "trials %d-%d)" % (opts.trials, failures, time.time() - t0,
+                             opts.seed, opts.first,
+                             opts.first + opts.trials - 1), flush=True)
     sys.exit(1 if failures else 0)
 
 

@@ -7,6 +7,7 @@
 # writable reopen with space and a clean stop check clean, and every
 # acknowledged write reads back.  See tests/fault-property.py.  Short
 # form (FAULT_TRIALS, default 8); the long form is `make fault-test`.
+# FAULT_SEED and FAULT_FIRST replay trials (the seed is printed first).
 source "$(dirname "$0")/functions.sh"
 requires qemu-img --version
 requires /usr/bin/python3 -c 'import nbd'
@@ -14,4 +15,5 @@ requires /usr/bin/python3 -c 'import nbd'
 build_faultsim
 /usr/bin/python3 "$TOP/tests/fault-property.py" --plugin "$PLUGIN" \
   --shim "$FAULTSIM" --trials "${FAULT_TRIALS:-8}" --tmpdir "$tmp" \
-  --keep "$TOP/tests/logs" ${FAULT_SEED:+--seed $FAULT_SEED}
+  --keep "$TOP/tests/logs" ${FAULT_SEED:+--seed "$FAULT_SEED"} \
+  ${FAULT_FIRST:+--first "$FAULT_FIRST"}
