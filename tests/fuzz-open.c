@@ -28,9 +28,10 @@
  *     backing COW paths run too.
  *  5. In memory only, on one trusted input in 4 (step 2 found it clean,
  *     or NEED_CHECK is set): the writable pass with injected I/O
- *     failures, then the fault-property oracle: no corruption, leaks
- *     only with NEED_CHECK set, and clean after a reopen and a clean
- *     close (see fault_pass).
+ *     failures (bytes 64-67 of the input choose them), then the
+ *     fault-property oracle: no corruption, leaks only with NEED_CHECK
+ *     set, every flushed write reads back, and clean after a reopen
+ *     and a clean close (see fault_pass).
  * Oracles: the sanitizers, plus abort() on a broken invariant.
  */
 
@@ -296,22 +297,101 @@ exercise_writes (struct qed_image *img, const struct qed_below *below,
 }
 
 #if defined (FUZZ_FAST) || defined (FUZZ_MEM)
-/* FNV-1a over the size and the first 4 KiB (header and L1 start). */
+#define FAULT_BYTES 64
+
+/* FNV-1a over the size and the first 4 KiB (header and L1 start), but
+ * for the four fault bytes. */
 static uint32_t
 input_hash (const uint8_t *data, size_t size)
 {
   uint32_t hash = 2166136261u ^ (uint32_t) size;
 
   for (size_t i = 0; i < size && i < 4096; ++i)
-    hash = (hash ^ data[i]) * 16777619u;
+    if (i < FAULT_BYTES || i >= FAULT_BYTES + 4)
+      hash = (hash ^ data[i]) * 16777619u;
   return hash;
+}
+
+/* The fault pass's parameters: bytes 64-67, just after the header,
+ * which the format leaves unused unless a backing file name is put
+ * there, so that the fuzzer can move a fault from call to call without
+ * changing the image or which steps it takes (they are not hashed). */
+static uint32_t
+fault_bits (const uint8_t *data, size_t size)
+{
+  if (size < FAULT_BYTES + 4)
+    return input_hash (data, size) >> 3;
+  return data[FAULT_BYTES] | data[FAULT_BYTES + 1] << 8 |
+    data[FAULT_BYTES + 2] << 16 | (uint32_t) data[FAULT_BYTES + 3] << 24;
 }
 #endif
 
 #ifdef FUZZ_MEM
+/* The writes of the fault pass, in order, and whether the flush after
+ * them succeeded: then every acknowledged one must read back. */
+static struct written {
+  uint64_t off, len;
+  uint8_t byte;
+  bool acked;
+} wlog[8];
+static size_t nwlog;
+static bool wlog_flushed;
+
+/* One write of a distinct byte at each offset, then a flush. */
+static void
+logged_writes (struct qed_image *img, const uint64_t *offs, size_t noffs)
+{
+  static char buf[20000];
+  uint64_t size = qed_get_size (img);
+
+  nwlog = 0;
+  for (size_t i = 0; i < noffs && i < sizeof wlog / sizeof *wlog; ++i) {
+    struct written *w = &wlog[nwlog++];
+    w->off = offs[i];
+    w->len = size - offs[i] < sizeof buf ? size - offs[i] : sizeof buf;
+    w->byte = 0xc0 + i;
+    memset (buf, w->byte, w->len);
+    w->acked = qed_write (img, NULL, buf, w->len, w->off, 0) == 0;
+  }
+  wlog_flushed = qed_flush (img) == 0;
+}
+
+/* After a successful flush, each byte of an acknowledged write reads
+ * as written unless a later write covered it. */
+static void
+expect_written (struct qed_image *img, const char *when)
+{
+  static uint8_t buf[20000];
+
+  if (!wlog_flushed)
+    return;
+  for (size_t k = 0; k < nwlog; ++k) {
+    if (!wlog[k].acked)
+      continue;
+    if (qed_read (img, NULL, buf, wlog[k].len, wlog[k].off) == -1) {
+      fprintf (stderr, "%s: cannot read back a flushed write: %s\n", when,
+               last_error);
+      abort ();
+    }
+    for (uint64_t p = 0; p < wlog[k].len; ++p) {
+      uint64_t at = wlog[k].off + p;
+      bool covered = false;
+      for (size_t j = k + 1; j < nwlog && !covered; ++j)
+        covered = at >= wlog[j].off && at < wlog[j].off + wlog[j].len;
+      if (!covered && buf[p] != wlog[k].byte) {
+        fprintf (stderr, "%s: a flushed write is lost: 0x%" PRIx64
+                 " reads 0x%02x, not 0x%02x\n", when, at, buf[p],
+                 wlog[k].byte);
+        abort ();
+      }
+    }
+  }
+}
+
 /* The image in the writable copy, read-only: it must open, and a check
  * must find no corruption, no I/O error, and leaks only if NEED_CHECK
- * is set (or, with strict, none at all and NEED_CHECK clear). */
+ * is set (or, with strict, none at all and NEED_CHECK clear); the
+ * flushed writes of the fault pass must read back. */
 static void
 expect_consistent (const char *when, bool strict)
 {
@@ -333,18 +413,21 @@ expect_consistent (const char *when, bool strict)
              res.leaks, res.check_errors, need_check ? "set" : "clear");
     abort ();
   }
+  expect_written (img, when);
   qed_close (img);
 }
 
 /* 5. Faults (in memory only): the writable pass on a trusted input
  * (step 2 found it clean, or it has NEED_CHECK set) with I/O calls
- * failing, chosen by bits of the input's hash: after 0-63 calls of
- * one kind or of any, EIO or ENOSPC, once or from then on.  Whatever
+ * failing, as bytes 64-67 of the input say (fault_bits): after 0-63
+ * calls of one kind or of any, EIO or ENOSPC, once or from then on.  Whatever
  * failed, the image must then be consistent, and a writable open and
  * a clean close without faults must leave it clean, if the L1 table
  * follows the header as in every image qemu-img or we create: the L1
  * never moves, so leaks below one placed higher are never reclaimed
- * (NEED_CHECK then stays set, which the first oracle checks). */
+ * (NEED_CHECK then stays set, which the first oracle checks).  If the
+ * flush after the last writes succeeded, they must all read back, after
+ * the faults and after the clean close. */
 static void
 fault_pass (const uint8_t *data, size_t size, uint32_t bits,
             const struct qed_header *h, const uint64_t *offs, size_t noffs)
@@ -360,10 +443,12 @@ fault_pass (const uint8_t *data, size_t size, uint32_t bits,
   put_input (RW, data, size);
   mem_fault_set (kinds[bits % 4], (bits >> 2) % 64,
                  (bits >> 8) & 1 ? ENOSPC : EIO, (bits >> 9) & 1);
+  nwlog = 0;
   img = open_input (RW, &rw);
   if (img) {
     exercise_reads (img, NULL, offs, noffs);
     exercise_writes (img, NULL, offs, noffs);
+    logged_writes (img, offs, noffs);
     qed_close (img);
   }
   mem_fault_clear ();
@@ -537,7 +622,7 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
   trusted = readonly_step (data, size, valid, &h, offs, noffs);
 #ifdef FUZZ_MEM
   if (valid && trusted && input_hash (data, size) % 4 == 1)
-    fault_pass (data, size, input_hash (data, size) >> 3, &h, offs, noffs);
+    fault_pass (data, size, fault_bits (data, size), &h, offs, noffs);
 #endif
 #ifdef FUZZ_FAST
   /* The fast target does the costly writable pass (repair, writes,
