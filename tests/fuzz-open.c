@@ -488,6 +488,22 @@ header_step (const uint8_t *data, size_t size, struct qed_header *h)
   return valid;
 }
 
+/* The raw file beneath img (backing-override), so that the backing
+ * paths run too; NULL if the image refuses it. */
+static struct qed_chain *
+raw_layer_beneath (struct qed_image *img, struct qed_below *below)
+{
+  struct qed_chain_options co = { .follow = false, .override = raw_path,
+                                  .override_format = QED_FORMAT_RAW };
+  struct qed_chain *chain;
+  bool none;
+
+  chain = qed_chain_open (img, &co, &none);
+  if (chain)
+    qed_chain_below (chain, below);
+  return chain;
+}
+
 /* 2. Read-only.  Returns whether the image is trusted: clean, or says
  * it is not (NEED_CHECK), so that the oracles of step 5 hold. */
 static bool
@@ -496,8 +512,7 @@ readonly_step (const uint8_t *data, size_t size, bool valid,
                size_t noffs)
 {
   struct qed_open_options ro = { .readonly = true, .l2_cache_bytes = 65536 };
-  struct qed_chain_options co = { .follow = false, .override = raw_path,
-                                  .override_format = QED_FORMAT_RAW };
+  struct qed_chain_options co = { .follow = false };
   struct qed_check_result res;
   struct qed_image *img;
   struct qed_chain *chain;
@@ -514,17 +529,15 @@ readonly_step (const uint8_t *data, size_t size, bool valid,
   trusted = qed_check (img, false, &res) == 0 && res.corruptions == 0 &&
     res.check_errors == 0 &&
     (res.leaks == 0 || (h->features & QED_F_NEED_CHECK));
-  chain = qed_chain_open (img, &co, &none);
+  chain = raw_layer_beneath (img, &below);
   if (chain) {
     struct qed_map m;
-    qed_chain_below (chain, &below);
     exercise_reads (img, &below, offs, noffs);
     for (size_t i = 0; i < noffs; ++i)
       qed_chain_map (chain, offs[i], 100000, &m);
     qed_chain_close (chain);
   }
   /* follow=false on an image naming a backing file must refuse. */
-  co.override = NULL;
   chain = qed_chain_open (img, &co, &none);
   if (chain || (!none && qed_get_backing_name (img) == NULL))
     abort ();
@@ -563,13 +576,11 @@ writable_step (const uint8_t *data, size_t size, const uint64_t *offs,
                size_t noffs)
 {
   struct qed_open_options rw = { .l2_cache_bytes = 65536 };
-  struct qed_chain_options co = { .follow = false, .override = raw_path,
-                                  .override_format = QED_FORMAT_RAW };
   struct qed_check_result res;
   struct qed_image *img;
   struct qed_chain *chain;
   struct qed_below below;
-  bool repaired = false, none;
+  bool repaired = false;
 
   put_input (RW, data, size);
   img = open_input (RW, &rw);
@@ -588,9 +599,8 @@ writable_step (const uint8_t *data, size_t size, const uint64_t *offs,
   }
   exercise_reads (img, NULL, offs, noffs);
   exercise_writes (img, NULL, offs, noffs);
-  chain = qed_chain_open (img, &co, &none);
+  chain = raw_layer_beneath (img, &below);
   if (chain) {
-    qed_chain_below (chain, &below);
     exercise_writes (img, &below, offs, noffs);
     exercise_reads (img, &below, offs, noffs);
     qed_chain_close (chain);
