@@ -633,6 +633,8 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
 #ifdef FUZZ_MEM
   if (valid && trusted && input_hash (data, size) % 4 == 1)
     fault_pass (data, size, fault_bits (data, size), &h, offs, noffs);
+#else
+  (void) trusted;               /* faults need the in-memory file */
 #endif
 #ifdef FUZZ_FAST
   /* The fast target does the costly writable pass (repair, writes,
