@@ -121,8 +121,10 @@ deps:
 #   make crash-test [TRIALS=300]   crash and power-loss trials
 #   make fault-test [TRIALS=2000] [SEED=S] [FIRST=N]
 #                                  random operations with injected faults
-#   make fuzz [SECONDS=300]        libFuzzer over open/validate/lookup/check
-#   make fuzz-file [SECONDS=300]   the same, every input through every pass
+#   make fuzz [SECONDS=300]        libFuzzer over images in memory: open,
+#                                  check, repair, writes, injected faults
+#   make fuzz-file [SECONDS=300]   files through the kernel, every input
+#                                  through every pass
 #   make bench [QUICK=1]           against qemu-nbd and the file plugin
 crash-test: all
 	@bash tests/crash-long.sh $(TRIALS)
