@@ -33,11 +33,13 @@ MANLINKS  = nbdkit-qed-plugin.1 nbdkit-qed-filter.1
 # The core, bottom layer first (HACKING.md).
 # io-file.c is the I/O seam over the kernel (seam.h): the fuzz target
 # links an in-memory file in its place.
-CORE_SRCS = common/io-file.c common/io.c common/header.c common/alloc.c \
+CORE_SRCS = common/io-file.c common/notice.c common/progress.c \
+            common/io.c common/header.c common/alloc.c \
             common/table.c common/write.c common/map.c common/check.c \
             common/freelist.c common/image.c \
             common/backing.c common/idle.c common/lock.c common/safe-open.c
 CORE_HDRS = common/qed.h common/qed-internal.h common/geometry.h \
+            common/progress.h \
             common/seam.h common/util.h common/safe-open.h
 
 PLUGIN = plugin/nbdkit-qed-plugin.so
@@ -52,14 +54,14 @@ SEAM_HDRS = common/glue-nbdkit.h
 
 $(PLUGIN): plugin/qed-plugin.c $(CORE_SRCS) $(SEAM_SRC) $(CORE_HDRS) \
            $(SEAM_HDRS)
-	$(CC) $(CFLAGS) $(QED_CFLAGS) $(NBDKIT_CFLAGS) -shared \
+	$(CC) $(CPPFLAGS) $(CFLAGS) $(QED_CFLAGS) $(NBDKIT_CFLAGS) -shared $(LDFLAGS) \
 	  -o $@ plugin/qed-plugin.c $(CORE_SRCS) $(SEAM_SRC)
 
 FILTER_SRCS = filter/qed-filter.c filter/readahead.c
 
 $(FILTER): $(FILTER_SRCS) filter/readahead.h $(CORE_SRCS) $(SEAM_SRC) \
            $(CORE_HDRS) $(SEAM_HDRS)
-	$(CC) $(CFLAGS) $(QED_CFLAGS) $(NBDKIT_CFLAGS) -shared \
+	$(CC) $(CPPFLAGS) $(CFLAGS) $(QED_CFLAGS) $(NBDKIT_CFLAGS) -shared $(LDFLAGS) \
 	  -o $@ $(FILTER_SRCS) $(CORE_SRCS) $(SEAM_SRC)
 
 nbdkit-qed.1: nbdkit-qed.pod
