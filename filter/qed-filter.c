@@ -707,8 +707,8 @@ fetch_clusters (nbdkit_next *next, char *wbuf, uint64_t start, uint64_t end)
     for (j = i + 1; j < n && zero[j] == zero[i]; ++j)
       ;
     t = MIN (start + j * cs, end);
-    qed_fill (img, zero[i] ? NULL : wbuf + (s - start), t - s, s,
-              zero_detect, zero[i]);
+    glue_fill (img, zero[i] ? NULL : wbuf + (s - start), t - s, s,
+               zero_detect, zero[i]);
   }
   glue_note_write ();
   return 0;

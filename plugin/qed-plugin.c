@@ -555,7 +555,7 @@ cor_fill_chunk (char *wbuf, uint64_t start, uint64_t end)
   }
   /* A failed fill is logged by the core and leaves the clusters as
    * they were: the data read is still right. */
-  qed_fill (glue_image (), wbuf, end - start, start, true, false);
+  glue_fill (glue_image (), wbuf, end - start, start, true, false);
   return 0;
 }
 
