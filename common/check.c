@@ -798,8 +798,8 @@ check_pass (struct checker *ck, unsigned pass)
       return -1;
     }
     if (k == -1) {
-      qed_error ("%s: could not reclaim all leaked clusters (%m): they "
-                 "are kept, and NEED_CHECK stays set", img->filename);
+      qed_warning ("%s: could not reclaim all leaked clusters (%m): they "
+                   "are kept, and NEED_CHECK stays set", img->filename);
       ck->again = false;
       ck->wrote = true;
       k = 0;
