@@ -4,6 +4,9 @@
 #   make check      run the test suite (ends with "N passed, M failed")
 #   make check-debian13   the same against Debian 13's nbdkit 1.42 and
 #                   QEMU 10 in an mmdebstrap root (root only)
+#   make check-packages   the Debian packages (debian/) built, linted,
+#                   installed and smoke-tested on Debian 12 and 13 in
+#                   mmdebstrap roots (root only)
 #   make run        build, create a demo image and serve it
 #   make install    install into nbdkit's plugin and filter directories
 #                   and the man pages under $(PREFIX)/share/man
@@ -91,6 +94,10 @@ check:
 check-debian13:
 	@bash tests/check-debian13.sh
 
+# The Debian packages on Debian 12 and 13: see tests/check-packages.sh.
+check-packages:
+	@bash tests/check-packages.sh
+
 install: all
 	@test -n "$(PLUGINDIR)" -a -n "$(FILTERDIR)" || \
 	  { echo "pkg-config nbdkit failed: install nbdkit's development" \
@@ -156,6 +163,6 @@ clean:
 	rm -f $(PLUGIN) $(FILTER) nbdkit-qed.1 tests/unit-tests \
 	  tests/unit-tests-asan
 
-.PHONY: all check check-debian13 install uninstall run deps clean crash-test \
+.PHONY: all check check-debian13 check-packages install uninstall run deps clean crash-test \
         fault-test fuzz fuzz-file bench \
         print-core-srcs
