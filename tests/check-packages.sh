@@ -101,7 +101,7 @@ for suite in "${suites[@]}"; do
   # lintian: no error; warnings only those README.source explains.
   rc=0
   in_root "$buildroot" --bind "$out/build:/build" -- \
-    'cd /build && lintian --version && lintian --fail-on error *.changes' \
+    'cd /build && lintian --version && lintian --display-info --pedantic --fail-on error *.changes' \
     >"$logs/$sys-lintian.log" 2>&1 || rc=1
   for tag in $(sed -n 's/^W: [^ ]*: \([^ ]*\).*/\1/p' "$logs/$sys-lintian.log" | sort -u); do
     grep -qw -- "$tag" debian/README.source ||
