@@ -5,7 +5,8 @@
 # each, 256 tables: at least 10 s, whatever the machine) logs, with -v,
 # progress lines with increasing percentages, at most one per 2 s, and
 # one line at the end with what it did; without -v only the notice of
-# the repair is shown, once, and nothing says "error".
+# the repair is shown, once, and nothing says "error".  The compaction
+# at a clean stop ends with its line too, with the bytes it moved.
 source "$(dirname "$0")/functions.sh"
 requires qemu-img --version
 requires qemu-io --version
@@ -89,4 +90,21 @@ cat err.log
 [ "$(grep -c '^nbdkit: qed: notice: .*slow\.qed: repaired 0 corruptions and reclaimed 64 leaked clusters$' err.log)" = 1 ] ||
   fail "the repair is not one notice"
 ! grep -qi 'error\|progress\|reading the tables' err.log || fail "more than the notice"
+
+# The compaction at a clean stop: a trimmed first cluster, the last one
+# moved into it (64K).
+qemu-img create -q -f qed c.qed 64M
+nbdkit -f -v -U - "$PLUGIN" c.qed freelist=false --run 'nbdsh -u "$uri" -c "
+for i in range(4):
+    h.pwrite(bytes([65 + i]) * 65536, i * 1048576)
+h.flush()
+h.trim(65536, 0)
+h.flush()
+"' > out.log 2> err.log || { tail -n 20 err.log; fail "nbdkit (compaction)"; }
+grep 'compaction: ' err.log
+[ "$(grep -c 'c\.qed: compaction: done in [0-9.]* s: 0 corruptions repaired, 1 clusters freed, 65536 bytes moved$' err.log)" = 1 ] ||
+  fail "no end line of the compaction"
+qemu_check c.qed
+qemu-io -f qed -c 'read -P 0x44 3M 64k' -c 'read -P 0 0 64k' c.qed |
+  grep -c '^read 65536/65536' | grep -qx 2 || fail "data after the compaction"
 echo OK
