@@ -233,7 +233,8 @@ qed_freelist_open (struct qed_image *img, bool *rebuild)
     return 0;                   /* nothing is allocated */
   runs = read_runs (img, &r, &why);
   if (runs == NULL) {
-    qed_error ("%s: the free-cluster list is not used: %s", img->filename, why);
+    qed_warning ("%s: the free-cluster list is not used: %s", img->filename,
+                 why);
     *rebuild = true;
     return 0;
   }
