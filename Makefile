@@ -38,6 +38,7 @@ CORE_SRCS = common/io-file.c common/io.c common/header.c common/alloc.c \
             common/freelist.c common/image.c \
             common/backing.c common/idle.c common/lock.c common/safe-open.c
 CORE_HDRS = common/qed.h common/qed-internal.h common/geometry.h \
+            common/defaults.h \
             common/seam.h common/util.h common/safe-open.h
 
 PLUGIN = plugin/nbdkit-qed-plugin.so
