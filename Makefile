@@ -51,10 +51,17 @@ all: $(PLUGIN) $(FILTER) nbdkit-qed.1
 SEAM_SRC = common/seam-nbdkit.c common/glue-nbdkit.c
 SEAM_HDRS = common/glue-nbdkit.h
 
-$(PLUGIN): plugin/qed-plugin.c $(CORE_SRCS) $(SEAM_SRC) $(CORE_HDRS) \
-           $(SEAM_HDRS)
-	$(CC) $(CFLAGS) $(QED_CFLAGS) $(NBDKIT_CFLAGS) -shared \
-	  -o $@ plugin/qed-plugin.c $(CORE_SRCS) $(SEAM_SRC)
+# The plugin: its callbacks (qed-plugin.c), dir= (dir.c), one served
+# image (export.c), and nbdkit's -r read from its command line.
+PLUGIN_SRCS = plugin/qed-plugin.c plugin/dir.c plugin/export.c \
+              plugin/cmdline.c
+PLUGIN_HDRS = plugin/options.h plugin/dir.h plugin/export.h \
+              plugin/cmdline.h
+
+$(PLUGIN): $(PLUGIN_SRCS) $(PLUGIN_HDRS) $(CORE_SRCS) $(SEAM_SRC) \
+           $(CORE_HDRS) $(SEAM_HDRS)
+	$(CC) $(CFLAGS) $(QED_CFLAGS) $(NBDKIT_CFLAGS) -Iplugin -shared \
+	  -o $@ $(PLUGIN_SRCS) $(CORE_SRCS) $(SEAM_SRC)
 
 FILTER_SRCS = filter/qed-filter.c filter/readahead.c
 
