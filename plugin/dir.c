@@ -75,9 +75,15 @@ struct open_how { uint64_t flags, mode, resolve; };
 
 enum state { OPENING, OPEN, CLOSING };
 
+struct file_id {
+  dev_t dev;
+  ino_t ino;
+};
+
 struct dir_export {
   struct plugin_export e;       /* first: dir_put's argument */
-  char name[MAX_NAME + 1];
+  char name[MAX_NAME + 1];      /* the first name it was opened by */
+  struct file_id id;            /* its file */
   enum state state;
   bool gone;                    /* out of the list: the open failed, or
                                    it was closed (freed by the last
@@ -198,6 +204,8 @@ open_file (struct dir_export *de, bool readonly)
     close (fd);
     return -1;
   }
+  de->id.dev = st.st_dev;
+  de->id.ino = st.st_ino;
   fcntl (fd, F_SETFL, fcntl (fd, F_GETFL) & ~O_NONBLOCK);
   if (asprintf (&de->e.filename, "%s/%s", opts.dir, file) == -1) {
     de->e.filename = NULL;
@@ -229,12 +237,11 @@ unlink_export (struct dir_export *de)
   *pp = de->next;
 }
 
-/* Open de (state OPENING, in the list), without dir_lock. */
+/* Open de's image (its file is open; state OPENING, in the list),
+ * without dir_lock. */
 static int
-open_export (struct dir_export *de, bool readonly)
+open_image (struct dir_export *de, bool readonly)
 {
-  if (open_file (de, readonly) == -1)
-    return -1;
   if (!de->e.writable)
     readonly = true;
   if (export_open (&de->e, readonly, &budget) == -1) {
@@ -247,19 +254,33 @@ open_export (struct dir_export *de, bool readonly)
   return 0;
 }
 
+/* The export named name, or (id not NULL) whose file is id.
+ * dir_lock held. */
 static struct dir_export *
-find (const char *name)
+find (const char *name, const struct file_id *id)
 {
   for (struct dir_export *de = exports_open; de; de = de->next)
-    if (strcmp (de->name, name) == 0)
+    if (strcmp (de->name, name) == 0 ||
+        (id && de->id.dev == id->dev && de->id.ino == id->ino))
       return de;
   return NULL;
+}
+
+/* de: wait until it is OPEN or gone.  dir_lock held. */
+static void
+wait_for (struct dir_export *de)
+{
+  de->waiters++;
+  while (de->state != OPEN && !de->gone)
+    pthread_cond_wait (&dir_cond, &dir_lock);
+  if (--de->waiters == 0 && de->gone)
+    export_free (de);           /* out of the list already */
 }
 
 struct plugin_export *
 dir_get (const char *name, bool readonly)
 {
-  struct dir_export *de;
+  struct dir_export *de, *nde;
   int r;
 
   if (name[0] == '\0') {
@@ -273,49 +294,59 @@ dir_get (const char *name, bool readonly)
                   MAX_NAME + 1, name, MAX_NAME);
     return NULL;
   }
-
-  pthread_mutex_lock (&dir_lock);
-  for (;;) {
-    struct dir_export *w;
-
-    de = find (name);
-    if (de == NULL || de->state == OPEN)
-      break;
-    /* Being opened or closed by another thread: wait for the end. */
-    w = de;
-    w->waiters++;
-    while (w->state != OPEN && !w->gone)
-      pthread_cond_wait (&dir_cond, &dir_lock);
-    if (--w->waiters == 0 && w->gone)
-      export_free (w);          /* out of the list already */
-  }
-  if (de) {
-    if (!readonly && qed_is_readonly (de->e.img)) {
-      pthread_mutex_unlock (&dir_lock);
-      nbdkit_error ("export '%s': the image was opened read-only by an "
-                    "earlier connection", name);
-      return NULL;
-    }
-    de->conns++;
-    pthread_mutex_unlock (&dir_lock);
-    return &de->e;
-  }
-
-  de = calloc (1, sizeof *de);
-  if (de == NULL) {
-    pthread_mutex_unlock (&dir_lock);
+  nde = calloc (1, sizeof *nde);
+  if (nde == NULL) {
     nbdkit_error ("calloc: %m");
     return NULL;
   }
-  strcpy (de->name, name);
-  de->e.fd = -1;
+  strcpy (nde->name, name);
+  nde->e.fd = -1;
+
+  /* Share the export if it is open under this name, or its file under
+   * another (a symlink within DIR): one file is one image, with one
+   * lock.  Else open the file, and look again. */
+  pthread_mutex_lock (&dir_lock);
+  for (;;) {
+    de = find (name, nde->e.fd >= 0 ? &nde->id : NULL);
+    if (de && de->state == OPEN)
+      break;
+    if (de) {
+      wait_for (de);
+      continue;
+    }
+    if (nde->e.fd >= 0)
+      break;
+    pthread_mutex_unlock (&dir_lock);
+    r = open_file (nde, readonly);
+    pthread_mutex_lock (&dir_lock);
+    if (r == -1) {
+      pthread_mutex_unlock (&dir_lock);
+      export_free (nde);
+      return NULL;
+    }
+  }
+  if (de) {
+    r = 0;
+    if (!readonly && qed_is_readonly (de->e.img)) {
+      nbdkit_error ("export '%s': the image was opened read-only by an "
+                    "earlier connection", name);
+      r = -1;
+    }
+    else
+      de->conns++;
+    pthread_mutex_unlock (&dir_lock);
+    export_free (nde);
+    return r == 0 ? &de->e : NULL;
+  }
+
+  de = nde;
   de->state = OPENING;
   de->conns = 1;
   de->next = exports_open;
   exports_open = de;
   pthread_mutex_unlock (&dir_lock);
 
-  r = open_export (de, readonly);
+  r = open_image (de, readonly);
 
   pthread_mutex_lock (&dir_lock);
   if (r == 0)
@@ -499,8 +530,9 @@ dir_list_exports (struct nbdkit_exports *exports)
         strcmp (ent->d_name + len - strlen (SUFFIX), SUFFIX) != 0 ||
         !valid_name (ent->d_name, len - strlen (SUFFIX)))
       continue;
-    /* Only what an open would accept: a regular file beneath DIR. */
-    f = open_beneath (ent->d_name, O_PATH);
+    /* The regular files (a symlink within DIR may be opened by its
+     * name, but is the export of its target: not listed twice). */
+    f = open_beneath (ent->d_name, O_PATH | O_NOFOLLOW);
     if (f == -1)
       continue;
     if (fstat (f, &st) == 0 && S_ISREG (st.st_mode)) {
