@@ -6,7 +6,10 @@
  * (RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS) on a descriptor of DIR
  * taken at start-up: a symlink may point within DIR, never out of it
  * (on kernels without openat2, no symlink is followed).  The file
- * must be a regular file.  Any error concerns that export only.
+ * must be a regular file.  Any error concerns that export only.  An
+ * export is its file: a symlink within DIR names its target's export
+ * (found by device and inode), since two opens of one file would
+ * conflict on its locks.  Only regular files are listed.
  *
  * Life of an export.  The first connection opens the image and its
  * chain with export_open, exactly as file= does (and with the same
