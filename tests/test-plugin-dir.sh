@@ -11,6 +11,8 @@
 #  - after its last connection an export is closed cleanly (NEED_CHECK
 #    clear), so that QEMU can open it (qemu-img check exits 0, qemu-io
 #    writes), and the next connection sees QEMU's write;
+#  - an open export is marked clean after idle-clean without writes;
+#  - default-export=NAME; under -r no file changes (cmp);
 #  - file= with dir=, and create= with dir=, are refused.
 source "$(dirname "$0")/functions.sh"
 requires qemu-img --version
@@ -172,14 +174,42 @@ echo "ok: closed after the last connection (check 0, NEED_CHECK clear); QEMU's w
 stop_nbdkit s
 for f in alpha beta gamma_1.0-x held; do qemu_check "$D/$f.qed"; done
 
-# ---- default-export=NAME; nbdkit -r; the refused combinations.
-start_nbdkit r -r "$PLUGIN" dir="$D" default-export=alpha
+# ---- An open export is written back and marked clean after
+# idle-clean seconds without writes, its connection still open.
+start_nbdkit i "$PLUGIN" dir="$D" idle-clean=1
+/usr/bin/python3 - "$tmp/i.sock" "$D/gamma_1.0-x.qed" <<'EOF' || fail "idle write-back"
+import nbd, sys, time
+h = nbd.NBD(); h.set_export_name("gamma_1.0-x"); h.connect_unix(sys.argv[1])
+h.pwrite(b"G" * 65536, 65536)
+def need_check():
+    with open(sys.argv[2], "rb") as f:
+        f.seek(16); return f.read(1)[0] & 2
+assert need_check(), "no NEED_CHECK after a write"
+for _ in range(600):            # the event: the flag cleared
+    if not need_check(): break
+    time.sleep(0.1)
+else:
+    sys.exit("NEED_CHECK not cleared with the connection open")
+assert h.pread(65536, 65536) == b"G" * 65536
+h.shutdown()
+EOF
+stop_nbdkit i
+echo "ok: an open export is marked clean after idle-clean without writes"
+
+# ---- default-export=NAME; nbdkit -r changes no file.
+for f in "$D"/*.qed; do [ -f "$f" ] && cp "$f" "$f.before"; done
+start_nbdkit r -r "$PLUGIN" dir="$D" default-export=alpha idle-clean=0
 nbdsh -u "nbd+unix:///?socket=$tmp/r.sock" -c '
 assert h.is_read_only()
 assert h.pread(65536, 0) == b"A" * 65536
 ' || fail "default-export=alpha under -r"
+nbdinfo --list "$(uri r)" >/dev/null 2>&1 || true
 stop_nbdkit r
-echo "ok: default-export=NAME serves NAME for the empty name; -r is read-only"
+for f in "$D"/*.qed.before; do
+  cmp "$f" "${f%.before}" || fail "-r changed ${f%.before}"
+  rm -f "$f"
+done
+echo "ok: default-export=NAME serves NAME for the empty name; -r changes no file"
 
 nbdkit -U - "$PLUGIN" dir="$D" file="$D/alpha.qed" --run true 2>"$tmp/e.log" \
   && fail "file= with dir= accepted"
