@@ -11,9 +11,8 @@
  * "--" ends the options, long options may be abbreviated to any
  * unambiguous prefix, take their argument as --opt=ARG or --opt ARG,
  * and short options cluster (-fr) or take an attached argument
- * (-Dqed.verbose=1).  The table below is nbdkit's server/options.h of
- * 1.32 (the same options with arguments in 1.42; the options 1.42
- * added take none).
+ * (-Dqed.verbose=1).  The table below is nbdkit's option table of
+ * 1.32, with the options added up to 1.42.
  *
  * The answer is trusted only if the parse is consistent with what
  * nbdkit did: every option is known, and the first operand is this
@@ -39,9 +38,11 @@ struct long_opt {
   char val;                     /* the short option, or 0 */
 };
 
-/* nbdkit 1.32 (server/options.h), plus the argument-less options of
- * later versions up to 1.42 (no-mc, no-meta-contexts, print-uri, ...
- * listed so that their use does not make the answer unknown). */
+/* nbdkit 1.32 (server/options.h), plus the options later versions
+ * added by 1.42 (in their manual's synopsis: --keepalive, --no-mc,
+ * --no-meta-contexts, --no-structured-replies, --print-uri, and
+ * --timeout=TIMEOUT, the one with an argument).  An option missing
+ * here makes the answer unknown (nothing is written), never wrong. */
 static const char short_options[] = "46D:e:fg:i:nop:P:rst:u:U:vV";
 static const struct long_opt long_options[] = {
   { "debug", true, 'D' },
@@ -60,6 +61,7 @@ static const struct long_opt long_options[] = {
   { "ipaddr", true, 'i' },
   { "ipv4-only", false, '4' },
   { "ipv6-only", false, '6' },
+  { "keepalive", false, 0 },
   { "log", true, 0 },
   { "long-options", false, 0 },
   { "mask-handshake", true, 0 },
@@ -84,6 +86,7 @@ static const struct long_opt long_options[] = {
   { "stdin", false, 's' },
   { "swap", false, 0 },
   { "threads", true, 't' },
+  { "timeout", true, 0 },
   { "tls", true, 0 },
   { "tls-certificates", true, 0 },
   { "tls-psk", true, 0 },
