@@ -241,6 +241,7 @@ open_qed_layer (const struct walk *w, struct layer *l, bool probed,
 {
   struct qed_open_options oo = { .readonly = true,
                                  .l2_cache_bytes = w->o->l2_cache_bytes,
+                                 .cache_budget = w->o->cache_budget,
                                  .locking = w->o->locking,
                                  .backing_layer = true,
                                  .use_fd = true, .fd = l->fd };

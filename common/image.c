@@ -244,6 +244,7 @@ image_new (const char *filename, const struct qed_open_options *opts)
   img->demote = opts->demote;
   img->freelist = opts->freelist && !opts->demote;
   img->compact_limit = opts->compact_limit;
+  img->cache_budget = opts->cache_budget;
   img->reclaim_budget = RECLAIM_UNLIMITED;
   img->filename = strdup (filename);
   if (img->filename == NULL) {

@@ -2,7 +2,7 @@
 /* nbdkit-qed: default qed_notice and qed_warning (seam.h).
  *
  * The nbdkit seam (seam-nbdkit.c) defines both; hosts that define only
- * qed_error and qed_debug (the unit tests, the fuzz target) get these
+ * qed_error and qed_debug (the fuzz target) get these
  * weak ones, which log through qed_debug with the level in front.
  */
 

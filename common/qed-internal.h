@@ -45,6 +45,7 @@
 #include <sys/uio.h>
 
 #include "qed.h"
+#include "defaults.h"
 
 /* lock.c */
 enum qed_lock_role { QED_LOCK_WRITER, QED_LOCK_READER, QED_LOCK_BACKING };
@@ -57,7 +58,7 @@ extern void qed_unlock_file (int fd);
  */
 #define L2_PAGE_BYTES    4096u
 #define L2_PAGE_ENTRIES  (L2_PAGE_BYTES / 8)
-#define DEFAULT_L2_CACHE (32u * 1024 * 1024)
+#define DEFAULT_L2_CACHE QED_DEFAULT_L2_CACHE   /* defaults.h */
 #define MIN_L2_CACHE     (64u * 1024)
 
 struct l2_page {
@@ -121,6 +122,7 @@ struct qed_image {
   size_t hash_mask;
   struct l2_page lru;           /* sentinel */
   size_t npages, max_pages;
+  struct qed_cache_budget *cache_budget;  /* shared with other images */
   struct l2_page *dirty_list;
   size_t ndirty;
   uint64_t hits, misses;

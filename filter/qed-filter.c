@@ -92,6 +92,7 @@
 #include <nbdkit-filter.h>
 
 #include "qed.h"
+#include "defaults.h"
 #include "glue-nbdkit.h"
 #include "safe-open.h"
 #include "seam.h"
@@ -105,8 +106,8 @@
 #define CACHE_CHUNK (32u * 1024 * 1024)
 
 /* Seconds without writes after which a persistent overlay is written
- * back and marked clean (as the plugin's idle-clean default). */
-#define IDLE_CLEAN 5
+ * back and marked clean (the plugin's idle-clean default). */
+#define IDLE_CLEAN QED_DEFAULT_IDLE_CLEAN
 
 /* Parameters. */
 static char *overlay;                   /* NULL = temporary */
@@ -116,7 +117,7 @@ static uint32_t readahead = RA_DEFAULT_WINDOW;  /* the window's bound */
 static uint32_t cluster_size;           /* 0 = default, new overlays only */
 static char *backing_name;
 static enum qed_locking locking = QED_LOCKING_AUTO;
-static uint64_t compact_limit = 64 * 1024 * 1024;  /* as the plugin's */
+static uint64_t compact_limit = QED_DEFAULT_COMPACT_LIMIT;
 static bool freelist = true;
 
 /* A temporary overlay is created in its own private directory, made
