@@ -80,6 +80,20 @@ nbdkit "stage$plugindir/nbdkit-qed-plugin.so" --version | grep -q '^qed ' ||
 nbdkit --filter="stage$filterdir/nbdkit-qed-filter.so" null --version |
   grep -q '^qed ' || fail "the packaged filter does not load"
 
+# debian/tests/control as autopkgtest reads it (where it is installed).
+if [ -f /usr/share/autopkgtest/lib/testdesc.py ]; then
+  (cd "$TOP" && /usr/bin/python3 -c '
+import sys
+sys.path.insert(0, "/usr/share/autopkgtest/lib")
+import testdesc
+tests, _ = testdesc.parse_debian_source(".", ["isolation-container"], "amd64")
+for t in tests:
+    print("autopkgtest:", t.name, t.depends, sorted(t.restrictions))
+assert [t.name for t in tests] == ["smoke"]
+assert {"nbdkit-qed", "nbdkit-qed-filter", "python3-libnbd"} <= set(tests[0].depends)
+') || fail "autopkgtest does not read debian/tests/control as expected"
+fi
+
 # lintian: no error; warnings only those README.source explains.
 lintian --fail-on error ./*.changes > lintian.log 2>&1 ||
   { cat lintian.log; fail "lintian reports errors"; }
