@@ -87,6 +87,10 @@ struct offset_list {
 struct qed_image {
   char *filename;
   int fd;
+  /* The real directory holding the file (O_PATH, after every symbolic
+   * link), where its relative backing name resolves; -1 if the image
+   * was opened from a descriptor. */
+  int dirfd;
   bool readonly;
   struct qed_header h;
   char *backing_name;           /* NUL-terminated, or NULL */
