@@ -627,8 +627,12 @@ qed_open_overlay_fd (const char *path, bool writable, bool *missing)
 
   *missing = false;
   if (walk_parent (&wk, AT_FDCWD, path, &dir, &last) == -1) {
-    if (!wk.reported)
+    e = errno;
+    if (e == ENOENT && !wk.reported)
+      *missing = true;          /* the caller says it cannot create it */
+    else if (!wk.reported)
       qed_error ("qed-overlay: %s: %m", path);
+    errno = e;
     return -1;
   }
   if (fstatat (dir, last, &lst, AT_SYMLINK_NOFOLLOW) == -1) {
