@@ -167,7 +167,9 @@ struct qed_image {
   bool list_record;             /* a list record is on disk */
   bool list_trusted;            /* the list was loaded into free_list */
   uint64_t reclaim_budget;      /* clusters reclaim may still move */
-  struct offset_list *leak_sink; /* a check without repair lists leaks */
+  /* A check without repair lists leaks here, as runs: pairs (file
+   * offset, clusters). */
+  struct offset_list *leak_sink;
 };
 
 /* reclaim_budget when compaction is not limited. */
