@@ -197,14 +197,15 @@ open_layer_file (struct walk *w, struct layer *l, const char *name,
 {
   struct qed_backing_open bo = {
     .path = l->path, .dirfd = namer->dirfd, .name = name,
-    .devices = w->o->devices, .beneath = -1,
+    .devices = w->o->devices,
   };
   int fd;
 
   if (!namer->as_server) {
     bo.as_owner = true;
     bo.uid = namer->uid;
-    bo.beneath = w->beneath;
+    bo.beneath = w->beneath >= 0;
+    bo.beneath_dirfd = w->beneath;
   }
   fd = qed_open_backing (&bo, st, &l->dirfd);
   /* follow-backing=beneath keeps names below the top's directory, or

@@ -534,7 +534,7 @@ qed_open_backing (struct qed_backing_open *bo, struct stat *st,
     qed_error ("backing file %s: fstat: %m", bo->path);
     goto err;
   }
-  if (bo->beneath >= 0 && !lies_beneath (dir, bo->beneath)) {
+  if (bo->beneath && !lies_beneath (dir, bo->beneath_dirfd)) {
     qed_error ("backing file %s is not beneath the top image's directory "
                "(follow-backing=beneath)", bo->path);
     errno = EXDEV;

@@ -17,8 +17,9 @@ struct qed_backing_open {
   const char *path;             /* for messages */
   int dirfd;                    /* name is relative to this (or AT_FDCWD) */
   const char *name;
-  /* If not -1: the file must lie beneath this directory. */
-  int beneath;
+  /* The file must lie beneath the directory beneath_dirfd. */
+  bool beneath;
+  int beneath_dirfd;
   /* When the server runs as root: walk and open with the file-system
    * identity of user uid (its groups from the user database). */
   bool as_owner;
