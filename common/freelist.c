@@ -371,8 +371,16 @@ qed_freelist_publish (struct qed_image *img)
   if (n == -1)
     return -1;
   nruns = n;
-  if (nruns == 0 || qed_freelist_record_offset (img) == 0)
+  if (nruns == 0)
     return erase_record (img);
+  if (qed_freelist_record_offset (img) == 0) {
+    /* A backing file name reaching into the record's bytes: the free
+     * clusters cannot be listed, so they stay leaks that NEED_CHECK
+     * must explain (a clean stop compacts them all away instead). */
+    qed_note_leak (img, "the backing file name leaves no room for the "
+                   "free-cluster list record");
+    return erase_record (img);
+  }
   /* Taking the list's room from a run never adds or removes one. */
   need = (nruns * RUN_BYTES + img->cs - 1) >> img->cs_bits;
   if (place_list (img, runs, nruns, &total, need, &where) == -1)

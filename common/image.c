@@ -508,8 +508,11 @@ try_clear_need_check (struct qed_image *img)
       return qed_freelist_publish (img);
     return 0;
   }
-  if (qed_cut_tail (img) == -1 || qed_freelist_publish (img) == -1 ||
-      qed_clear_need_check (img) == -1)
+  if (qed_cut_tail (img) == -1 || qed_freelist_publish (img) == -1)
+    return -1;
+  if (img->leaking)
+    return 0;                   /* free clusters that could not be listed */
+  if (qed_clear_need_check (img) == -1)
     return -1;
   qed_debug ("%s: clean: NEED_CHECK cleared", img->filename);
   return 0;
@@ -547,12 +550,14 @@ close_compact (struct qed_image *img)
       return 0;
     /* A list on disk (from the idle timer, or the open) is still
      * valid; with no data to move, leave it. */
-    if (!img->need_check && img->freelist && img->compact_limit < img->cs)
+    if (!img->need_check && img->freelist && img->compact_limit < img->cs &&
+        qed_freelist_record_offset (img) != 0)
       return 0;
     if (qed_mark_need_check (img) == -1)
       return -1;
   }
-  if (img->freelist)
+  /* (With no room for the list's record, compact completely.) */
+  if (img->freelist && qed_freelist_record_offset (img) != 0)
     img->reclaim_budget = qed_cluster_index (img, img->compact_limit);
   r = qed_compact (img);
   img->reclaim_budget = RECLAIM_UNLIMITED;
