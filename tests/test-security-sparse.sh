@@ -17,9 +17,9 @@ dd if=/dev/zero of="$tmp/probe" bs=1 count=0 seek=$SIZE status=none 2>/dev/null 
 rm -f "$tmp/probe"
 
 # make IMG MODE [high]: the hostile image (high: guest cluster 0 lives
-# at 3 TiB).
+# at 3 TiB; CS: the cluster size, 64K by default).
 make () {
-  qemu-img create -q -f qed "$1" 1M
+  qemu-img create -q -f qed -o cluster_size=${CS:-65536} "$1" 1M
   qemu-io -f qed -c "write -P 0x61 0 512k" "$1" >/dev/null
   /usr/bin/python3 "$TOP/tests/make-sparse-list.py" "$1" $SIZE "$2"
   if [ "${3:-}" = high ]; then
@@ -69,5 +69,9 @@ for mode in trusted rebuild needcheck; do
   # What the first open left is opened again, just as bounded.
   cp --sparse=always "$tmp/w.qed" "$tmp/$mode-again.qed"
   measure "$mode-again" "$tmp/$mode-again.qed"
+  # 4K clusters: a billion of them in the file.
+  CS=4096 make "$tmp/$mode-4k.qed" $mode high
+  measure "$mode-4k" "$tmp/$mode-4k.qed"
+  measure "$mode-4k-r" "$tmp/$mode-4k.qed" -r
 done
 echo PASS
