@@ -17,8 +17,8 @@
  * names inside it (a guest of root's raw disk may have written them);
  * between two users, the identity already in force stays.  Symbolic
  * links, devices, pseudo file systems and magic links are judged in
- * safe-open.c; with follow-backing=beneath every name must resolve
- * beneath the top image's directory.  A file the user named
+ * safe-open.c; with follow-backing=beneath every file must lie beneath
+ * the top image's real directory.  A file the user named
  * (backing-override) is opened as the server.
  */
 
@@ -189,8 +189,8 @@ open_below (struct walk *w, struct layer *l, const char *name,
 
 /* Open the file of a layer, named `name` by namer: relative to the
  * real directory of the image that names it, with the identity in
- * force (as the server for backing-override).  l->dirfd and l->level
- * get where it was found. */
+ * force (as the server for backing-override).  l->dirfd gets the
+ * directory it was found in. */
 static int
 open_layer_file (struct walk *w, struct layer *l, const char *name,
                  const struct namer *namer, struct stat *st)
