@@ -198,4 +198,20 @@ served root-chain "$tmp/expect-vm.raw" -r "$PLUGIN" "$tmp/roottop.qed"
 qemu-img create -q -f qed -b "$d/mid.qed" -F qed "$tmp/root-on-user.qed" 2M
 served root-on-user "$tmp/expect-mid.raw" -r "$PLUGIN" "$tmp/root-on-user.qed"
 echo "ok: users' and root's chains"
+
+# ---- 6. Link loops end; a link to nothing of another user is refused.
+as_nobody ln -s loop2 "$tmp/u/loop1"
+as_nobody ln -s loop1 "$tmp/u/loop2"
+as_nobody qemu-img create -q -u -f qed -b loop1 -F raw "$tmp/u/loop.qed" 1M
+no_secret loop -r "$PLUGIN" "$tmp/u/loop.qed"
+refused loop "too many levels of symbolic links"
+mkdir -m 1777 "$tmp/ww2"
+as_nobody ln -s "$tmp/vm/none.qed" "$tmp/ww2/none.qed"
+no_secret dangling "$PLUGIN" "$tmp/ww2/none.qed"
+refused dangling "none.qed is a symbolic link owned by uid 65534 in a world-writable directory"
+no_secret dangling-ov --filter="$FILTER" file "$tmp/src.raw" \
+  qed-overlay="$tmp/ww2/none.qed"
+refused dangling-ov "symbolic link owned by another user"
+[ ! -e "$tmp/vm/none.qed" ] || fail "a file was made through nobody's dangling link"
+echo "ok: loops and dangling links"
 echo PASS
