@@ -5,7 +5,9 @@
  * with '.'; its image is DIR/NAME.qed, opened with openat2
  * (RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS) on a descriptor of DIR
  * taken at start-up: a symlink may point within DIR, never out of it
- * (on kernels without openat2, no symlink is followed).  The file
+ * (on kernels without openat2, no symlink is followed), and is
+ * followed only under the symlink rule of every image path (judged by
+ * who planted it: reopen_link, safe-open.c).  The file
  * must be a regular file.  Any error concerns that export only.  An
  * export is its file: a symlink within DIR names its target's export
  * (found by device and inode), since two opens of one file would
