@@ -88,6 +88,10 @@ struct offset_list {
 struct qed_image {
   char *filename;
   int fd;
+  /* The real directory holding the file (O_PATH, after every symbolic
+   * link), where its relative backing name resolves; -1 if the image
+   * was opened from a descriptor. */
+  int dirfd;
   bool readonly;
   struct qed_header h;
   char *backing_name;           /* NUL-terminated, or NULL */
@@ -165,7 +169,9 @@ struct qed_image {
   bool list_record;             /* a list record is on disk */
   bool list_trusted;            /* the list was loaded into free_list */
   uint64_t reclaim_budget;      /* clusters reclaim may still move */
-  struct offset_list *leak_sink; /* a check without repair lists leaks */
+  /* A check without repair lists leaks here, as runs: pairs (file
+   * offset, clusters). */
+  struct offset_list *leak_sink;
 };
 
 /* reclaim_budget when compaction is not limited. */

@@ -677,6 +677,7 @@ fetch_clusters (nbdkit_next *next, char *wbuf, uint64_t start, uint64_t end)
   uint64_t n = (end - start + cs - 1) / cs, i, j;
   int64_t size = next->get_size (next);
   CLEANUP_FREE bool *zero = NULL;
+  bool stored = true;
 
   if (size == -1) {
     errno = EIO;
@@ -708,9 +709,11 @@ fetch_clusters (nbdkit_next *next, char *wbuf, uint64_t start, uint64_t end)
     for (j = i + 1; j < n && zero[j] == zero[i]; ++j)
       ;
     t = MIN (start + j * cs, end);
-    glue_fill (img, zero[i] ? NULL : wbuf + (s - start), t - s, s,
-               zero_detect, zero[i]);
+    if (glue_fill (img, zero[i] ? NULL : wbuf + (s - start), t - s, s,
+                   zero_detect, zero[i]) == -1)
+      stored = false;
   }
+  ra_note_stored (stored);
   glue_note_write ();
   return 0;
 }

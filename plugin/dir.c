@@ -5,7 +5,9 @@
  * with '.'; its image is DIR/NAME.qed, opened with openat2
  * (RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS) on a descriptor of DIR
  * taken at start-up: a symlink may point within DIR, never out of it
- * (on kernels without openat2, no symlink is followed).  The file
+ * (on kernels without openat2, no symlink is followed), and is
+ * followed only under the symlink rule of every image path (judged by
+ * who planted it: reopen_link, safe-open.c).  The file
  * must be a regular file.  Any error concerns that export only.  An
  * export is its file: a symlink within DIR names its target's export
  * (found by device and inode), since two opens of one file would
@@ -72,6 +74,7 @@ struct open_how { uint64_t flags, mode, resolve; };
 #include "dir.h"
 #include "export.h"
 #include "options.h"
+#include "safe-open.h"
 
 #define MAX_NAME 200
 #define SUFFIX ".qed"
@@ -166,6 +169,40 @@ open_beneath (const char *file, int flags)
   return openat (dir_fd, file, how.flags | O_NOFOLLOW);
 }
 
+/* NAME.qed in DIR is a symlink (within DIR: open_beneath proved it):
+ * follow it only under the rule for every image path, judged by who
+ * planted each link (safe-open.c), so that one user's link never
+ * reaches another user's image in DIR.  The walk must land on the
+ * file that *fd is; *fd is replaced by its descriptor.  -1, logged. */
+static int
+reopen_link (struct dir_export *de, const char *file, int flags, int *fd)
+{
+  CLEANUP_FREE char *path = NULL;
+  struct stat a, b;
+  int fd2;
+
+  if (asprintf (&path, "%s/%s", opts.dir, file) == -1) {
+    path = NULL;
+    nbdkit_error ("asprintf: %m");
+    return -1;
+  }
+  fd2 = qed_open_image_fd (path, flags | O_NONBLOCK | O_CLOEXEC, NULL);
+  if (fd2 == -1) {
+    nbdkit_error ("export '%s': refused", de->name);
+    return -1;
+  }
+  if (fstat (fd2, &a) == -1 || fstat (*fd, &b) == -1 ||
+      a.st_dev != b.st_dev || a.st_ino != b.st_ino) {
+    nbdkit_error ("export '%s': %s changed while it was opened: refused",
+                  de->name, path);
+    close (fd2);
+    return -1;
+  }
+  close (*fd);
+  *fd = fd2;
+  return 0;
+}
+
 /* Open the file of export name for e (writable if it can be): a
  * regular file, beneath DIR.  -1 with the error logged. */
 static int
@@ -199,6 +236,12 @@ open_file (struct dir_export *de, bool readonly)
                     de->name, opts.dir, file);
     else
       nbdkit_error ("export '%s': %s/%s: %m", de->name, opts.dir, file);
+    return -1;
+  }
+  if (fstatat (dir_fd, file, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+      S_ISLNK (st.st_mode) &&
+      reopen_link (de, file, de->e.writable ? O_RDWR : O_RDONLY, &fd) == -1) {
+    close (fd);
     return -1;
   }
   if (fstat (fd, &st) == -1 || !S_ISREG (st.st_mode)) {

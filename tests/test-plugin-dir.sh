@@ -40,6 +40,10 @@ qemu-img create -q -f qed "$D/held.qed" 8M
 qemu-img create -q -f qed "$tmp/outside/secret.qed" 8M
 ln -s "$tmp/outside/secret.qed" "$D/escape.qed"
 ln -s alpha.qed "$D/alias.qed"          # within DIR: allowed
+# Within DIR, but planted by another user (nobody) at root's image:
+# the symlink rule of every image path refuses it.
+ln -s alpha.qed "$D/planted.qed"
+chown -h nobody "$D/planted.qed"
 mkdir "$D/sub.qed"
 qemu-img create -q -f qed "$D/.hidden.qed" 8M
 qemu-img create -q -f qed "$D/bad name.qed" 8M
@@ -72,7 +76,7 @@ want = {"alpha": 16 << 20, "beta": 32 << 20, "gamma_1.0-x": 8 << 20,
 for name, size in want.items():
     assert exports.get(name) == size, (name, exports.get(name))
 # Symlinks are not listed (alias is alpha's file: one export).
-for name in ("escape", "alias", "sub", ".hidden", "bad name", "notes", ""):
+for name in ("escape", "alias", "planted", "sub", ".hidden", "bad name", "notes", ""):
     assert name not in exports, name
 EOF
 echo "ok: nbdinfo --list shows the images in DIR with their sizes"
@@ -116,6 +120,7 @@ cases = {
     "missing": "no such export",
     "escape": "is a symlink that leads out of",
     "sub": "is not a regular file",
+    "planted": "is a symbolic link owned by uid 65534",
 }
 for name, msg in cases.items():
     try:
