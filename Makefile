@@ -35,7 +35,7 @@ MANLINKS  = nbdkit-qed-plugin.1 nbdkit-qed-filter.1
 # links an in-memory file in its place.
 CORE_SRCS = common/io-file.c common/io.c common/header.c common/alloc.c \
             common/table.c common/write.c common/map.c common/check.c \
-            common/freelist.c common/image.c \
+            common/freelist.c common/image.c common/header-area.c \
             common/backing.c common/idle.c common/lock.c common/safe-open.c
 CORE_HDRS = common/qed.h common/qed-internal.h common/geometry.h \
             common/seam.h common/util.h common/safe-open.h
@@ -55,9 +55,9 @@ $(PLUGIN): plugin/qed-plugin.c $(CORE_SRCS) $(SEAM_SRC) $(CORE_HDRS) \
 	$(CC) $(CFLAGS) $(QED_CFLAGS) $(NBDKIT_CFLAGS) -shared \
 	  -o $@ plugin/qed-plugin.c $(CORE_SRCS) $(SEAM_SRC)
 
-FILTER_SRCS = filter/qed-filter.c filter/readahead.c
+FILTER_SRCS = filter/qed-filter.c filter/readahead.c filter/origin.c
 
-$(FILTER): $(FILTER_SRCS) filter/readahead.h $(CORE_SRCS) $(SEAM_SRC) \
+$(FILTER): $(FILTER_SRCS) filter/readahead.h filter/origin.h $(CORE_SRCS) $(SEAM_SRC) \
            $(CORE_HDRS) $(SEAM_HDRS)
 	$(CC) $(CFLAGS) $(QED_CFLAGS) $(NBDKIT_CFLAGS) -shared \
 	  -o $@ $(FILTER_SRCS) $(CORE_SRCS) $(SEAM_SRC)

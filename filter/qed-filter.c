@@ -7,6 +7,8 @@
  *          [qed-readahead=SIZE]
  *          [qed-locking=on|off|auto] [qed-compact-limit=SIZE]
  *          [qed-freelist=BOOL]
+ *          [qed-origin-id=STRING] [qed-origin-changed=error|keep|discard]
+ *          [qed-detach=BOOL]
  *
  * Behaviour notes (why things are the way they are):
  *
@@ -97,6 +99,7 @@
 #include "seam.h"
 #include "util.h"
 #include "readahead.h"
+#include "origin.h"
 
 /* The largest single read passed to the plugin. */
 #define MAX_BACKEND_READ (32u * 1024 * 1024)
@@ -118,6 +121,14 @@ static char *backing_name;
 static enum qed_locking locking = QED_LOCKING_AUTO;
 static uint64_t compact_limit = 64 * 1024 * 1024;  /* as the plugin's */
 static bool freelist = true;
+static bool detach;
+
+/* The overlay holds every cluster and no longer names its origin
+ * (qed-detach): the plugin is never read again (atomic). */
+static bool detached;
+/* Every cluster before this offset is in the overlay (detach_lock). */
+static pthread_mutex_t detach_lock = PTHREAD_MUTEX_INITIALIZER;
+static uint64_t detach_cursor;
 
 /* A temporary overlay is created in its own private directory, made
  * in tmp_parent when the first connection needs it. */
@@ -143,6 +154,7 @@ qed_filter_unload (void)
   overlay = backing_name = tmp_parent = tmp_dir = NULL;
   ra_log_stats ();
   extcache_free ();
+  origin_unload ();
 }
 
 static int
@@ -202,6 +214,12 @@ qed_filter_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
   }
   else if (strcmp (key, "qed-freelist") == 0)
     return glue_parse_bool (key, value, &freelist);
+  else if (strcmp (key, "qed-origin-id") == 0)
+    return origin_set_id (value);
+  else if (strcmp (key, "qed-origin-changed") == 0)
+    return origin_set_changed (value);
+  else if (strcmp (key, "qed-detach") == 0)
+    return glue_parse_bool (key, value, &detach);
   else if (strncmp (key, "qed-", 4) == 0) {
     /* No plugin uses our prefix: a typo must not reach the plugin. */
     nbdkit_error ("unknown parameter '%s'", key);
@@ -227,7 +245,14 @@ qed_filter_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
   "qed-compact-limit=<SIZE>   At a clean stop move at most SIZE of data\n" \
   "                           to give back freed space; list the rest\n" \
   "                           (default 64M).\n" \
-  "qed-freelist=false         Never write a free-cluster list."
+  "qed-freelist=false         Never write a free-cluster list.\n" \
+  "qed-origin-id=<STRING>     The origin's version (an ETag...): an\n" \
+  "                           overlay made for another id is refused.\n" \
+  "qed-origin-changed=error|keep|discard\n" \
+  "                           What to do when the origin changed\n" \
+  "                           (default error).\n" \
+  "qed-detach=<BOOL>          Once the overlay holds every cluster,\n" \
+  "                           remove the origin from its header."
 
 static int
 qed_filter_config_complete (nbdkit_next_config_complete *next,
@@ -240,9 +265,12 @@ qed_filter_config_complete (nbdkit_next_config_complete *next,
                   "clusters of %" PRIu32 " bytes", cs);
     return -1;
   }
+  /* The name must leave room for the origin record and the
+   * free-cluster list record at the end of the header cluster. */
   if (backing_name &&
       (strlen (backing_name) > QED_MAX_BACKING_NAME ||
-       strlen (backing_name) > cs - QED_HEADER_BYTES)) {
+       strlen (backing_name) > cs - QED_HEADER_BYTES - 64 -
+       ORIGIN_RECORD_BYTES)) {
     nbdkit_error ("qed-backing-name: the name is too long (%zu bytes)",
                   strlen (backing_name));
     return -1;
@@ -277,6 +305,12 @@ qed_filter_get_ready (int thread_model)
     return 0;
   }
   ready_done = true;
+  origin_set_parallel (thread_model == NBDKIT_THREAD_MODEL_PARALLEL);
+  if (detach && overlay == NULL) {
+    nbdkit_error ("qed-detach: needs qed-overlay (a temporary overlay is "
+                  "deleted at exit)");
+    return -1;
+  }
   if (backing_name && overlay) {
     /* Only other readers of the overlay open it: just a hint. */
     CLEANUP_FREE char *dir = dir_of (overlay);
@@ -398,6 +432,7 @@ qed_filter_cleanup (nbdkit_backend *backend)
 
 /* Per connection. */
 struct qed_handle {
+  char *exportname;             /* the plugin export of this connection */
   unsigned reads_in_progress;   /* atomic */
   /* Reads to go before the connection counts as reading one at a time
    * again, after it was seen with several in progress (atomic). */
@@ -418,15 +453,21 @@ qed_filter_open (nbdkit_next_open *next, nbdkit_context *context,
   if (next (context, 1, exportname) == -1)
     return NULL;
   h = calloc (1, sizeof *h);
-  if (h == NULL)
+  if (h == NULL || (h->exportname = strdup (exportname)) == NULL) {
     nbdkit_error ("calloc: %m");
+    free (h);
+    return NULL;
+  }
   return h;
 }
 
 static void
 qed_filter_close (void *handle)
 {
-  free (handle);
+  struct qed_handle *h = handle;
+
+  free (h->exportname);
+  free (h);
 }
 
 /* The temporary overlay's private directory, made at first need, so
@@ -531,9 +572,54 @@ open_overlay (int64_t size)
   return i;
 }
 
+static bool
+is_detached (void)
+{
+  return __atomic_load_n (&detached, __ATOMIC_ACQUIRE);
+}
+
+/* qed-detach: once every cluster is in the overlay, remove the origin
+ * from its header (one synced header write) and never read the plugin
+ * again.  Cheap to call after every change: the scan goes on from
+ * where the last one stopped (clusters in the overlay stay there: with
+ * a backing file, zero and trim make zero clusters). */
+static void
+detach_poll (void)
+{
+  struct qed_image *img = glue_image ();
+  uint64_t isize;
+
+  if (!detach || img == NULL ||
+      __atomic_load_n (&detached, __ATOMIC_ACQUIRE))
+    return;
+  if (pthread_mutex_trylock (&detach_lock) != 0)
+    return;                     /* someone is scanning */
+  isize = qed_get_size (img);
+  while (detach_cursor < isize) {
+    struct qed_map m;
+
+    if (qed_map (img, detach_cursor, isize - detach_cursor, &m) == -1 ||
+        m.type == QED_MAP_UNALLOCATED)
+      break;
+    detach_cursor += m.length;
+  }
+  if (detach_cursor >= isize) {
+    errno = 0;
+    if (qed_detach_backing (img, QED_CF_ORIGIN) == 0) {
+      origin_forget ();
+      __atomic_store_n (&detached, true, __ATOMIC_RELEASE);
+      nbdkit_debug ("qed-detach: %s holds every cluster of the disk: the "
+                    "origin is removed from its header; it is a "
+                    "standalone QED image now", overlay);
+    }
+  }
+  pthread_mutex_unlock (&detach_lock);
+}
+
 static int
 qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
 {
+  struct qed_handle *h = handle;
   struct qed_image *img;
   int64_t size;
   uint64_t want;
@@ -548,8 +634,25 @@ qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
   img = glue_image ();
   if (img == NULL) {
     struct qed_image *i = open_overlay (size);
+    int r = 0;
+
     if (i == NULL)
       return -1;
+    if (overlay)
+      r = origin_open (i, next, size, h->exportname);
+    if (r == 1) {
+      /* qed-origin-changed=discard: set aside, start afresh. */
+      if (origin_discard (i, overlay) == -1)
+        return -1;
+      i = open_overlay (size);
+      if (i == NULL)
+        return -1;
+      r = origin_open (i, next, size, h->exportname);
+    }
+    if (r != 0) {
+      qed_close (i);
+      return -1;
+    }
     if (qed_get_size (i) != want) {
       nbdkit_error ("qed-overlay: %s is an overlay of a %" PRIu64 "-byte "
                     "disk, but the plugin's disk is %" PRIi64 " bytes "
@@ -560,6 +663,7 @@ qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
       return -1;
     }
     glue_set_image (i);
+    detach_poll ();
   }
   else if (qed_get_size (img) != want) {
     nbdkit_error ("qed-filter: this connection's plugin disk is %" PRIi64
@@ -568,6 +672,8 @@ qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
                   size, overlay ? overlay : "(temporary)", qed_get_size (img));
     return -1;
   }
+  else if (overlay && origin_check_export (overlay, h->exportname) == -1)
+    return -1;
   return 0;
 }
 
@@ -701,6 +807,11 @@ fetch_clusters (nbdkit_next *next, char *wbuf, uint64_t start, uint64_t end)
     else if (backend_read (next, wbuf + (s - start), t - s, s) == -1)
       return -1;
   }
+  /* The origin guard samples some before they are stored. */
+  if (overlay && origin_note_fill (img, wbuf, start, end, size) == -1) {
+    errno = EIO;
+    return -1;
+  }
   for (i = 0; i < n; i = j) {
     uint64_t s = start + i * cs, t;
 
@@ -711,6 +822,7 @@ fetch_clusters (nbdkit_next *next, char *wbuf, uint64_t start, uint64_t end)
               zero_detect, zero[i]);
   }
   glue_note_write ();
+  detach_poll ();
   return 0;
 }
 
@@ -842,6 +954,8 @@ qed_filter_pread (nbdkit_next *next, void *handle,
     .opaque = copy_on_read ? (void *) &req : (void *) next,
   };
   int r = 0;
+  /* A detached overlay holds every cluster: nothing falls through. */
+  const struct qed_below *b = is_detached () ? NULL : &below;
 
   if (__atomic_add_fetch (&h->reads_in_progress, 1, __ATOMIC_RELAXED) > 1)
     __atomic_store_n (&h->pipelined_for, PIPELINED_READS, __ATOMIC_RELAXED);
@@ -849,7 +963,7 @@ qed_filter_pread (nbdkit_next *next, void *handle,
     __atomic_sub_fetch (&h->pipelined_for, 1, __ATOMIC_RELAXED);
   req.pipelined = __atomic_load_n (&h->pipelined_for, __ATOMIC_RELAXED) > 0;
   errno = 0;
-  if (qed_read (glue_image (), &below, buf, count, offset) == -1)
+  if (qed_read (glue_image (), b, buf, count, offset) == -1)
     r = glue_fail (err);
   __atomic_sub_fetch (&h->reads_in_progress, 1, __ATOMIC_RELAXED);
   return r;
@@ -872,8 +986,10 @@ qed_filter_pwrite (nbdkit_next *next, void *handle,
 
   glue_note_write ();
   errno = 0;
-  if (qed_write (glue_image (), &below, buf, count, offset, f) == -1)
+  if (qed_write (glue_image (), is_detached () ? NULL : &below, buf, count,
+                 offset, f) == -1)
     return glue_fail (err);
+  detach_poll ();
   return 0;
 }
 
@@ -888,7 +1004,8 @@ qed_filter_zero (nbdkit_next *next, void *handle,
 
   glue_note_write ();
   errno = 0;
-  if (qed_zero (glue_image (), &below, count, offset, f) == -1) {
+  if (qed_zero (glue_image (), is_detached () ? NULL : &below, count, offset,
+                f) == -1) {
     glue_fail (err);
     /* ENOTSUP is only allowed as the answer to a fast zero. */
     if (!(flags & NBDKIT_FLAG_FAST_ZERO) &&
@@ -907,7 +1024,8 @@ qed_filter_trim (nbdkit_next *next, void *handle,
 
   glue_note_write ();
   errno = 0;
-  if (qed_trim (glue_image (), &below, count, offset, fua_flag (flags)) == -1)
+  if (qed_trim (glue_image (), is_detached () ? NULL : &below, count, offset,
+                fua_flag (flags)) == -1)
     return glue_fail (err);
   return 0;
 }
@@ -929,6 +1047,8 @@ qed_filter_cache (nbdkit_next *next, void *handle,
 {
   struct qed_below below = { .prefetch = cor_prefetch, .opaque = next };
 
+  if (is_detached ())
+    return 0;
   if (!copy_on_read) {
     /* The overlay holds only writes: pass the hint on, if the plugin
      * takes it (clusters in the overlay don't need it, but telling
@@ -1024,7 +1144,7 @@ qed_filter_extents (nbdkit_next *next, void *handle,
   struct extents_ctx x = { .next = next, .can_extents = -1 };
 
   if (glue_extents (glue_image (), count, offset, req_one, extents,
-                    below_extents, &x) == -1)
+                    is_detached () ? NULL : below_extents, &x) == -1)
     return glue_fail (err);
   return 0;
 }
