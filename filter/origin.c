@@ -59,6 +59,7 @@
 #define NAMES_AT      (SAMPLES_AT + MAX_SAMPLES * 16)   /* 1088 */
 #define CRC_AT        (SLOT_BYTES - 4)                  /* 1532 */
 #define FLAG_HAS_ID   0x1
+#define FLAG_DETACHED 0x2
 #define VERIFY_THREADS 8
 static const char slot_magic[8] = "QEDORIGN";
 
@@ -81,6 +82,7 @@ static int cur_slot;            /* the slot holding the current record */
 static uint64_t rec_size;
 static uint32_t rec_cs;
 static bool rec_has_id;
+static bool rec_detached;
 static char rec_id[ORIGIN_NAMES_MAX + 1];
 static char rec_export[ORIGIN_NAMES_MAX + 1];
 static struct sample samples[MAX_SAMPLES];
@@ -177,7 +179,8 @@ encode_slot (unsigned char *raw)
   raw[31] = il >> 8;
   raw[32] = el & 0xff;
   raw[33] = el >> 8;
-  raw[34] = rec_has_id ? FLAG_HAS_ID : 0;
+  raw[34] = (rec_has_id ? FLAG_HAS_ID : 0) |
+    (rec_detached ? FLAG_DETACHED : 0);
   for (unsigned i = 0; i < nsamples; ++i) {
     put_le64 (raw + SAMPLES_AT + i * 16, samples[i].offset);
     put_le64 (raw + SAMPLES_AT + i * 16 + 8, samples[i].fp);
@@ -203,6 +206,7 @@ decode_slot (const unsigned char *raw, uint64_t *gen)
   rec_cs = get_le32 (raw + 24);
   nsamples = n;
   rec_has_id = raw[34] & FLAG_HAS_ID;
+  rec_detached = raw[34] & FLAG_DETACHED;
   for (unsigned i = 0; i < n; ++i) {
     samples[i].offset = get_le64 (raw + SAMPLES_AT + i * 16);
     samples[i].fp = get_le64 (raw + SAMPLES_AT + i * 16 + 8);
@@ -378,18 +382,24 @@ origin_open (struct qed_image *img, nbdkit_next *next, int64_t size,
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&lock);
   active = false;
   nsamples = 0;
+  rec_detached = false;
+  rec_at = record_place (img);
+  r = rec_at && h->compat_features & QED_CF_ORIGIN ? read_record (img) : 0;
+  if (r == -1)
+    return -1;
+  if (r == 1 && rec_detached) {
+    nbdkit_debug ("qed-overlay: %s was detached from its origin "
+                  "(qed-detach): it stands alone", path);
+    return 2;
+  }
   if (check_names_fit (exportname) == -1)
     return -1;
-  rec_at = record_place (img);
   if (rec_at == 0) {
     nbdkit_debug ("qed-overlay: %s: no room for the origin record in the "
                   "header clusters (a long backing file name): the origin "
                   "is not checked", path);
     return 0;
   }
-  r = h->compat_features & QED_CF_ORIGIN ? read_record (img) : 0;
-  if (r == -1)
-    return -1;
   if (r == 0) {
     /* A new overlay, or one made before the record existed (what it
      * holds already is not sampled).  One of another size is refused
@@ -425,8 +435,9 @@ origin_open (struct qed_image *img, nbdkit_next *next, int64_t size,
     snprintf (what, sizeof what, "qed-origin-id is \"%s\" but the overlay "
               "was made for \"%s\"", origin_id, rec_id);
   else if ((uint64_t) size != rec_size)
-    snprintf (what, sizeof what, "the origin is %" PRIi64 " bytes but the "
-              "overlay was made for %" PRIu64 " bytes", size, rec_size);
+    snprintf (what, sizeof what, "it is an overlay of a %" PRIu64 "-byte "
+              "disk, but the plugin's disk is %" PRIi64 " bytes",
+              rec_size, size);
   else if (rec_cs == cs && nsamples > 0) {
     if (verify_samples (img, &j) == -1)
       return -1;
@@ -632,9 +643,30 @@ origin_discard (struct qed_image *img, const char *path)
   return r;
 }
 
-void
-origin_forget (void)
+int
+origin_detach (struct qed_image *img)
 {
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&lock);
+  if (!active) {
+    nbdkit_debug ("qed-detach: %s has no origin record: not detached",
+                  qed_get_filename (img));
+    return -1;
+  }
+  rec_detached = true;
+  if (write_record (img) == -1) {
+    rec_detached = false;
+    return -1;
+  }
   active = false;
+  return 0;
+}
+
+bool
+origin_probe_detached (struct qed_image *img)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&lock);
+  rec_detached = false;
+  rec_at = record_place (img);
+  return rec_at && qed_get_header (img)->compat_features & QED_CF_ORIGIN &&
+    read_record (img) == 1 && rec_detached;
 }

@@ -33,7 +33,8 @@ extern void origin_unload (void);
  * published): read the record (or make one), check that the origin is
  * the one the overlay was made for, by its id, size and sample.
  * Returns 0 to serve, 1 if the overlay must be discarded
- * (qed-origin-changed=discard: origin_discard), -1 to refuse (error
+ * (qed-origin-changed=discard: origin_discard), 2 if it was detached
+ * (it stands alone: never read the plugin), -1 to refuse (error
  * logged).  size is the plugin's, exportname the connection's. */
 extern int origin_open (struct qed_image *img, nbdkit_next *next,
                         int64_t size, const char *exportname);
@@ -56,7 +57,12 @@ extern int origin_note_fill (struct qed_image *img, const char *buf,
  * cannot: img is closed anyway. */
 extern int origin_discard (struct qed_image *img, const char *path);
 
-/* The overlay stands alone (detached): the record is gone. */
-extern void origin_forget (void);
+/* qed-detach: the overlay holds every cluster.  Mark the record
+ * detached (synced), the commit point: from then on the overlay stands
+ * alone, and origin_open returns 2 for it.  The caller then removes the
+ * backing file from the header.  -1 if it cannot. */
+extern int origin_detach (struct qed_image *img);
+/* At start-up: was this overlay detached?  (Read only.) */
+extern bool origin_probe_detached (struct qed_image *img);
 
 #endif /* NBDKIT_QED_ORIGIN_H */

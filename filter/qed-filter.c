@@ -355,7 +355,11 @@ qed_filter_get_ready (int thread_model)
     }
     name = qed_get_backing_name (probe);
     cs = qed_get_cluster_size (probe);
-    if (backing_name && (name == NULL || strcmp (name, backing_name))) {
+    if (backing_name && name == NULL && origin_probe_detached (probe))
+      /* Detached by qed-detach earlier: it stands alone now. */
+      nbdkit_debug ("existing overlay %s was detached from its origin "
+                    "(qed-detach): serving it as it is", overlay);
+    else if (backing_name && (name == NULL || strcmp (name, backing_name))) {
       /* Silently serving an overlay that claims another base would make
        * the next reader (qemu-img, the plugin) see a different disk. */
       nbdkit_error ("qed-overlay: %s records %s%s%s as its backing file, "
@@ -592,8 +596,8 @@ detach_poll (void)
   if (!detach || img == NULL ||
       __atomic_load_n (&detached, __ATOMIC_ACQUIRE))
     return;
-  if (pthread_mutex_trylock (&detach_lock) != 0)
-    return;                     /* someone is scanning */
+  /* Not a trylock: the fill that completes the overlay must see it. */
+  pthread_mutex_lock (&detach_lock);
   isize = qed_get_size (img);
   while (detach_cursor < isize) {
     struct qed_map m;
@@ -605,8 +609,11 @@ detach_poll (void)
   }
   if (detach_cursor >= isize) {
     errno = 0;
-    if (qed_detach_backing (img, QED_CF_ORIGIN) == 0) {
-      origin_forget ();
+    /* The record's mark is the commit point; the header write after it
+     * is for other readers (a crash in between: done at the next
+     * open). */
+    if (origin_detach (img) == 0 &&
+        qed_detach_backing (img, 0) == 0) {
       __atomic_store_n (&detached, true, __ATOMIC_RELEASE);
       nbdkit_debug ("qed-detach: %s holds every cluster of the disk: the "
                     "origin is removed from its header; it is a "
@@ -640,6 +647,14 @@ qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
       return -1;
     if (overlay)
       r = origin_open (i, next, size, h->exportname);
+    if (r == 2) {
+      /* Detached: a standalone image.  (Finish a header write that a
+       * crash may have missed.) */
+      r = 0;
+      __atomic_store_n (&detached, true, __ATOMIC_RELEASE);
+      if (qed_get_backing_name (i) && qed_detach_backing (i, 0) == -1)
+        r = -1;
+    }
     if (r == 1) {
       /* qed-origin-changed=discard: set aside, start afresh. */
       if (origin_discard (i, overlay) == -1)

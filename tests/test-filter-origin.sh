@@ -128,7 +128,7 @@ stop_nbdkit j
 # 7. A different size: refused; keep cannot serve it.
 truncate -s $((9*M)) base.raw
 serve k qed-origin-changed=keep
-refused k "the origin is $((9*M)) bytes but the overlay was made for $((8*M)) bytes.*discard"
+refused k "an overlay of a $((8*M))-byte disk, but the plugin.s disk is $((9*M)) bytes.*discard"
 stop_nbdkit k
 cp orig.raw base.raw
 
