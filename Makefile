@@ -55,9 +55,10 @@ $(PLUGIN): plugin/qed-plugin.c $(CORE_SRCS) $(SEAM_SRC) $(CORE_HDRS) \
 	$(CC) $(CFLAGS) $(QED_CFLAGS) $(NBDKIT_CFLAGS) -shared \
 	  -o $@ plugin/qed-plugin.c $(CORE_SRCS) $(SEAM_SRC)
 
-FILTER_SRCS = filter/qed-filter.c filter/readahead.c filter/origin.c
+FILTER_SRCS = filter/qed-filter.c filter/readahead.c filter/origin.c \
+              filter/prefetch.c
 
-$(FILTER): $(FILTER_SRCS) filter/readahead.h filter/origin.h $(CORE_SRCS) $(SEAM_SRC) \
+$(FILTER): $(FILTER_SRCS) filter/readahead.h filter/origin.h filter/prefetch.h $(CORE_SRCS) $(SEAM_SRC) \
            $(CORE_HDRS) $(SEAM_HDRS)
 	$(CC) $(CFLAGS) $(QED_CFLAGS) $(NBDKIT_CFLAGS) -shared \
 	  -o $@ $(FILTER_SRCS) $(CORE_SRCS) $(SEAM_SRC)

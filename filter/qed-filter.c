@@ -100,6 +100,7 @@
 #include "util.h"
 #include "readahead.h"
 #include "origin.h"
+#include "prefetch.h"
 
 /* The largest single read passed to the plugin. */
 #define MAX_BACKEND_READ (32u * 1024 * 1024)
@@ -122,6 +123,7 @@ static enum qed_locking locking = QED_LOCKING_AUTO;
 static uint64_t compact_limit = 64 * 1024 * 1024;  /* as the plugin's */
 static bool freelist = true;
 static bool detach;
+static bool prefetch;
 
 /* The overlay holds every cluster and no longer names its origin
  * (qed-detach): the plugin is never read again (atomic). */
@@ -220,6 +222,10 @@ qed_filter_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
     return origin_set_changed (value);
   else if (strcmp (key, "qed-detach") == 0)
     return glue_parse_bool (key, value, &detach);
+  else if (strcmp (key, "qed-prefetch") == 0)
+    return glue_parse_bool (key, value, &prefetch);
+  else if (strcmp (key, "qed-prefetch-rate") == 0)
+    return prefetch_set_rate (key, value);
   else if (strncmp (key, "qed-", 4) == 0) {
     /* No plugin uses our prefix: a typo must not reach the plugin. */
     nbdkit_error ("unknown parameter '%s'", key);
@@ -252,7 +258,11 @@ qed_filter_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
   "                           What to do when the origin changed\n" \
   "                           (default error).\n" \
   "qed-detach=<BOOL>          Once the overlay holds every cluster,\n" \
-  "                           remove the origin from its header."
+  "                           remove the origin from its header.\n" \
+  "qed-prefetch=<BOOL>        Copy every missing cluster in the background\n" \
+  "                           (default false).\n" \
+  "qed-prefetch-rate=<SIZE>   At most SIZE bytes per second from the\n" \
+  "                           origin (default 0: unlimited)."
 
 static int
 qed_filter_config_complete (nbdkit_next_config_complete *next,
@@ -418,7 +428,10 @@ qed_filter_after_fork (nbdkit_backend *backend)
 static void
 qed_filter_cleanup (nbdkit_backend *backend)
 {
-  struct qed_image *img = glue_cleanup ();
+  struct qed_image *img;
+
+  prefetch_stop ();             /* it uses the overlay and the plugin */
+  img = glue_cleanup ();
 
   if (img) {
     if (overlay == NULL)
@@ -455,6 +468,10 @@ qed_filter_open (nbdkit_next_open *next, nbdkit_context *context,
 
   /* Always open the plugin read-only: it never receives a write. */
   if (next (context, 1, exportname) == -1)
+    return NULL;
+  if (prefetch && overlay &&
+      prefetch_note_backend (nbdkit_context_get_backend (context),
+                             exportname) == -1)
     return NULL;
   h = calloc (1, sizeof *h);
   if (h == NULL || (h->exportname = strdup (exportname)) == NULL) {
@@ -576,6 +593,8 @@ open_overlay (int64_t size)
   return i;
 }
 
+static prefetch_fetch_fn prefetch_fetch;
+
 static bool
 is_detached (void)
 {
@@ -679,6 +698,8 @@ qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
     }
     glue_set_image (i);
     detach_poll ();
+    if (prefetch && !is_detached ())
+      prefetch_start (i, prefetch_fetch);
   }
   else if (qed_get_size (img) != want) {
     nbdkit_error ("qed-filter: this connection's plugin disk is %" PRIi64
@@ -790,7 +811,8 @@ backend_read (void *opaque, void *buf, uint64_t count, uint64_t offset)
  * unallocated.
  */
 static int
-fetch_clusters (nbdkit_next *next, char *wbuf, uint64_t start, uint64_t end)
+fetch_clusters_counted (nbdkit_next *next, char *wbuf, uint64_t start,
+                        uint64_t end, uint64_t *nread, uint64_t *nholes)
 {
   struct qed_image *img = glue_image ();
   uint64_t cs = qed_get_cluster_size (img);
@@ -817,10 +839,15 @@ fetch_clusters (nbdkit_next *next, char *wbuf, uint64_t start, uint64_t end)
     for (j = i + 1; j < n && zero[j] == zero[i]; ++j)
       ;
     t = MIN (start + j * cs, end);
-    if (zero[i])
+    if (zero[i]) {
       memset (wbuf + (s - start), 0, t - s);
+      if (nholes)
+        *nholes += t - s;
+    }
     else if (backend_read (next, wbuf + (s - start), t - s, s) == -1)
       return -1;
+    else if (nread)
+      *nread += t - s;
   }
   /* The origin guard samples some before they are stored. */
   if (overlay && origin_note_fill (img, wbuf, start, end, size) == -1) {
@@ -839,6 +866,20 @@ fetch_clusters (nbdkit_next *next, char *wbuf, uint64_t start, uint64_t end)
   glue_note_write ();
   detach_poll ();
   return 0;
+}
+
+static int
+fetch_clusters (nbdkit_next *next, char *wbuf, uint64_t start, uint64_t end)
+{
+  return fetch_clusters_counted (next, wbuf, start, end, NULL, NULL);
+}
+
+/* qed-prefetch's fetch: the same, through its own context. */
+static int
+prefetch_fetch (nbdkit_next *next, char *buf, uint64_t start, uint64_t end,
+                uint64_t *nread, uint64_t *nholes)
+{
+  return fetch_clusters_counted (next, buf, start, end, nread, nholes);
 }
 
 /* Copy-on-read: read [offset, offset+count) (an unallocated run) from
