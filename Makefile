@@ -56,9 +56,10 @@ $(PLUGIN): plugin/qed-plugin.c $(CORE_SRCS) $(SEAM_SRC) $(CORE_HDRS) \
 	  -o $@ plugin/qed-plugin.c $(CORE_SRCS) $(SEAM_SRC)
 
 FILTER_SRCS = filter/qed-filter.c filter/readahead.c filter/origin.c \
-              filter/prefetch.c
+              filter/prefetch.c filter/offline.c
 
-$(FILTER): $(FILTER_SRCS) filter/readahead.h filter/origin.h filter/prefetch.h $(CORE_SRCS) $(SEAM_SRC) \
+$(FILTER): $(FILTER_SRCS) filter/readahead.h filter/origin.h filter/prefetch.h \
+           filter/offline.h $(CORE_SRCS) $(SEAM_SRC) \
            $(CORE_HDRS) $(SEAM_HDRS)
 	$(CC) $(CFLAGS) $(QED_CFLAGS) $(NBDKIT_CFLAGS) -shared \
 	  -o $@ $(FILTER_SRCS) $(CORE_SRCS) $(SEAM_SRC)

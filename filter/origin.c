@@ -670,3 +670,43 @@ origin_probe_detached (struct qed_image *img)
   return rec_at && qed_get_header (img)->compat_features & QED_CF_ORIGIN &&
     read_record (img) == 1 && rec_detached;
 }
+
+int
+origin_offline_open (struct qed_image *img, const char *exportname,
+                     int64_t *size)
+{
+  const char *path = qed_get_filename (img);
+  const struct qed_header *h = qed_get_header (img);
+  int r;
+
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&lock);
+  active = false;
+  rec_detached = false;
+  rec_at = record_place (img);
+  r = rec_at && h->compat_features & QED_CF_ORIGIN ? read_record (img) : 0;
+  if (r == -1)
+    return -1;
+  if (r == 0) {
+    /* No record: the size rounded up to 512 is all we know. */
+    *size = qed_get_size (img);
+    return 0;
+  }
+  if (rec_detached) {
+    *size = qed_get_size (img);
+    return 2;
+  }
+  if (strcmp (rec_export, exportname) != 0) {
+    nbdkit_error ("qed-overlay: %s was made for the plugin's export \"%s\", "
+                  "not \"%s\": an overlay holds one export's disk (give "
+                  "each export its own qed-overlay)", path, rec_export,
+                  exportname);
+    return -1;
+  }
+  if (ROUND_UP (rec_size, 512) != qed_get_size (img)) {
+    nbdkit_error ("qed-overlay: %s: its origin record (%" PRIu64 " bytes) "
+                  "does not match its size", path, rec_size);
+    return -1;
+  }
+  *size = rec_size;
+  return 0;
+}

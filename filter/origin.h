@@ -39,6 +39,13 @@ extern void origin_unload (void);
 extern int origin_open (struct qed_image *img, nbdkit_next *next,
                         int64_t size, const char *exportname);
 
+/* The plugin cannot be opened (the origin is away): the overlay img is
+ * served without it, unverified until origin_open runs with the
+ * origin back.  Checks the export against the record and gives the
+ * origin's size.  0 served, 2 if detached, -1 refused (logged). */
+extern int origin_offline_open (struct qed_image *img,
+                                const char *exportname, int64_t *size);
+
 /* Is this connection's export the one the overlay was made for?  -1
  * (error logged) if not. */
 extern int origin_check_export (const char *path, const char *exportname);

@@ -101,6 +101,7 @@
 #include "readahead.h"
 #include "origin.h"
 #include "prefetch.h"
+#include "offline.h"
 
 /* The largest single read passed to the plugin. */
 #define MAX_BACKEND_READ (32u * 1024 * 1024)
@@ -131,6 +132,15 @@ static bool detached;
 /* Every cluster before this offset is in the overlay (detach_lock). */
 static pthread_mutex_t detach_lock = PTHREAD_MUTEX_INITIALIZER;
 static uint64_t detach_cursor;
+
+/* The overlay's origin was checked against the plugin (origin.c), or
+ * needs no check (temporary, detached).  An overlay opened while the
+ * plugin could not be opened is not, until the origin is back: no
+ * missing cluster is fetched before (glue_open_lock; atomic reads). */
+static bool verified;
+/* The export's size and name, from the first connection. */
+static int64_t export_size = -1;
+static char *export_name;
 
 /* A temporary overlay is created in its own private directory, made
  * in tmp_parent when the first connection needs it. */
@@ -316,6 +326,7 @@ qed_filter_get_ready (int thread_model)
   }
   ready_done = true;
   origin_set_parallel (thread_model == NBDKIT_THREAD_MODEL_PARALLEL);
+  offline_set_parallel (thread_model == NBDKIT_THREAD_MODEL_PARALLEL);
   if (detach && overlay == NULL) {
     nbdkit_error ("qed-detach: needs qed-overlay (a temporary overlay is "
                   "deleted at exit)");
@@ -431,7 +442,10 @@ qed_filter_cleanup (nbdkit_backend *backend)
   struct qed_image *img;
 
   prefetch_stop ();             /* it uses the overlay and the plugin */
+  offline_stop ();
   img = glue_cleanup ();
+  free (export_name);
+  export_name = NULL;
 
   if (img) {
     if (overlay == NULL)
@@ -450,6 +464,7 @@ qed_filter_cleanup (nbdkit_backend *backend)
 /* Per connection. */
 struct qed_handle {
   char *exportname;             /* the plugin export of this connection */
+  bool offline;                 /* the plugin could not be opened */
   unsigned reads_in_progress;   /* atomic */
   /* Reads to go before the connection counts as reading one at a time
    * again, after it was seen with several in progress (atomic). */
@@ -460,15 +475,26 @@ struct qed_handle {
  * as one that keeps reads in flight (its queue drains now and then). */
 #define PIPELINED_READS 256
 
+static offline_back_fn origin_back;
+
 static void *
 qed_filter_open (nbdkit_next_open *next, nbdkit_context *context,
                  int readonly, const char *exportname, int is_tls)
 {
   struct qed_handle *h;
+  bool offline = false;
 
   /* Always open the plugin read-only: it never receives a write. */
-  if (next (context, 1, exportname) == -1)
-    return NULL;
+  if (next (context, 1, exportname) == -1) {
+    /* A persistent overlay is served without its origin (held
+     * clusters read, missing ones fail), and the plugin is opened
+     * again in the background (offline.c). */
+    if (overlay == NULL)
+      return NULL;
+    nbdkit_debug ("the plugin cannot be opened: serving the overlay %s "
+                  "without its origin until it is back", overlay);
+    offline = true;
+  }
   if (prefetch && overlay &&
       prefetch_note_backend (nbdkit_context_get_backend (context),
                              exportname) == -1)
@@ -479,6 +505,10 @@ qed_filter_open (nbdkit_next_open *next, nbdkit_context *context,
     free (h);
     return NULL;
   }
+  h->offline = offline;
+  if (offline)
+    offline_start (nbdkit_context_get_backend (context), exportname,
+                   origin_back);
   return h;
 }
 
@@ -642,6 +672,114 @@ detach_poll (void)
   pthread_mutex_unlock (&detach_lock);
 }
 
+/* The origin guard passed (or was not needed): fills may start. */
+static void
+set_verified (struct qed_image *img)
+{
+  __atomic_store_n (&verified, true, __ATOMIC_RELEASE);
+  if (prefetch && !is_detached ())
+    prefetch_start (img, prefetch_fetch);
+}
+
+/* Run the origin guard on the open overlay with this context (the
+ * overlay was opened while the origin was away).  glue_open_lock
+ * held.  0 if the origin may be used. */
+static int
+verify_late (struct qed_image *img, nbdkit_next *next, int64_t size,
+             const char *exportname)
+{
+  int r = origin_open (img, next, size, exportname);
+
+  if (r == 2) {
+    __atomic_store_n (&detached, true, __ATOMIC_RELEASE);
+    r = 0;
+  }
+  else if (r == 1) {
+    nbdkit_error ("qed-overlay: %s: qed-origin-changed=discard cannot set "
+                  "aside an overlay that is being served: restart nbdkit",
+                  overlay);
+    return -1;
+  }
+  if (r == 0)
+    set_verified (img);
+  return r;
+}
+
+/* offline.c: the plugin can be opened again. */
+static int
+origin_back (nbdkit_next *ctx, int64_t size)
+{
+  struct qed_image *img;
+
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&glue_open_lock);
+  img = glue_image ();
+  if (img == NULL)
+    return -1;
+  if (size != export_size) {
+    nbdkit_error ("qed-overlay: %s: the origin is back but its size is now "
+                  "%" PRIi64 " bytes, not %" PRIi64 ": missing clusters stay "
+                  "unreadable (restart nbdkit)", overlay, size, export_size);
+    return -1;
+  }
+  if (!__atomic_load_n (&verified, __ATOMIC_ACQUIRE) &&
+      verify_late (img, ctx, size, export_name) == -1) {
+    nbdkit_error ("qed-overlay: %s: the origin is back but changed (see "
+                  "above): missing clusters stay unreadable", overlay);
+    return -1;
+  }
+  nbdkit_debug ("qed-overlay: %s: the origin is back: missing clusters are "
+                "fetched again", overlay);
+  return 0;
+}
+
+/* The first connection opens the overlay, while the plugin cannot be
+ * opened: only an existing one, whose origin record gives the size.
+ * glue_open_lock held. */
+static int
+prepare_offline (struct qed_handle *h)
+{
+  struct qed_open_options oo = { .readonly = false, .locking = locking,
+                                 .use_fd = true, .freelist = freelist,
+                                 .compact_limit = compact_limit };
+  struct qed_image *i;
+  bool missing;
+  int64_t size;
+  int r;
+
+  oo.fd = qed_open_overlay_fd (overlay, true, &missing);
+  if (oo.fd == -1) {
+    if (missing)
+      nbdkit_error ("qed-overlay: %s does not exist yet and the plugin "
+                    "cannot be opened: nothing to serve", overlay);
+    return -1;
+  }
+  glue_release_startup_locks ();
+  qed_clear_last_error ();
+  i = qed_open (overlay, &oo);
+  if (i == NULL) {
+    qed_open_failed ("qed-overlay", overlay);
+    return -1;
+  }
+  r = origin_offline_open (i, h->exportname, &size);
+  if (r == -1) {
+    qed_close (i);
+    return -1;
+  }
+  export_size = size;
+  export_name = strdup (h->exportname);
+  if (export_name == NULL) {
+    nbdkit_error ("strdup: %m");
+    qed_close (i);
+    return -1;
+  }
+  glue_set_image (i);
+  if (r == 2) {
+    __atomic_store_n (&detached, true, __ATOMIC_RELEASE);
+    __atomic_store_n (&verified, true, __ATOMIC_RELEASE);
+  }
+  return 0;
+}
+
 static int
 qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
 {
@@ -649,6 +787,19 @@ qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
   struct qed_image *img;
   int64_t size;
   uint64_t want;
+
+  if (h->offline) {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&glue_open_lock);
+    if (glue_image () == NULL)
+      return prepare_offline (h);
+    if (export_name && strcmp (export_name, h->exportname) != 0) {
+      nbdkit_error ("qed-overlay: %s is served for the plugin's export "
+                    "\"%s\", not \"%s\"", overlay, export_name,
+                    h->exportname);
+      return -1;
+    }
+    return 0;
+  }
 
   /* Also required before the first next->pread on this connection. */
   size = next->get_size (next);
@@ -696,10 +847,16 @@ qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
       qed_close (i);
       return -1;
     }
+    export_size = size;
+    export_name = strdup (h->exportname);
+    if (export_name == NULL) {
+      nbdkit_error ("strdup: %m");
+      qed_close (i);
+      return -1;
+    }
     glue_set_image (i);
     detach_poll ();
-    if (prefetch && !is_detached ())
-      prefetch_start (i, prefetch_fetch);
+    set_verified (i);
   }
   else if (qed_get_size (img) != want) {
     nbdkit_error ("qed-filter: this connection's plugin disk is %" PRIi64
@@ -707,6 +864,12 @@ qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
                   "plugin must serve the same disk to every connection",
                   size, overlay ? overlay : "(temporary)", qed_get_size (img));
     return -1;
+  }
+  else if (!__atomic_load_n (&verified, __ATOMIC_ACQUIRE)) {
+    /* Opened while the origin was away: check it now, before this
+     * connection fetches anything from it. */
+    if (verify_late (img, next, size, h->exportname) == -1)
+      return -1;
   }
   else if (overlay && origin_check_export (overlay, h->exportname) == -1)
     return -1;
@@ -716,7 +879,21 @@ qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
 static int64_t
 qed_filter_get_size (nbdkit_next *next, void *handle)
 {
+  if (next == NULL)             /* the origin is away */
+    return export_size;
   return next->get_size (next);
+}
+
+static int
+qed_filter_is_rotational (nbdkit_next *next, void *handle)
+{
+  return next ? next->is_rotational (next) : 0;
+}
+
+static const char *
+qed_filter_export_description (nbdkit_next *next, void *handle)
+{
+  return next ? next->export_description (next) : NULL;
 }
 
 static int
@@ -757,7 +934,7 @@ static int
 qed_filter_can_cache (nbdkit_next *next, void *handle)
 {
   /* Asked now only so that a later next->cache is allowed. */
-  if (next->can_cache (next) == -1)
+  if (next && next->can_cache (next) == -1)
     return -1;
   return NBDKIT_CACHE_NATIVE;
 }
@@ -998,20 +1175,64 @@ cor_prefetch (void *opaque, uint64_t count, uint64_t offset)
   return cor_fetch (opaque, NULL, count, offset);
 }
 
+/* The plugin context a request reaches the origin through: the
+ * connection's own, or for a connection that could not open the
+ * plugin, the shared one once the origin is back (serialised when the
+ * plugin is not parallel: *locked), or NULL while it is away. */
+static nbdkit_next *
+origin_get (nbdkit_next *next, bool *locked)
+{
+  nbdkit_next *o;
+
+  *locked = false;
+  if (next)
+    return next;
+  o = offline_origin ();
+  if (o) {
+    offline_lock_origin ();
+    *locked = true;
+  }
+  return o;
+}
+
+static void
+origin_put (bool locked)
+{
+  if (locked)
+    offline_unlock_origin ();
+}
+
+/* The layer beneath while the origin is away: nothing to read. */
+static int
+away_read (void *opaque, void *buf, uint64_t count, uint64_t offset)
+{
+  nbdkit_debug ("the origin is away: %" PRIu64 " bytes at %" PRIu64
+                " are not in the overlay", count, offset);
+  errno = EIO;
+  return -1;
+}
+
+static const struct qed_below away_below = { .read = away_read };
+
 static int
 qed_filter_pread (nbdkit_next *next, void *handle,
                   void *buf, uint32_t count, uint64_t offset,
                   uint32_t flags, int *err)
 {
   struct qed_handle *h = handle;
-  struct cor_request req = { .next = next };
+  bool locked;
+  nbdkit_next *o = origin_get (next, &locked);
+  struct cor_request req = { .next = o };
   struct qed_below below = {
     .read = copy_on_read ? cor_read : backend_read,
-    .opaque = copy_on_read ? (void *) &req : (void *) next,
+    .opaque = copy_on_read ? (void *) &req : (void *) o,
   };
   int r = 0;
   /* A detached overlay holds every cluster: nothing falls through. */
-  const struct qed_below *b = is_detached () ? NULL : &below;
+  const struct qed_below *b = is_detached () ? NULL
+    : o ? &below : &away_below;
+
+  prefetch_guest_begin ();
 
   if (__atomic_add_fetch (&h->reads_in_progress, 1, __ATOMIC_RELAXED) > 1)
     __atomic_store_n (&h->pipelined_for, PIPELINED_READS, __ATOMIC_RELAXED);
@@ -1022,6 +1243,8 @@ qed_filter_pread (nbdkit_next *next, void *handle,
   if (qed_read (glue_image (), b, buf, count, offset) == -1)
     r = glue_fail (err);
   __atomic_sub_fetch (&h->reads_in_progress, 1, __ATOMIC_RELAXED);
+  origin_put (locked);
+  prefetch_guest_end ();
   return r;
 }
 
@@ -1037,53 +1260,67 @@ qed_filter_pwrite (nbdkit_next *next, void *handle,
                    const void *buf, uint32_t count, uint64_t offset,
                    uint32_t flags, int *err)
 {
-  struct qed_below below = { .read = backend_read, .opaque = next };
+  bool locked;
+  nbdkit_next *o = origin_get (next, &locked);
+  struct qed_below below = { .read = backend_read, .opaque = o };
   unsigned f = fua_flag (flags) | (zero_detect ? QED_WRITE_DETECT_ZERO : 0);
+  int r = 0;
 
+  prefetch_guest_begin ();
   glue_note_write ();
   errno = 0;
-  if (qed_write (glue_image (), is_detached () ? NULL : &below, buf, count,
-                 offset, f) == -1)
-    return glue_fail (err);
+  if (qed_write (glue_image (), is_detached () ? NULL
+                 : o ? &below : &away_below, buf, count, offset, f) == -1)
+    r = glue_fail (err);
+  origin_put (locked);
+  prefetch_guest_end ();
   detach_poll ();
-  return 0;
+  return r;
 }
 
 static int
 qed_filter_zero (nbdkit_next *next, void *handle,
                  uint32_t count, uint64_t offset, uint32_t flags, int *err)
 {
-  struct qed_below below = { .read = backend_read, .opaque = next };
+  bool locked;
+  nbdkit_next *o = origin_get (next, &locked);
+  struct qed_below below = { .read = backend_read, .opaque = o };
   unsigned f = fua_flag (flags) |
     (flags & NBDKIT_FLAG_MAY_TRIM ? QED_ZERO_MAY_UNMAP : 0) |
     (flags & NBDKIT_FLAG_FAST_ZERO ? QED_ZERO_FAST : 0);
+  int r = 0;
 
   glue_note_write ();
   errno = 0;
-  if (qed_zero (glue_image (), is_detached () ? NULL : &below, count, offset,
-                f) == -1) {
-    glue_fail (err);
+  if (qed_zero (glue_image (), is_detached () ? NULL
+                : o ? &below : &away_below, count, offset, f) == -1) {
+    r = glue_fail (err);
     /* ENOTSUP is only allowed as the answer to a fast zero. */
     if (!(flags & NBDKIT_FLAG_FAST_ZERO) &&
         (*err == ENOTSUP || *err == EOPNOTSUPP))
       *err = EIO;
-    return -1;
   }
-  return 0;
+  origin_put (locked);
+  return r;
 }
 
 static int
 qed_filter_trim (nbdkit_next *next, void *handle,
                  uint32_t count, uint64_t offset, uint32_t flags, int *err)
 {
-  struct qed_below below = { .read = backend_read, .opaque = next };
+  bool locked;
+  nbdkit_next *o = origin_get (next, &locked);
+  struct qed_below below = { .read = backend_read, .opaque = o };
+  int r = 0;
 
   glue_note_write ();
   errno = 0;
-  if (qed_trim (glue_image (), is_detached () ? NULL : &below, count, offset,
+  if (qed_trim (glue_image (), is_detached () ? NULL
+                : o ? &below : &away_below, count, offset,
                 fua_flag (flags)) == -1)
-    return glue_fail (err);
-  return 0;
+    r = glue_fail (err);
+  origin_put (locked);
+  return r;
 }
 
 static int
@@ -1103,7 +1340,9 @@ qed_filter_cache (nbdkit_next *next, void *handle,
 {
   struct qed_below below = { .prefetch = cor_prefetch, .opaque = next };
 
-  if (is_detached ())
+  /* A hint: nothing to do without an origin (or with a connection
+   * that has none of its own). */
+  if (is_detached () || next == NULL)
     return 0;
   if (!copy_on_read) {
     /* The overlay holds only writes: pass the hint on, if the plugin
@@ -1197,12 +1436,17 @@ qed_filter_extents (nbdkit_next *next, void *handle,
                     struct nbdkit_extents *extents, int *err)
 {
   bool req_one = flags & NBDKIT_FLAG_REQ_ONE;
-  struct extents_ctx x = { .next = next, .can_extents = -1 };
+  bool locked;
+  nbdkit_next *o = origin_get (next, &locked);
+  struct extents_ctx x = { .next = o, .can_extents = o ? -1 : 0 };
+  int r = 0;
 
+  /* (Away, unallocated runs are reported as data.) */
   if (glue_extents (glue_image (), count, offset, req_one, extents,
                     is_detached () ? NULL : below_extents, &x) == -1)
-    return glue_fail (err);
-  return 0;
+    r = glue_fail (err);
+  origin_put (locked);
+  return r;
 }
 
 static struct nbdkit_filter filter = {
@@ -1219,6 +1463,8 @@ static struct nbdkit_filter filter = {
   .close             = qed_filter_close,
   .prepare           = qed_filter_prepare,
   .get_size          = qed_filter_get_size,
+  .is_rotational     = qed_filter_is_rotational,
+  .export_description = qed_filter_export_description,
   .block_size        = qed_filter_block_size,
   .can_write         = qed_filter_can_one,
   .can_flush         = qed_filter_can_one,
