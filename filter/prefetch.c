@@ -15,10 +15,11 @@
  *   (readahead.c), so a guest miss on them waits instead of reading
  *   the same clusters again, and it skips chunks a guest is fetching.
  *
- * - Guest requests go first: before each chunk the thread waits while
- *   guest requests are in progress (up to GUEST_WAIT_MS, so that a
- *   guest that never pauses does not stop it for ever), chunks are
- *   small (CHUNK), and it has one chunk in flight.
+ * - Guest requests go first: before each chunk the thread waits until
+ *   no guest request is in progress and none began or ended for
+ *   GUEST_QUIET_MS (but at most GUEST_WAIT_MS, so that a guest that
+ *   never pauses slows it down rather than stops it), chunks are small
+ *   (CHUNK), and it has one chunk in flight.
  *
  * - qed-prefetch-rate bounds the bytes read from the origin per second
  *   (holes cost nothing and do not count).
@@ -56,8 +57,12 @@
 #include "prefetch.h"
 
 #define CHUNK          (2u * 1024 * 1024)
-#define FLUSH_EVERY    (8u * 1024 * 1024)
-#define GUEST_WAIT_MS  20
+#define FLUSH_EVERY    (32u * 1024 * 1024)
+/* A chunk starts only after the guest was quiet this long, or after
+ * waiting GUEST_WAIT_MS (so that a guest that never pauses slows it
+ * down rather than stops it). */
+#define GUEST_QUIET_MS 10
+#define GUEST_WAIT_MS  100
 #define PROGRESS_SECS  2
 #define BACKOFF_MAX    60
 
@@ -73,6 +78,7 @@ static struct qed_image *image;
 static prefetch_fetch_fn *fetch_fn;
 
 static unsigned guest_active;   /* atomic */
+static uint64_t guest_last_ns;  /* atomic: when a guest request began or ended */
 
 int
 prefetch_set_rate (const char *key, const char *value)
@@ -104,18 +110,6 @@ prefetch_note_backend (nbdkit_backend *b, const char *exportname)
   return 0;
 }
 
-void
-prefetch_guest_begin (void)
-{
-  __atomic_add_fetch (&guest_active, 1, __ATOMIC_RELAXED);
-}
-
-void
-prefetch_guest_end (void)
-{
-  __atomic_sub_fetch (&guest_active, 1, __ATOMIC_RELAXED);
-}
-
 static double
 now (void)
 {
@@ -123,6 +117,33 @@ now (void)
 
   clock_gettime (CLOCK_MONOTONIC, &ts);
   return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static uint64_t
+now_ns (void)
+{
+  struct timespec ts;
+
+  clock_gettime (CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec * UINT64_C(1000000000) + ts.tv_nsec;
+}
+
+void
+prefetch_guest_begin (void)
+{
+  if (!__atomic_load_n (&started, __ATOMIC_RELAXED))
+    return;
+  __atomic_add_fetch (&guest_active, 1, __ATOMIC_RELAXED);
+  __atomic_store_n (&guest_last_ns, now_ns (), __ATOMIC_RELAXED);
+}
+
+void
+prefetch_guest_end (void)
+{
+  if (!__atomic_load_n (&started, __ATOMIC_RELAXED))
+    return;
+  __atomic_sub_fetch (&guest_active, 1, __ATOMIC_RELAXED);
+  __atomic_store_n (&guest_last_ns, now_ns (), __ATOMIC_RELAXED);
 }
 
 /* Sleep up to seconds, or until stopping.  true if stopping. */
@@ -150,14 +171,25 @@ is_stopping (void)
   return stopping;
 }
 
-/* Guests first: wait while guest requests are in progress, at most
- * GUEST_WAIT_MS. */
+/* Guests first: wait until no guest request is in progress and none
+ * began or ended for GUEST_QUIET_MS, at most GUEST_WAIT_MS.  A guest
+ * that keeps the disk busy then sees at most one chunk in every
+ * GUEST_WAIT_MS beside its requests. */
 static void
 yield_to_guests (void)
 {
-  for (int i = 0; i < GUEST_WAIT_MS * 5 &&
-         __atomic_load_n (&guest_active, __ATOMIC_RELAXED) > 0; ++i) {
-    struct timespec ts = { .tv_nsec = 200000 };
+  uint64_t t0 = now_ns ();
+
+  for (;;) {
+    uint64_t t = now_ns ();
+    struct timespec ts = { .tv_nsec = 500000 };
+
+    if (t - t0 >= GUEST_WAIT_MS * UINT64_C(1000000) || is_stopping ())
+      return;
+    if (__atomic_load_n (&guest_active, __ATOMIC_RELAXED) == 0 &&
+        t - __atomic_load_n (&guest_last_ns, __ATOMIC_RELAXED) >=
+        GUEST_QUIET_MS * UINT64_C(1000000))
+      return;
     nanosleep (&ts, NULL);
   }
 }
@@ -298,7 +330,7 @@ prefetch_start (struct qed_image *img, prefetch_fetch_fn *fetch)
     nbdkit_error ("qed-prefetch: cannot start its thread: %m");
     return;
   }
-  started = true;
+  __atomic_store_n (&started, true, __ATOMIC_RELAXED);
 }
 
 void
@@ -311,7 +343,7 @@ prefetch_stop (void)
     stopping = true;
     pthread_cond_broadcast (&cond);
     join = started;
-    started = false;
+    __atomic_store_n (&started, false, __ATOMIC_RELAXED);
   }
   if (join)
     pthread_join (thread, NULL);

@@ -29,10 +29,9 @@
  *
  * - The overlay's size is the plugin's size rounded up to 512 (QED
  *   sizes are whole sectors); the export keeps the plugin's exact size.
- *   A persistent overlay must match its plugin: a different size is
- *   refused, since it almost certainly means a different disk.  (The
- *   data is not compared: pairing an overlay with the right backend is
- *   the user's job, as with any backing-file format.)
+ *   A persistent overlay must match its plugin: the origin guard
+ *   (origin.c) records the plugin's size, export, qed-origin-id and a
+ *   sample of copied clusters, and checks them at the first connection.
  *
  * - Copy-on-read stores whole clusters, read once from the plugin, so
  *   that the second read of any byte never reaches it (the point of
@@ -77,6 +76,13 @@
  * - Filters are tied to the exact nbdkit version they were built
  *   against (1.32.5 here): nbdkit refuses to load this filter into any
  *   other version.
+ *
+ * - This file is the glue; each concern of a kept cache has a file:
+ *   readahead.c (read-ahead and the extents cache), origin.c (the
+ *   origin guard and its record), prefetch.c (qed-prefetch, a thread
+ *   with its own plugin context), offline.c (serving while the plugin
+ *   cannot be opened, reopening it in the background).  qed-detach is
+ *   here (detach_poll): a scan and one header write.
  */
 
 #include <stdio.h>
@@ -385,9 +391,13 @@ qed_filter_get_ready (int thread_model)
        * the next reader (qemu-img, the plugin) see a different disk. */
       nbdkit_error ("qed-overlay: %s records %s%s%s as its backing file, "
                     "not qed-backing-name=%s (change it with: qemu-img "
-                    "rebase -u -f qed -F raw -b NAME %s)",
+                    "rebase -u -f qed -F raw -b NAME %s%s)",
                     overlay, name ? "\"" : "", name ? name : "no name",
-                    name ? "\"" : "", backing_name, overlay);
+                    name ? "\"" : "", backing_name, overlay,
+                    qed_get_header (probe)->compat_features & QED_CF_ORIGIN
+                    ? ", after removing the origin record, which QEMU "
+                    "refuses to rebase over: nbdkit qed OVERLAY demote=true "
+                    "--run 'nbdinfo --size \"$uri\"'" : "");
       r = -1;
     }
     else {

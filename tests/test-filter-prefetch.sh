@@ -14,11 +14,12 @@ requires nbdsh --version
 cd "$tmp"
 
 M=$((1024*1024))
-# 64M: 24M data, a 24M hole, 16M data.
-head -c $((24*M)) /dev/urandom > base.raw
-truncate -s $((48*M)) base.raw
+# 104M: 64M data, a 24M hole, 16M data.
+head -c $((64*M)) /dev/urandom > base.raw
+truncate -s $((88*M)) base.raw
 head -c $((16*M)) /dev/urandom >> base.raw
-DATA=$((40*M))
+DATA=$((80*M))
+HOLE_START=$((64*M)) HOLE_END=$((88*M))
 
 # wait_log NAME PATTERN: wait until NAME.log has a line matching it (or
 # the server died).
@@ -52,7 +53,7 @@ read_bytes=$(awk '/^read:/ { print $0 }' stats.txt)
 echo "stats: $read_bytes"
 n=$(log_read_bytes a.reads)
 [ "$n" -le $((DATA * 105 / 100)) ] || fail "origin bytes read $n > 1.05 x $DATA"
-/usr/bin/python3 - a.reads $((24*M)) $((48*M)) <<'EOF'
+/usr/bin/python3 - a.reads $HOLE_START $HOLE_END <<'EOF'
 import re, sys
 lo, hi = int(sys.argv[2]), int(sys.argv[3])
 for line in open(sys.argv[1]):
@@ -62,15 +63,16 @@ for line in open(sys.argv[1]):
     n = int(re.search(r"count=(0x[0-9a-f]+|\d+)", line).group(1), 0)
     assert off + n <= lo or off >= hi, "read in the hole: " + line
 EOF
-grep -q "^read: .* 40.00 MiB" stats.txt || fail "stats: not 40 MiB read: $read_bytes"
+grep -q "^read: .* 80.00 MiB" stats.txt || fail "stats: not 80 MiB read: $read_bytes"
 qemu_check ov.qed
 qemu-img compare -f qed -F raw ov.qed base.raw
 # Every cluster is in the overlay (the hole as zero clusters).
 qemu-img map --output=json ov.qed | grep -q '"depth": 1' &&
   fail "the overlay lacks clusters after prefetch"
 
-# 2. SIGKILL halfway, then a restart: nothing fetched twice beyond the
-# flush window (8M) and the chunk in flight (2M).  The old filter had
+# 2. SIGKILL after the first flush (at 32M), then a restart: nothing
+# fetched twice beyond the flush window (32M) and the chunk in flight
+# (2M).  The old filter had
 # no prefetch at all: the "done" line never comes (and qed-prefetch is
 # an unknown parameter).
 rm -f ov.qed
@@ -78,7 +80,7 @@ start_nbdkit b --log=stderr --filter="$FILTER" --filter=log --filter=delay \
   file base.raw logfile=b.reads rdelay=100ms \
   qed-overlay=ov.qed qed-backing-name=base.raw qed-prefetch=true
 nbdinfo --size "$(uri b)" >/dev/null
-until [ "$(grep -c '\.\.\.Read .*return=0' b.reads 2>/dev/null)" -ge 10 ]; do
+until [ "$(grep -c '\.\.\.Read .*return=0' b.reads 2>/dev/null)" -ge 24 ]; do
   sleep 0.1
 done
 kill9_nbdkit b
@@ -95,7 +97,7 @@ second=$(log_read_bytes c.reads)
 echo "after the restart: $second bytes"
 # (The restart's origin guard also reads its sample again: at most 64
 # clusters of 64K.)
-[ $((first + second)) -le $((DATA + 10*M + 4*M)) ] ||
+[ $((first + second)) -le $((DATA + 34*M + 4*M)) ] ||
   fail "fetched $((first + second)) bytes for $DATA of data"
 qemu_check ov.qed
 qemu-img compare -f qed -F raw ov.qed base.raw
@@ -136,7 +138,7 @@ start_nbdkit e --log=stderr --filter="$FILTER" curl "$NGINX_URL/disk.img" \
 nbdinfo --size "$(uri e)" >/dev/null
 wait_log e "qed-prefetch: done"
 got=$(http_body_bytes)
-[ "$got" -le $((64*M * 105 / 100)) ] || fail "curl: $got bytes over HTTP for 64M"
+[ "$got" -le $((104*M * 105 / 100)) ] || fail "curl: $got bytes over HTTP for 104M"
 nbdcopy "$(uri e)" e.raw
 cmp e.raw base.raw || fail "curl: different data"
 [ "$(http_body_bytes)" = "$got" ] || fail "curl: reading a warm overlay reached the origin"
