@@ -8,6 +8,7 @@
 # holds, fails the rest with EIO (storing nothing), takes whole-cluster
 # writes, and fetches again once the origin is back (one log line),
 # after the origin guard: a changed origin that comes back is not used.
+# qed-prefetch pauses while the origin is away and resumes after.
 # test-timeout: 300
 . "$(dirname "$0")/functions.sh"
 requires nbdsh --version
@@ -138,5 +139,28 @@ if nbdinfo --size "$(uri k)" >/dev/null 2>&1; then
   fail "a new connection to the changed origin was served"
 fi
 stop_nbdkit k
+origin_down
+
+# 4. qed-prefetch over an origin that goes away mid-way: it pauses,
+# retries, resumes when the origin is back, and what it copied is the
+# origin's data (nothing marked copied that was not).
+cp orig.raw base.raw
+rm -f o.sock
+start_nbdkit o --filter=log --filter=delay file base.raw logfile=o.reads \
+  rdelay=500ms
+start_nbdkit p --log=stderr --filter="$FILTER" nbd socket="$tmp/o.sock" \
+  qed-overlay=pf.qed qed-backing-name=base.raw qed-prefetch=true
+nbdinfo --size "$(uri p)" >/dev/null
+# The first 2M chunk is in: three to go when the origin stops.
+until grep -q '\.\.\.Read .*return=0' o.reads 2>/dev/null; do sleep 0.1; done
+origin_down
+wait_log p "qed-prefetch: the origin failed at .*: paused, retrying"
+origin_up
+wait_log p "qed-prefetch: the origin is back: resuming"
+wait_log p "qed-prefetch: done"
+stop_nbdkit p
+qemu_check pf.qed
+qemu-img compare -f qed -F raw pf.qed base.raw ||
+  fail "the prefetch across an origin outage stored other data"
 origin_down
 echo OK
