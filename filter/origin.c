@@ -430,15 +430,9 @@ origin_open (struct qed_image *img, nbdkit_next *next, int64_t size,
     return -1;
   }
 
-  what[0] = '\0';
-  if (origin_id && rec_has_id && strcmp (origin_id, rec_id) != 0)
-    snprintf (what, sizeof what, "qed-origin-id is \"%s\" but the overlay "
-              "was made for \"%s\"", origin_id, rec_id);
-  else if ((uint64_t) size != rec_size)
-    snprintf (what, sizeof what, "it is an overlay of a %" PRIu64 "-byte "
-              "disk, but the plugin's disk is %" PRIi64 " bytes",
-              rec_size, size);
-  else if (rec_cs == cs && nsamples > 0) {
+  /* The sample is read even when the id differs, so that keep can
+   * record the new origin's fingerprints too. */
+  if ((uint64_t) size == rec_size && rec_cs == cs && nsamples > 0) {
     if (verify_samples (img, &j) == -1)
       return -1;
     for (unsigned k = 0; k < j.n; ++k)
@@ -448,14 +442,22 @@ origin_open (struct qed_image *img, nbdkit_next *next, int64_t size,
           first = k;
         changed++;
       }
-    if (changed)
-      snprintf (what, sizeof what, "the origin's cluster at guest offset %"
-                PRIu64 " changed (%u of the %u sampled clusters differ)",
-                samples[j.idx[first]].offset, changed, j.n);
-    else
-      nbdkit_debug ("qed-overlay: %s: origin unchanged (%u sampled "
-                    "clusters checked)", path, j.n);
   }
+  what[0] = '\0';
+  if (origin_id && rec_has_id && strcmp (origin_id, rec_id) != 0)
+    snprintf (what, sizeof what, "qed-origin-id is \"%s\" but the overlay "
+              "was made for \"%s\"", origin_id, rec_id);
+  else if ((uint64_t) size != rec_size)
+    snprintf (what, sizeof what, "it is an overlay of a %" PRIu64 "-byte "
+              "disk, but the plugin's disk is %" PRIi64 " bytes",
+              rec_size, size);
+  else if (changed)
+    snprintf (what, sizeof what, "the origin's cluster at guest offset %"
+              PRIu64 " changed (%u of the %u sampled clusters differ)",
+              samples[j.idx[first]].offset, changed, j.n);
+  else
+    nbdkit_debug ("qed-overlay: %s: origin unchanged (%u sampled clusters "
+                  "checked)", path, j.n);
 
   if (what[0] == '\0') {
     active = true;

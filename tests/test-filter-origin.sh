@@ -124,6 +124,19 @@ stop_nbdkit i
 serve j
 nbdinfo --size "$(uri j)" >/dev/null
 stop_nbdkit j
+# keep with a new id over a changed cluster records both: the next open
+# with that id is served.
+change $((mid + 99))
+serve j2 qed-origin-id=v2 qed-origin-changed=keep
+nbdinfo --size "$(uri j2)" >/dev/null
+stop_nbdkit j2
+serve j3 qed-origin-id=v2
+nbdinfo --size "$(uri j3)" >/dev/null || { cat j3.log; fail "keep did not record the new origin"; }
+stop_nbdkit j3
+cp orig.raw base.raw
+serve j4 qed-origin-changed=keep
+nbdinfo --size "$(uri j4)" >/dev/null
+stop_nbdkit j4
 
 # 7. A different size: refused; keep cannot serve it.
 truncate -s $((9*M)) base.raw
