@@ -38,6 +38,7 @@ CORE_SRCS = common/io-file.c common/io.c common/header.c common/alloc.c \
             common/freelist.c common/image.c common/header-area.c \
             common/backing.c common/idle.c common/lock.c common/safe-open.c
 CORE_HDRS = common/qed.h common/qed-internal.h common/geometry.h \
+            common/defaults.h \
             common/seam.h common/util.h common/safe-open.h
 
 PLUGIN = plugin/nbdkit-qed-plugin.so
@@ -50,10 +51,17 @@ all: $(PLUGIN) $(FILTER) nbdkit-qed.1
 SEAM_SRC = common/seam-nbdkit.c common/glue-nbdkit.c
 SEAM_HDRS = common/glue-nbdkit.h
 
-$(PLUGIN): plugin/qed-plugin.c $(CORE_SRCS) $(SEAM_SRC) $(CORE_HDRS) \
-           $(SEAM_HDRS)
-	$(CC) $(CFLAGS) $(QED_CFLAGS) $(NBDKIT_CFLAGS) -shared \
-	  -o $@ plugin/qed-plugin.c $(CORE_SRCS) $(SEAM_SRC)
+# The plugin: its callbacks (qed-plugin.c), dir= (dir.c), one served
+# image (export.c), and nbdkit's -r read from its command line.
+PLUGIN_SRCS = plugin/qed-plugin.c plugin/dir.c plugin/export.c \
+              plugin/cmdline.c
+PLUGIN_HDRS = plugin/options.h plugin/dir.h plugin/export.h \
+              plugin/cmdline.h
+
+$(PLUGIN): $(PLUGIN_SRCS) $(PLUGIN_HDRS) $(CORE_SRCS) $(SEAM_SRC) \
+           $(CORE_HDRS) $(SEAM_HDRS)
+	$(CC) $(CFLAGS) $(QED_CFLAGS) $(NBDKIT_CFLAGS) -Iplugin -shared \
+	  -o $@ $(PLUGIN_SRCS) $(CORE_SRCS) $(SEAM_SRC)
 
 FILTER_SRCS = filter/qed-filter.c filter/readahead.c filter/origin.c \
               filter/prefetch.c filter/offline.c

@@ -3,15 +3,22 @@
  *
  * Beneath an image lies a chain of layers, each a raw file or a QED
  * image, all opened read-only.  Relative names resolve against the
- * directory of the image that names them (as QEMU does).  A layer
- * reads as zeros past its end.  Loops are found by device and inode.
- * The stored format is used when NO_PROBE says raw; otherwise the file
- * is probed by its magic, like QEMU.
+ * real directory of the image that names them, the one its file was
+ * found in after every symbolic link (QEMU resolves them against the
+ * path string).  A layer reads as zeros past its end.  Loops are found
+ * by device and inode.  The stored format is used when NO_PROBE says
+ * raw; otherwise the file is probed by its magic, like QEMU.
  *
- * Each file is opened as the owner of the image that names it, and
- * devices, pseudo file systems and magic links are refused
- * (safe-open.c); with follow-backing=beneath every name must resolve
- * beneath the top image's directory.  A file the user named
+ * The identity only drops down a chain: each layer is opened with the
+ * least-privileged identity seen so far from the top, which starts as
+ * the top image's owner and becomes a layer's owner when the identity
+ * in force is root's and the layer's owner is not.  A root-owned layer
+ * below a user's is read with the user's identity, and so are the
+ * names inside it (a guest of root's raw disk may have written them);
+ * between two users, the identity already in force stays.  Symbolic
+ * links, devices, pseudo file systems and magic links are judged in
+ * safe-open.c; with follow-backing=beneath every file must lie beneath
+ * the top image's real directory.  A file the user named
  * (backing-override) is opened as the server.
  */
 
@@ -31,7 +38,8 @@
 #include "util.h"
 
 struct layer {
-  char *path;
+  char *path;                   /* for messages */
+  int dirfd;                    /* the real directory holding it */
   int fd;                       /* raw layers */
   uint64_t size;
   struct qed_image *qed;        /* QED layers */
@@ -93,15 +101,19 @@ layer_free (struct layer *l)
       qed_close (l->qed);
     if (l->fd >= 0)
       qed_io_close (l->fd);
+    if (l->dirfd >= 0)
+      close (l->dirfd);
     free (l->path);
     free (l);
     l = below;
   }
 }
 
-/* name relative to the directory of `base`. */
+/* name relative to the directory of `base` (for messages only: names
+ * are opened relative to the real directory of the file that names
+ * them). */
 static char *
-resolve (const char *base, const char *name)
+display_path (const char *base, const char *name)
 {
   const char *slash = strrchr (base, '/');
   char *r;
@@ -112,24 +124,6 @@ resolve (const char *base, const char *name)
     return NULL;
   return r;
 }
-
-/* One walk down the chain. */
-struct walk {
-  const struct qed_chain_options *o;
-  int dirfd;                    /* follow-backing=beneath: the top's dir */
-  char *dir;                    /* its name */
-};
-
-/* Who names a backing file. */
-struct namer {
-  const char *path;             /* the image naming it */
-  uid_t uid;                    /* its owner */
-  gid_t gid;
-};
-
-static struct layer *open_layer (const struct walk *w, const char *path,
-                                 int format, const struct namer *namer,
-                                 const struct visited *seen);
 
 /* The directory part of path. */
 static char *
@@ -144,40 +138,46 @@ dir_of (const char *path)
   return strndup (path, slash - path);
 }
 
-/* path (resolved as QEMU does) relative to the walk's directory, for
- * openat2 RESOLVE_BENEATH; an absolute path elsewhere stays as it is,
- * and is refused. */
-static const char *
-beneath_name (const struct walk *w, const char *path)
-{
-  size_t len = strlen (w->dir);
+/* One walk down the chain. */
+struct walk {
+  const struct qed_chain_options *o;
+  int beneath;                  /* follow-backing=beneath: the top's dir */
+};
 
-  if (strcmp (w->dir, "/") == 0 && path[0] == '/')
-    return path + 1;
-  if (strncmp (path, w->dir, len) == 0 && path[len] == '/')
-    return path + len + 1;
-  return path;                  /* relative to "." already, or refused */
+/* Who names a backing file, and with whose identity it is opened. */
+struct namer {
+  const char *path;             /* the image naming it */
+  int dirfd;                    /* its real directory */
+  bool as_server;               /* the user named it (backing-override) */
+  uid_t uid;                    /* the identity in force (0: the server) */
+};
+
+static struct layer *open_layer (struct walk *w, const char *name,
+                                 int format, const struct namer *namer,
+                                 const struct visited *seen);
+
+/* The identity for what lies below a layer owned by `owner`, opened
+ * with `uid`: it only drops.  Root's layer below a user's is read with
+ * the user's identity, and so are the names inside it; between two
+ * users, the one in force stays. */
+static uid_t
+next_identity (uid_t uid, uid_t owner)
+{
+  return uid == 0 ? owner : uid;
 }
 
-/* Open what lies beneath the QED layer `l` (whose own file is `st`). */
+/* Open what lies beneath the QED layer `l`. */
 static int
-open_below (const struct walk *w, struct layer *l, const char *name,
+open_below (struct walk *w, struct layer *l, const char *name,
             bool raw, const struct namer *namer, const struct visited *seen)
 {
-  CLEANUP_FREE char *bpath = NULL;
-
   if (!w->o->follow) {
     qed_error ("%s names a backing file (%s) but following backing files "
                "is disabled (follow-backing=false)", l->path, name);
     errno = EPERM;
     return -1;
   }
-  bpath = resolve (l->path, name);
-  if (bpath == NULL) {
-    qed_error ("malloc: %m");
-    return -1;
-  }
-  l->below = open_layer (w, bpath, raw ? QED_FORMAT_RAW : QED_FORMAT_PROBE,
+  l->below = open_layer (w, name, raw ? QED_FORMAT_RAW : QED_FORMAT_PROBE,
                          namer, seen);
   if (l->below == NULL)
     return -1;
@@ -187,27 +187,32 @@ open_below (const struct walk *w, struct layer *l, const char *name,
   return 0;
 }
 
-/* Open the file of a layer.  namer == NULL: the user named it
- * (backing-override), so it is opened as the server. */
+/* Open the file of a layer, named `name` by namer: relative to the
+ * real directory of the image that names it, with the identity in
+ * force (as the server for backing-override).  l->dirfd gets the
+ * directory it was found in. */
 static int
-open_layer_file (const struct walk *w, const char *path,
+open_layer_file (struct walk *w, struct layer *l, const char *name,
                  const struct namer *namer, struct stat *st)
 {
   struct qed_backing_open bo = {
-    .path = path, .dirfd = AT_FDCWD, .name = path, .devices = w->o->devices,
+    .path = l->path, .dirfd = namer->dirfd, .name = name,
+    .devices = w->o->devices,
   };
+  int fd;
 
-  if (namer) {
+  if (!namer->as_server) {
     bo.as_owner = true;
     bo.uid = namer->uid;
-    bo.gid = namer->gid;
-    if (w->dirfd >= 0) {
-      bo.beneath = true;
-      bo.dirfd = w->dirfd;
-      bo.name = beneath_name (w, path);
-    }
+    bo.beneath = w->beneath >= 0;
+    bo.beneath_dirfd = w->beneath;
   }
-  return qed_open_backing (&bo, st);
+  fd = qed_open_backing (&bo, st, &l->dirfd);
+  /* follow-backing=beneath keeps names below the top's directory, or
+   * below the directory of the override the user chose. */
+  if (fd >= 0 && namer->as_server && w->o->beneath)
+    w->beneath = l->dirfd;
+  return fd;
 }
 
 /* Probe the format of a layer by its magic. */
@@ -235,17 +240,19 @@ static bool warned_probe;
 
 /* Open the QED layer l, whose file is open as l->fd (taken over). */
 static int
-open_qed_layer (const struct walk *w, struct layer *l, bool probed,
+open_qed_layer (struct walk *w, struct layer *l, bool probed,
                 const struct namer *namer, const struct stat *st,
                 const struct visited *me)
 {
   struct qed_open_options oo = { .readonly = true,
                                  .l2_cache_bytes = w->o->l2_cache_bytes,
+                                 .cache_budget = w->o->cache_budget,
                                  .locking = w->o->locking,
                                  .backing_layer = true,
                                  .use_fd = true, .fd = l->fd };
-  struct namer next = { .path = l->path,
-                        .uid = st->st_uid, .gid = st->st_gid };
+  struct namer next = { .path = l->path, .dirfd = l->dirfd,
+                        .uid = namer->as_server ? st->st_uid
+                        : next_identity (namer->uid, st->st_uid) };
   const char *name;
 
   l->fd = -1;
@@ -259,7 +266,7 @@ open_qed_layer (const struct walk *w, struct layer *l, bool probed,
   /* A raw disk holding a QED header (a guest can write one) would be
    * taken for a QED image here, and its name followed.  Said once: the
    * plugin opens the chain at start-up and again for its first client. */
-  if (probed && namer && !__atomic_test_and_set (&warned_probe,
+  if (probed && !namer->as_server && !__atomic_test_and_set (&warned_probe,
                                                  __ATOMIC_RELAXED))
     qed_error ("warning: %s names %s without a format, which was probed "
                "as QED and names a backing file of its own (%s); if %s is "
@@ -270,21 +277,29 @@ open_qed_layer (const struct walk *w, struct layer *l, bool probed,
 }
 
 static struct layer *
-open_layer (const struct walk *w, const char *path, int format,
+open_layer (struct walk *w, const char *name, int format,
             const struct namer *namer, const struct visited *seen)
 {
   struct layer *l;
   struct stat st;
   struct visited me;
   bool probed = format == QED_FORMAT_PROBE;
+  const char *path;
 
   l = calloc (1, sizeof *l);
-  if (l == NULL || (l->path = strdup (path)) == NULL) {
-    free (l);
+  if (l == NULL) {
     qed_error ("malloc: %m");
     return NULL;
   }
-  l->fd = open_layer_file (w, path, namer, &st);
+  l->fd = l->dirfd = -1;
+  l->path = namer->as_server ? strdup (name)
+    : display_path (namer->path, name);
+  if (l->path == NULL) {
+    qed_error ("malloc: %m");
+    goto err;
+  }
+  path = l->path;
+  l->fd = open_layer_file (w, l, name, namer, &st);
   if (l->fd == -1)
     goto err;
   for (const struct visited *v = seen; v; v = v->next) {
@@ -343,29 +358,6 @@ describe (struct layer *top)
   return desc;
 }
 
-/* follow-backing=beneath: names must stay beneath the directory of
- * `top` (the image, or the override the user chose). */
-static int
-walk_init (struct walk *w, const struct qed_chain_options *o,
-           const char *top)
-{
-  *w = (struct walk) { .o = o, .dirfd = -1 };
-  if (!o->beneath)
-    return 0;
-  w->dir = dir_of (top);
-  if (w->dir == NULL) {
-    qed_error ("malloc: %m");
-    return -1;
-  }
-  w->dirfd = open (w->dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
-  if (w->dirfd == -1) {
-    qed_error ("%s: %m", w->dir);
-    free (w->dir);
-    return -1;
-  }
-  return 0;
-}
-
 struct qed_chain *
 qed_chain_open (struct qed_image *img, const struct qed_chain_options *o,
                 bool *none)
@@ -373,16 +365,17 @@ qed_chain_open (struct qed_image *img, const struct qed_chain_options *o,
   struct qed_chain *chain;
   struct stat st;
   struct visited top;
-  struct walk w;
+  struct walk w = { .o = o, .beneath = -1 };
   const char *name = qed_get_backing_name (img);
-  CLEANUP_FREE char *path = NULL;
-  struct namer namer = { .path = qed_get_filename (img) };
-  int format;
+  struct namer namer = { .path = qed_get_filename (img), .dirfd = -1 };
+  int format, dirfd = -1;
 
   *none = false;
   if (o->override) {
-    path = strdup (o->override);
+    name = o->override;
     format = o->override_format;
+    namer.as_server = true;
+    namer.dirfd = AT_FDCWD;
   }
   else if (name) {
     if (!o->follow) {
@@ -393,46 +386,54 @@ qed_chain_open (struct qed_image *img, const struct qed_chain_options *o,
       errno = EPERM;
       return NULL;
     }
-    path = resolve (qed_get_filename (img), name);
     format = qed_get_backing_raw (img) ? QED_FORMAT_RAW : QED_FORMAT_PROBE;
+    /* The real directory of the image that was opened. */
+    namer.dirfd = img->dirfd;
+    if (namer.dirfd == -1) {
+      CLEANUP_FREE char *dir = dir_of (qed_get_filename (img));
+      if (dir == NULL ||
+          (dirfd = open (dir, O_PATH | O_DIRECTORY | O_CLOEXEC)) == -1) {
+        qed_error ("%s: %m", dir ? dir : qed_get_filename (img));
+        return NULL;
+      }
+      namer.dirfd = dirfd;
+    }
+    if (o->beneath)
+      w.beneath = namer.dirfd;
   }
   else {
     *none = true;
     return NULL;
   }
-  if (path == NULL) {
-    qed_error ("malloc: %m");
-    return NULL;
-  }
   if (qed_io_fstat (img->fd, &st) == -1) {
     qed_error ("%s: fstat: %m", qed_get_filename (img));
-    return NULL;
+    goto err;
   }
   top = (struct visited) { st.st_dev, st.st_ino, NULL };
+  /* The identity starts as the top image's owner (for names it holds;
+   * backing-override, which the user named, is opened as the server,
+   * and names below it as its owner). */
   namer.uid = st.st_uid;
-  namer.gid = st.st_gid;
 
   chain = calloc (1, sizeof *chain);
   if (chain == NULL) {
     qed_error ("calloc: %m");
-    return NULL;
+    goto err;
   }
-  if (walk_init (&w, o, o->override ? o->override
-                 : qed_get_filename (img)) == -1) {
-    free (chain);
-    return NULL;
-  }
-  chain->top = open_layer (&w, path, format, o->override ? NULL : &namer,
-                           &top);
-  if (w.dirfd >= 0)
-    close (w.dirfd);
-  free (w.dir);
+  chain->top = open_layer (&w, name, format, &namer, &top);
   if (chain->top == NULL) {
     free (chain);
-    return NULL;
+    goto err;
   }
+  if (dirfd >= 0)
+    close (dirfd);
   chain->desc = describe (chain->top);
   return chain;
+
+ err:
+  if (dirfd >= 0)
+    close (dirfd);
+  return NULL;
 }
 
 void

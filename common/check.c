@@ -54,6 +54,44 @@ bm_set (struct bitmap *b, uint64_t i)
     b->bits[i / 64] |= UINT64_C (1) << (i % 64);
 }
 
+/* The first index in [i, end) whose bit is `set`, or end.  A word at
+ * a time: a file with a huge sparse tail costs a scan of zero words
+ * (pages never written map the zero page), not a loop per cluster. */
+static uint64_t
+bm_find (const struct bitmap *b, uint64_t i, uint64_t end, bool set)
+{
+  end = MIN (end, b->n);
+  while (i < end) {
+    uint64_t w = b->bits[i / 64] ^ (set ? 0 : UINT64_MAX);
+    w &= UINT64_MAX << (i % 64);
+    if (w) {
+      i = (i & ~UINT64_C (63)) + __builtin_ctzll (w);
+      return MIN (i, end);
+    }
+    i = (i | 63) + 1;
+  }
+  return end;
+}
+
+/* The highest index in [floor, end) whose bit is set, plus one; or
+ * floor if none. */
+static uint64_t
+bm_last_set (const struct bitmap *b, uint64_t floor, uint64_t end)
+{
+  end = MIN (end, b->n);
+  while (end > floor) {
+    uint64_t i = end - 1, w = b->bits[i / 64];
+    if (i % 64 != 63)
+      w &= (UINT64_C (2) << (i % 64)) - 1;
+    if (w) {
+      i = (i & ~UINT64_C (63)) + 63 - __builtin_clzll (w);
+      return i >= floor ? i + 1 : floor;
+    }
+    end = i & ~UINT64_C (63);
+  }
+  return floor;
+}
+
 struct checker {
   struct qed_image *img;
   bool repair;
@@ -557,8 +595,7 @@ plan_reclaim (struct checker *ck, struct reclaim_plan *pl, unsigned pass,
 
   *top = qed_cluster_index (img, img->file_end);
   for (;;) {
-    while (*top > first && !bm_get (&ck->used, *top - 1))
-      (*top)--;                 /* trailing leak: truncated */
+    *top = bm_last_set (&ck->used, first, *top); /* trailing leak: cut */
     while (lo < *top && bm_get (&ck->used, lo))
       lo++;
     if (lo >= *top)
@@ -687,8 +724,7 @@ cut_trailing_leaks (struct checker *ck)
   uint64_t first = qed_cluster_index (img, img->header_end);
   uint64_t end = qed_cluster_index (img, img->file_end), top = end;
 
-  while (top > first && !bm_get (&ck->used, top - 1))
-    top--;
+  top = bm_last_set (&ck->used, first, end);
   if (top == end)
     return 0;
   if (qed_sync (img) == -1 ||
@@ -763,13 +799,19 @@ check_pass (struct checker *ck, unsigned pass)
     return -1;
   if (res->check_errors > 0)
     return 0;
-  for (uint64_t i = qed_cluster_index (img, img->header_end); i < n; ++i) {
-    if (bm_get (&ck->used, i))
-      continue;
-    res->leaks++;
-    /* The free-cluster list is rebuilt from these. */
+  /* Run by run: the number of runs is bounded by the clusters in use,
+   * whatever the file's apparent size. */
+  for (uint64_t i = qed_cluster_index (img, img->header_end), j; i < n;
+       i = j) {
+    i = bm_find (&ck->used, i, n, false);
+    if (i >= n)
+      break;
+    j = bm_find (&ck->used, i, n, true);
+    res->leaks += j - i;
+    /* The free-cluster list is rebuilt from these (offset, count). */
     if (img->leak_sink && !ck->repair &&
-        offset_list_append (img->leak_sink, qed_cluster_start (img, i)) == -1)
+        (offset_list_append (img->leak_sink, qed_cluster_start (img, i)) == -1 ||
+         offset_list_append (img->leak_sink, j - i) == -1))
       return -1;
   }
   if (res->leaks > 0)

@@ -147,6 +147,7 @@ read_runs (struct qed_image *img, const struct record *r, const char **why)
 {
   uint64_t nruns = r->list_bytes / RUN_BYTES, total = 0, prev_end = 0;
   uint64_t list_clusters = (r->list_bytes + img->cs - 1) >> img->cs_bits;
+  uint64_t valid_end = qed_valid_end (img);
   uint64_t *runs;
 
   *why = NULL;
@@ -154,6 +155,14 @@ read_runs (struct qed_image *img, const struct record *r, const char **why)
       nruns > (img->file_end >> img->cs_bits) ||
       !valid_free_range (img, r->list_offset, list_clusters)) {
     *why = "the list's place or length is invalid";
+    return NULL;
+  }
+  /* Loaded, the list costs 8 bytes a cluster: only what a valid image
+   * of this size can hold is trusted (the rest is rebuilt, bounded). */
+  if (r->free_clusters > (valid_end >> img->cs_bits) ||
+      nruns > (valid_end >> img->cs_bits) ||
+      r->list_offset + (list_clusters << img->cs_bits) > valid_end) {
+    *why = "it lists more than an image of this size can hold";
     return NULL;
   }
   runs = malloc (r->list_bytes);
@@ -174,6 +183,7 @@ read_runs (struct qed_image *img, const struct record *r, const char **why)
     runs[2*i] = off;
     runs[2*i+1] = n;
     if (!valid_free_range (img, off, n) || off < prev_end ||
+        off + (n << img->cs_bits) > valid_end ||
         (off < r->list_offset + (list_clusters << img->cs_bits) &&
          r->list_offset < off + (n << img->cs_bits))) {
       *why = "a run is out of place";
@@ -361,8 +371,16 @@ qed_freelist_publish (struct qed_image *img)
   if (n == -1)
     return -1;
   nruns = n;
-  if (nruns == 0 || qed_freelist_record_offset (img) == 0)
+  if (nruns == 0)
     return erase_record (img);
+  if (qed_freelist_record_offset (img) == 0) {
+    /* A backing file name reaching into the record's bytes: the free
+     * clusters cannot be listed, so they stay leaks that NEED_CHECK
+     * must explain (a clean stop compacts them all away instead). */
+    qed_note_leak (img, "the backing file name leaves no room for the "
+                   "free-cluster list record");
+    return erase_record (img);
+  }
   /* Taking the list's room from a run never adds or removes one. */
   need = (nruns * RUN_BYTES + img->cs - 1) >> img->cs_bits;
   if (place_list (img, runs, nruns, &total, need, &where) == -1)
@@ -394,12 +412,17 @@ qed_freelist_publish (struct qed_image *img)
 }
 
 /* Rebuild the free clusters from the tables: every cluster no table
- * references becomes free (punched).  No request runs (open, close). */
+ * references becomes free (punched, one run at a time).  Bounded by
+ * the disk size, not by the file's apparent size: free clusters at the
+ * end of the file are cut off, and those past what a valid image of
+ * this size can reach are left to the check at the stop (a leak, with
+ * NEED_CHECK set) rather than listed.  No request runs (open, close). */
 int
 qed_freelist_rebuild (struct qed_image *img)
 {
   struct qed_check_result res;
   struct offset_list leaks = { 0 };
+  uint64_t valid_end = qed_valid_end (img), past = 0;
   int r;
 
   img->leak_sink = &leaks;
@@ -411,21 +434,49 @@ qed_freelist_rebuild (struct qed_image *img)
   }
   pthread_mutex_lock (&img->lock);
   img->pending_free.len = img->flushed_free.len = img->free_list.len = 0;
+  /* A last run that ends the file: cut. */
+  if (r == 0 && leaks.len >= 2 &&
+      leaks.ptr[leaks.len - 2] + (leaks.ptr[leaks.len - 1] << img->cs_bits)
+      == img->file_end) {
+    uint64_t start = leaks.ptr[leaks.len - 2];
+    if (qed_io_truncate (img->fd, start) == 0) {
+      qed_debug ("%s: %" PRIu64 " free clusters at the end of the file "
+                 "cut off", img->filename, leaks.ptr[leaks.len - 1]);
+      img->file_end = img->alloc_end = start;
+      img->tail_garbage = false;
+      leaks.len -= 2;
+    }
+  }
   /* Pushed from the top down: reused from the bottom up. */
-  for (size_t i = leaks.len; r == 0 && i-- > 0; ) {
+  for (size_t i = leaks.len; r == 0 && i >= 2; i -= 2) {
+    uint64_t off = leaks.ptr[i - 2], n = leaks.ptr[i - 1];
+    if (off >= valid_end) {
+      past += n;
+      continue;
+    }
+    if (off + (n << img->cs_bits) > valid_end) {
+      uint64_t keep = (valid_end - off) >> img->cs_bits;
+      past += n - keep;
+      n = keep;
+    }
+    if (n == 0)
+      continue;
     if (qed_io_fallocate (img->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                   leaks.ptr[i], img->cs) == -1 &&
+                          off, n << img->cs_bits) == -1 &&
         errno != EOPNOTSUPP && errno != ENOSYS) {
       qed_error ("%s: fallocate: %m", img->filename);
       r = -1;
     }
-    else if (offset_list_append (&img->free_list, leaks.ptr[i]) == -1)
+    else if (push_run (img, off, n) == -1)
       r = -1;
   }
+  if (r == 0 && past > 0)
+    qed_note_leak (img, "free clusters past what an image of this size "
+                   "can reach");
   pthread_mutex_unlock (&img->lock);
   if (r == 0)
     qed_debug ("%s: free space rebuilt from the tables: %zu free clusters",
-               img->filename, leaks.len);
+               img->filename, img->free_list.len);
   free (leaks.ptr);
   return r;
 }

@@ -125,4 +125,25 @@ valid_cluster_offset (const struct qed_image *img, uint64_t off, uint64_t len)
     (off >= img->l1_end || off + len <= img->l1_start);
 }
 
+/* Room past what the tables and data of a valid image take: the
+ * growth chunk, and clusters freed by requests still in flight when
+ * the file grew. */
+#define QED_VALID_END_SLACK (UINT64_C (264) << 20)
+
+/* The end a valid image of this geometry can reach at most: the
+ * header, the L1 table, an L2 table for every resident L1 entry, every
+ * guest cluster, a free-cluster list of all of them, and the slack.
+ * Clusters past it can only be leaks: memory and time spent on them
+ * follow the disk size, never the file's apparent size. */
+static inline uint64_t
+qed_valid_end (const struct qed_image *img)
+{
+  uint64_t end = img->header_end + img->table_bytes * (1 + img->l1_entries) +
+    (img->nr_clusters << img->cs_bits);
+  uint64_t list = ((end >> img->cs_bits) / 2 + 1) * 16;
+
+  return end + ((list + img->cs - 1) & ~((uint64_t) img->cs - 1)) +
+    QED_VALID_END_SLACK;
+}
+
 #endif /* NBDKIT_QED_GEOMETRY_H */

@@ -23,6 +23,7 @@
 
 #include "qed-internal.h"
 #include "geometry.h"
+#include "safe-open.h"
 #include "seam.h"
 #include "util.h"
 
@@ -88,17 +89,17 @@ new_header (const struct qed_create_options *opts, struct qed_header *h)
   return 0;
 }
 
-/* Create a file with a unique temporary name in dir (which must have
- * room for the name in tmpname). */
+/* Create a file with a unique temporary name in the directory dfd. */
 static int
-create_temporary (const char *filename, const char *dir, char *tmpname,
+create_temporary (const char *filename, int dfd, char *tmpname,
                   mode_t mode)
 {
   int fd;
 
   for (unsigned i = 0; ; ++i) {
-    sprintf (tmpname, "%s/.qed-create.%ld.%u", dir, (long) getpid (), i);
-    fd = open (tmpname, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode);
+    sprintf (tmpname, ".qed-create.%ld.%u", (long) getpid (), i);
+    fd = openat (dfd, tmpname, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW |
+                 O_CLOEXEC, mode);
     if (fd >= 0 || errno != EEXIST || i >= 1000)
       break;
   }
@@ -131,28 +132,30 @@ write_new_image (int fd, const struct qed_header *h, const char *name,
   return 0;
 }
 
-/* Link the complete temporary file to filename, durably. */
+/* Link the complete temporary file to its name, durably. */
 static int
-link_into_place (const char *filename, const char *dir, const char *tmpname)
+link_into_place (const char *filename, int dfd, const char *last,
+                 const char *tmpname)
 {
-  int dfd;
+  int sfd;
 
-  if (link (tmpname, filename) == -1) {
+  if (linkat (dfd, tmpname, dfd, last, 0) == -1) {
     qed_error ("%s: cannot create: %m", filename);
-    unlink (tmpname);
+    unlinkat (dfd, tmpname, 0);
     return -1;
   }
-  unlink (tmpname);
-  /* Make the new name durable. */
-  dfd = open (dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd == -1 || fsync (dfd) == -1) {
+  unlinkat (dfd, tmpname, 0);
+  /* Make the new name durable (an O_PATH descriptor cannot be
+   * synced). */
+  sfd = openat (dfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (sfd == -1 || fsync (sfd) == -1) {
     qed_error ("%s: cannot sync the directory: %m", filename);
-    if (dfd >= 0)
-      close (dfd);
-    unlink (filename);
+    if (sfd >= 0)
+      close (sfd);
+    unlinkat (dfd, last, 0);
     return -1;
   }
-  close (dfd);
+  close (sfd);
   return 0;
 }
 
@@ -160,45 +163,43 @@ link_into_place (const char *filename, const char *dir, const char *tmpname)
  * and linked into place only when complete and durable: a crash must
  * never leave a partial image at `filename`, which every later start
  * would refuse.  link() fails if `filename` exists, as O_EXCL did.
+ * The directory is walked once (every symbolic link on the way judged
+ * by its owner, safe-open.c) and both names are made in the directory
+ * found, not wherever the path string leads later.
  */
 int
 qed_create (const char *filename, const struct qed_create_options *opts)
 {
   struct qed_header h;
-  CLEANUP_FREE char *dir = NULL, *tmpname = NULL;
-  char *slash;
-  int fd;
+  CLEANUP_FREE char *last = NULL;
+  char tmpname[64];
+  int fd, dfd, r = -1;
 
   if (new_header (opts, &h) == -1)
     return -1;
-  dir = strdup (filename);
-  tmpname = malloc (strlen (filename) + 64);
-  if (dir == NULL || tmpname == NULL) {
-    qed_error ("malloc: %m");
+  dfd = qed_open_parent (filename, "cannot create", &last);
+  if (dfd == -1)
     return -1;
-  }
-  slash = strrchr (dir, '/');
-  if (slash == NULL)
-    strcpy (dir, ".");
-  else
-    slash[slash == dir] = '\0';
-  fd = create_temporary (filename, dir, tmpname,
+  fd = create_temporary (filename, dfd, tmpname,
                          opts->private_file ? 0600 : 0644);
   if (fd == -1)
-    return -1;
+    goto out;
   if (write_new_image (fd, &h, opts->backing_name,
                        opts->private_file) == -1) {
     qed_error ("%s: cannot write the new image: %m", filename);
     close (fd);
-    unlink (tmpname);
-    return -1;
+    unlinkat (dfd, tmpname, 0);
+    goto out;
   }
   if (close (fd) == -1) {
     qed_error ("%s: close: %m", filename);
-    unlink (tmpname);
-    return -1;
+    unlinkat (dfd, tmpname, 0);
+    goto out;
   }
-  return link_into_place (filename, dir, tmpname);
+  r = link_into_place (filename, dfd, last, tmpname);
+ out:
+  close (dfd);
+  return r;
 }
 
 static void
@@ -209,6 +210,8 @@ image_free (struct qed_image *img)
   qed_tables_free (img);
   if (img->fd >= 0)
     qed_io_close (img->fd);
+  if (img->dirfd >= 0)
+    close (img->dirfd);
   if (img->zero_buf)
     munmap (img->zero_buf, img->cs);
   pthread_mutex_destroy (&img->lock);
@@ -236,6 +239,7 @@ image_new (const char *filename, const struct qed_open_options *opts)
     return NULL;
   }
   img->fd = opts->use_fd ? opts->fd : -1;
+  img->dirfd = -1;
   pthread_mutex_init (&img->lock, NULL);
   pthread_mutex_init (&img->flush_lock, NULL);
   pthread_cond_init (&img->cond, NULL);
@@ -244,6 +248,7 @@ image_new (const char *filename, const struct qed_open_options *opts)
   img->demote = opts->demote;
   img->freelist = opts->freelist && !opts->demote;
   img->compact_limit = opts->compact_limit;
+  img->cache_budget = opts->cache_budget;
   img->reclaim_budget = RECLAIM_UNLIMITED;
   img->filename = strdup (filename);
   if (img->filename == NULL) {
@@ -262,14 +267,14 @@ open_file (struct qed_image *img, const struct qed_open_options *opts,
 {
   const char *filename = img->filename;
 
-  /* O_NONBLOCK: opening a FIFO must fail below, not hang. */
+  /* O_NONBLOCK: opening a FIFO must fail below, not hang.  Every
+   * symbolic link on the path is judged by its owner (safe-open.c). */
   if (!opts->use_fd) {
-    img->fd = open (filename, (opts->readonly ? O_RDONLY : O_RDWR) |
-                    O_CLOEXEC | O_NONBLOCK);
-    if (img->fd == -1) {
-      qed_error ("%s: %m", filename);
+    img->fd = qed_open_image_fd (filename, (opts->readonly ? O_RDONLY
+                                            : O_RDWR) | O_NONBLOCK,
+                                 &img->dirfd);
+    if (img->fd == -1)
       return -1;
-    }
   }
   if (qed_io_fstat (img->fd, st) == -1) {
     qed_error ("%s: fstat: %m", filename);
@@ -504,8 +509,11 @@ try_clear_need_check (struct qed_image *img)
       return qed_freelist_publish (img);
     return 0;
   }
-  if (qed_cut_tail (img) == -1 || qed_freelist_publish (img) == -1 ||
-      qed_clear_need_check (img) == -1)
+  if (qed_cut_tail (img) == -1 || qed_freelist_publish (img) == -1)
+    return -1;
+  if (img->leaking)
+    return 0;                   /* free clusters that could not be listed */
+  if (qed_clear_need_check (img) == -1)
     return -1;
   qed_debug ("%s: clean: NEED_CHECK cleared", img->filename);
   return 0;
@@ -543,12 +551,14 @@ close_compact (struct qed_image *img)
       return 0;
     /* A list on disk (from the idle timer, or the open) is still
      * valid; with no data to move, leave it. */
-    if (!img->need_check && img->freelist && img->compact_limit < img->cs)
+    if (!img->need_check && img->freelist && img->compact_limit < img->cs &&
+        qed_freelist_record_offset (img) != 0)
       return 0;
     if (qed_mark_need_check (img) == -1)
       return -1;
   }
-  if (img->freelist)
+  /* (With no room for the list's record, compact completely.) */
+  if (img->freelist && qed_freelist_record_offset (img) != 0)
     img->reclaim_budget = qed_cluster_index (img, img->compact_limit);
   r = qed_compact (img);
   img->reclaim_budget = RECLAIM_UNLIMITED;

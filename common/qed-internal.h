@@ -45,6 +45,7 @@
 #include <sys/uio.h>
 
 #include "qed.h"
+#include "defaults.h"
 
 /* lock.c */
 enum qed_lock_role { QED_LOCK_WRITER, QED_LOCK_READER, QED_LOCK_BACKING };
@@ -57,7 +58,7 @@ extern void qed_unlock_file (int fd);
  */
 #define L2_PAGE_BYTES    4096u
 #define L2_PAGE_ENTRIES  (L2_PAGE_BYTES / 8)
-#define DEFAULT_L2_CACHE (32u * 1024 * 1024)
+#define DEFAULT_L2_CACHE QED_DEFAULT_L2_CACHE   /* defaults.h */
 #define MIN_L2_CACHE     (64u * 1024)
 
 struct l2_page {
@@ -87,6 +88,10 @@ struct offset_list {
 struct qed_image {
   char *filename;
   int fd;
+  /* The real directory holding the file (O_PATH, after every symbolic
+   * link), where its relative backing name resolves; -1 if the image
+   * was opened from a descriptor. */
+  int dirfd;
   bool readonly;
   struct qed_header h;
   char *backing_name;           /* NUL-terminated, or NULL */
@@ -121,6 +126,7 @@ struct qed_image {
   size_t hash_mask;
   struct l2_page lru;           /* sentinel */
   size_t npages, max_pages;
+  struct qed_cache_budget *cache_budget;  /* shared with other images */
   struct l2_page *dirty_list;
   size_t ndirty;
   uint64_t hits, misses;
@@ -163,7 +169,9 @@ struct qed_image {
   bool list_record;             /* a list record is on disk */
   bool list_trusted;            /* the list was loaded into free_list */
   uint64_t reclaim_budget;      /* clusters reclaim may still move */
-  struct offset_list *leak_sink; /* a check without repair lists leaks */
+  /* A check without repair lists leaks here, as runs: pairs (file
+   * offset, clusters). */
+  struct offset_list *leak_sink;
 };
 
 /* reclaim_budget when compaction is not limited. */

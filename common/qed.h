@@ -97,11 +97,23 @@ extern int qed_parse_locking (const char *value, enum qed_locking *locking);
 extern int qed_hold_reader_locks (const char *filename,
                                   enum qed_locking locking);
 
+/* An L2 cache budget shared by several images (the plugin's dir=:
+ * l2-cache is the budget of the whole process).  Each image may grow
+ * its cache up to the whole budget while the images together hold
+ * less; beyond it, an image that needs a page evicts one of its own
+ * (keeping at least MIN_L2_CACHE).  Set max_bytes, pages = 0; it must
+ * outlive the images that use it. */
+struct qed_cache_budget {
+  uint64_t max_bytes;
+  uint64_t pages;               /* held by all its images (atomic) */
+};
+
 struct qed_open_options {
   bool readonly;
   enum qed_locking locking;
   bool backing_layer;           /* lock as a backing file (shared) */
   uint64_t l2_cache_bytes;      /* 0 = default */
+  struct qed_cache_budget *cache_budget;  /* NULL: l2_cache_bytes */
   /* Run the check (and repair unless readonly) even if NEED_CHECK is
    * clear. */
   bool force_check;
@@ -243,6 +255,7 @@ struct qed_chain_options {
   const char *override;         /* open this instead of the stored name */
   int override_format;          /* 0 = probe, 1 = raw, 2 = qed */
   uint64_t l2_cache_bytes;
+  struct qed_cache_budget *cache_budget;  /* NULL: l2_cache_bytes */
   enum qed_locking locking;
 };
 #define QED_FORMAT_PROBE 0

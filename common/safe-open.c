@@ -2,29 +2,49 @@
  *
  * SPDX-License-Identifier: BSD-3-Clause
  *
+ * Every path we open (the plugin's image, each backing layer, the
+ * filter's overlay, and the directory of a new image) is walked here
+ * component by component, with O_PATH|O_NOFOLLOW descriptors and our
+ * own reading of symbolic links, so that each link can be judged by
+ * who planted it (the kernel's fs.protected_symlinks judges only links
+ * in sticky world-writable directories, and openat2's RESOLVE_* flags
+ * only refuse links wholesale):
+ *
+ *  - a symbolic link is followed only if it is owned by the server's
+ *    user (euid) or by the owner of what it finally points to, and in
+ *    a world-writable directory only if the server's user owns it;
+ *  - links on procfs are magic (/proc/self/fd/N) and never followed,
+ *    except /proc/self and /proc/thread-self;
+ *  - at most 40 links a walk.
+ *
+ * The walk ends with the real directory that holds the file (after
+ * every link), so that names relative to the file resolve there and
+ * new files are made there (openat), not wherever the path string
+ * leads later.  With "beneath" (follow-backing=beneath) the directory
+ * the walk ends in must lie beneath a given one (climbing from it by
+ * "..", device and inode compared).
+ *
  * Backing files.  An image names its backing file, and whoever wrote
  * the image chose that name.  A root server would otherwise open any
  * file on the host for it, so (as libvirt does for QEMU) the backing
- * file is opened with the file-system identity of the image's owner:
- * fsuid and fsgid, and the owner's supplementary groups from the group
- * database (none if the uid has no passwd entry).  All three are
- * per-thread credentials in Linux; glibc's setgroups() would change
- * every thread, so the raw system calls are used, and they are put
- * back before returning, on every path.  Other threads' opens never
- * see the switch.
+ * file is opened, and its path walked, with the file-system identity
+ * of a user (backing.c chooses whom: the identity only drops down a
+ * chain): fsuid, fsgid and supplementary groups from the user database
+ * (never the file's group).  All three are per-thread credentials in
+ * Linux; glibc's setgroups() would change every thread, so the raw
+ * system calls are used, and they are put back before returning, on
+ * every path.  Other threads' opens never see the switch.
  *
  * Whatever the identity, a backing file must be a regular file or (if
  * allowed) a block device, and not on a pseudo file system (procfs,
- * sysfs and friends), and magic links (/proc/self/fd/N) are not
- * followed.  In "beneath" mode the name must resolve beneath the top
- * image's directory (openat2 RESOLVE_BENEATH; on older kernels the
- * opened file's path is checked instead).
+ * sysfs and friends).
  *
  * Overlays.  The filter writes guest data into its overlay, so an
  * existing overlay must be ours: a symlink planted by someone else must
  * not redirect the writes (or the reads) to another file, and a file
  * that someone else can write would let them change what the guest
- * reads.
+ * reads.  A link as the overlay's last component must be the server's
+ * own, and not in a world-writable directory.
  */
 
 #include <stdio.h>
@@ -42,25 +62,13 @@
 #include <sys/syscall.h>
 #include <linux/magic.h>
 
-#if defined __has_include
-#if __has_include (<linux/openat2.h>)
-#include <linux/openat2.h>
-#endif
-#endif
-
 #include "qed-internal.h"
 #include "safe-open.h"
 #include "seam.h"
 #include "util.h"
 
-#ifndef RESOLVE_BENEATH
-struct open_how { uint64_t flags, mode, resolve; };
-#define RESOLVE_NO_MAGICLINKS 0x02
-#define RESOLVE_BENEATH       0x08
-#endif
-#ifndef SYS_openat2
-#define SYS_openat2 437
-#endif
+/* The kernel's overflowgid: the group of a uid we know nothing of. */
+#define OVERFLOW_GID ((gid_t) 65534)
 
 /* ---- The owner's identity, for this thread only. ---- */
 
@@ -72,9 +80,13 @@ struct saved_id {
   gid_t *groups;
 };
 
-/* The owner's supplementary groups (malloc'd; *n = 0 if unknown). */
+/* The user's primary group and supplementary groups from the user
+ * database (malloc'd, *n of them).  A uid with no passwd entry gets
+ * the overflow group and no others.  Never the file's group: in a
+ * setgid directory that is the directory's, which the owner may not
+ * be in. */
 static gid_t *
-owner_groups (uid_t uid, gid_t gid, int *n)
+owner_groups (uid_t uid, gid_t *gid, int *n)
 {
   struct passwd pw, *res = NULL;
   char buf[4096];
@@ -82,15 +94,17 @@ owner_groups (uid_t uid, gid_t gid, int *n)
   int want = 32;
 
   *n = 0;
+  *gid = OVERFLOW_GID;
   if (getpwuid_r (uid, &pw, buf, sizeof buf, &res) != 0 || res == NULL)
     return NULL;
+  *gid = pw.pw_gid;
   for (int tries = 0; tries < 4; ++tries) {
     gid_t *g = realloc (groups, want * sizeof *g);
     int got = want;
     if (g == NULL)
       break;
     groups = g;
-    if (getgrouplist (pw.pw_name, gid, groups, &got) >= 0) {
+    if (getgrouplist (pw.pw_name, pw.pw_gid, groups, &got) >= 0) {
       *n = got;
       return groups;
     }
@@ -114,18 +128,19 @@ restore_id (struct saved_id *s)
   s->switched = false;
 }
 
-/* Take on uid/gid as this thread's file-system identity (only when
+/* Take on the identity of user uid as this thread's file-system one (only when
  * running as root: otherwise we already are less than root). */
 static int
-become_owner (uid_t uid, gid_t gid, struct saved_id *s)
+become_owner (uid_t uid, struct saved_id *s)
 {
   CLEANUP_FREE gid_t *groups = NULL;
+  gid_t gid;
   int n, e;
 
   *s = (struct saved_id) { .switched = false };
   if (geteuid () != 0 || uid == 0)
     return 0;
-  groups = owner_groups (uid, gid, &n);
+  groups = owner_groups (uid, &gid, &n);
   s->ngroups = getgroups (0, NULL);
   if (s->ngroups == -1 ||
       (s->groups = malloc ((s->ngroups + 1) * sizeof (gid_t))) == NULL ||
@@ -159,67 +174,231 @@ become_owner (uid_t uid, gid_t gid, struct saved_id *s)
   return -1;
 }
 
-/* ---- Where the name leads. ---- */
+/* ---- Walking a path: symlinks judged by who planted them. ---- */
 
-/* Sets *check_after when the kernel could not enforce "beneath". */
-static int
-open_no_magic (const struct qed_backing_open *bo, bool *check_after)
+/* At most this many symbolic links in one walk (as the kernel's 40). */
+#define MAX_LINKS 40
+
+struct walker {
+  const char *what;             /* for messages: "backing file", ... */
+  const char *path;             /* the path as named, for messages */
+  unsigned links;               /* symbolic links followed */
+  bool reported;                /* the error was logged */
+};
+
+static int resolve (struct walker *wk, int dirfd, const char *name,
+                    int *parent, char **last);
+
+static bool
+world_writable_dir (int dirfd)
 {
-  struct open_how how = {
-    .flags = O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY,
-    .resolve = RESOLVE_NO_MAGICLINKS | (bo->beneath ? RESOLVE_BENEATH : 0),
-  };
-  static bool no_openat2;
-  int fd;
+  struct stat st;
 
-  *check_after = false;
-  if (!__atomic_load_n (&no_openat2, __ATOMIC_RELAXED)) {
-    fd = syscall (SYS_openat2, bo->dirfd, bo->name, &how, sizeof how);
-    if (fd >= 0 || errno != ENOSYS)
-      return fd;
-    __atomic_store_n (&no_openat2, true, __ATOMIC_RELAXED);
-  }
-  *check_after = bo->beneath;
-  if (bo->beneath && bo->name[0] == '/') {
-    errno = EXDEV;
+  return fstat (dirfd, &st) == 0 && (st.st_mode & S_IWOTH);
+}
+
+/* Links in procfs are magic (/proc/self/fd/N names no path), except
+ * the two that only name a process's own directory. */
+static bool
+magic_link (int dirfd, const char *name)
+{
+  struct statfs sfs;
+
+  if (fstatfs (dirfd, &sfs) == -1 ||
+      (unsigned long) sfs.f_type != PROC_SUPER_MAGIC)
+    return false;
+  return strcmp (name, "self") != 0 && strcmp (name, "thread-self") != 0;
+}
+
+/* Follow the symbolic link `name` in dirfd (lst: its lstat) if its
+ * owner may send us where it points: the server's user, or the owner
+ * of its target unless dirfd is world-writable.  Like resolve(). */
+static int
+follow_link (struct walker *wk, int dirfd, const char *name,
+             const struct stat *lst, int *parent, char **last)
+{
+  char target[PATH_MAX];
+  struct stat tst;
+  bool exists, ww;
+  ssize_t n;
+  int e;
+
+  wk->reported = true;
+  if (++wk->links > MAX_LINKS) {
+    qed_error ("%s %s: too many levels of symbolic links", wk->what,
+               wk->path);
+    errno = ELOOP;
     return -1;
   }
-  return openat (bo->dirfd, bo->name, how.flags);
-}
-
-/* The file's path as the kernel sees it (for the fallback check). */
-static char *
-fd_path (int fd)
-{
-  char link[64], *buf = malloc (PATH_MAX);
-  ssize_t n;
-
-  if (buf == NULL)
-    return NULL;
-  snprintf (link, sizeof link, "/proc/self/fd/%d", fd);
-  n = readlink (link, buf, PATH_MAX - 1);
-  if (n <= 0) {
-    free (buf);
-    return NULL;
+  if (magic_link (dirfd, name)) {
+    qed_error ("%s %s: %s is a magic link (/proc/.../fd): refused",
+               wk->what, wk->path, name);
+    errno = ELOOP;
+    return -1;
   }
-  buf[n] = '\0';
-  return buf;
+  n = readlinkat (dirfd, name, target, sizeof target);
+  if (n == -1 || n == sizeof target) {
+    if (n != -1)
+      errno = ENAMETOOLONG;
+    e = errno;
+    qed_error ("%s %s: reading the symbolic link %s: %m", wk->what,
+               wk->path, name);
+    errno = e;
+    return -1;
+  }
+  target[n] = '\0';
+  wk->reported = false;
+  if (resolve (wk, dirfd, target, parent, last) == -1)
+    return -1;
+  exists = fstatat (*parent, *last, &tst, AT_SYMLINK_NOFOLLOW) == 0;
+  ww = world_writable_dir (dirfd);
+  if (lst->st_uid == geteuid () ||
+      (exists && !ww && lst->st_uid == tst.st_uid))
+    return 0;
+  if (ww)
+    qed_error ("%s %s: %s is a symbolic link owned by uid %u in a "
+               "world-writable directory: refused (only links of the "
+               "server's user, uid %u, are followed there)", wk->what,
+               wk->path, name, (unsigned) lst->st_uid,
+               (unsigned) geteuid ());
+  else if (exists)
+    qed_error ("%s %s: %s is a symbolic link owned by uid %u to a file of "
+               "uid %u: refused (a link is followed only if the server's "
+               "user or the owner of its target owns it)", wk->what,
+               wk->path, name, (unsigned) lst->st_uid,
+               (unsigned) tst.st_uid);
+  else
+    qed_error ("%s %s: %s is a symbolic link owned by uid %u to nothing: "
+               "refused", wk->what, wk->path, name, (unsigned) lst->st_uid);
+  wk->reported = true;
+  close (*parent);
+  free (*last);
+  *parent = -1;
+  *last = NULL;
+  errno = EPERM;
+  return -1;
 }
 
-/* Without openat2, check afterwards that the file lies beneath dirfd. */
-static bool
-lies_beneath (int fd, int dirfd)
+/* Move *cur into its entry `comp`, a directory or a link to one. */
+static int
+step (struct walker *wk, int *cur, const char *comp)
 {
-  CLEANUP_FREE char *file = fd_path (fd);
-  CLEANUP_FREE char *dir = fd_path (dirfd);
-  size_t len;
+  struct stat lst;
+  int next;
 
-  if (file == NULL || dir == NULL)
-    return false;
-  len = strlen (dir);
-  if (len == 1)                 /* "/" */
-    return true;
-  return strncmp (file, dir, len) == 0 && file[len] == '/';
+  if (comp[0] == '\0' || strcmp (comp, ".") == 0)
+    return 0;
+  if (strcmp (comp, "..") == 0) {
+    next = openat (*cur, "..", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (next == -1)
+      return -1;
+  }
+  else {
+    if (fstatat (*cur, comp, &lst, AT_SYMLINK_NOFOLLOW) == -1)
+      return -1;
+    if (S_ISLNK (lst.st_mode)) {
+      char *last;
+      int r;
+
+      if (follow_link (wk, *cur, comp, &lst, &next, &last) == -1)
+        return -1;
+      close (*cur);
+      *cur = next;
+      r = step (wk, cur, last);
+      free (last);
+      return r;
+    }
+    next = openat (*cur, comp, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (next == -1)
+      return -1;
+  }
+  close (*cur);
+  *cur = next;
+  return 0;
+}
+
+/* Walk every component of name but the last, from dirfd: *parent is
+ * an O_PATH descriptor of the real directory it leads to, *last the
+ * last component (malloc'd; "." if there is none). */
+static int
+walk_parent (struct walker *wk, int dirfd, const char *name, int *parent,
+             char **last)
+{
+  CLEANUP_FREE char *copy = strdup (name);
+  char *p, *slash;
+  int cur, e;
+
+  *parent = -1;
+  *last = NULL;
+  if (copy == NULL)
+    return -1;
+  if (name[0] == '\0') {
+    errno = ENOENT;
+    return -1;
+  }
+  if (name[0] == '/')
+    cur = open ("/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+  else
+    cur = dirfd == AT_FDCWD ? open (".", O_PATH | O_DIRECTORY | O_CLOEXEC)
+      : fcntl (dirfd, F_DUPFD_CLOEXEC, 0);
+  if (cur == -1)
+    return -1;
+  /* Trailing slashes name the directory itself. */
+  for (size_t len = strlen (copy); len > 1 && copy[len - 1] == '/'; )
+    copy[--len] = '\0';
+  p = copy;
+  while ((slash = strchr (p, '/')) != NULL) {
+    *slash = '\0';
+    if (step (wk, &cur, p) == -1)
+      goto err;
+    p = slash + 1;
+  }
+  if (p[0] == '\0')
+    p = (char *) ".";
+  /* "." and "..": step into them, leaving "." to open. */
+  if (strcmp (p, "..") == 0) {
+    if (step (wk, &cur, p) == -1)
+      goto err;
+    p = (char *) ".";
+  }
+  *last = strdup (p);
+  if (*last == NULL)
+    goto err;
+  *parent = cur;
+  return 0;
+
+ err:
+  e = errno;
+  close (cur);
+  errno = e;
+  return -1;
+}
+
+/* Walk name from dirfd, following a symbolic link at the end too:
+ * *parent and *last as in walk_parent, *last never a link (at the time
+ * of the walk), and perhaps missing. */
+static int
+resolve (struct walker *wk, int dirfd, const char *name, int *parent,
+         char **last)
+{
+  struct stat lst;
+  int p, e;
+  char *l;
+
+  if (walk_parent (wk, dirfd, name, &p, &l) == -1)
+    return -1;
+  if (fstatat (p, l, &lst, AT_SYMLINK_NOFOLLOW) == 0 &&
+      S_ISLNK (lst.st_mode)) {
+    int r = follow_link (wk, p, l, &lst, parent, last);
+    e = errno;
+    close (p);
+    free (l);
+    errno = e;
+    return r;
+  }
+  *parent = p;
+  *last = l;
+  return 0;
 }
 
 /* File systems whose files are views of the kernel, not disks. */
@@ -244,10 +423,65 @@ pseudo_fs (int fd, const char **what)
   }
 }
 
+/* Open name from dirfd with flags (a regular file, or a block device
+ * that the caller checks), every component walked under the symbolic
+ * link rule; *parent (if not NULL) gets the real directory holding it.
+ * -1 with errno, logged if wk->reported. */
+static int
+walk_open (struct walker *wk, int dirfd, const char *name, int flags,
+           int *parent_out)
+{
+  int parent, fd, e;
+  char *last;
+
+  if (resolve (wk, dirfd, name, &parent, &last) == -1)
+    return -1;
+  fd = openat (parent, last, flags | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY);
+  e = errno;
+  free (last);
+  if (fd >= 0 && parent_out)
+    *parent_out = parent;
+  else
+    close (parent);
+  errno = e;
+  return fd;
+}
+
+/* Does the directory dir lie beneath (or is it) the directory root? */
+static bool
+lies_beneath (int dir, int root)
+{
+  struct stat rst, st, pst;
+  int cur, up;
+  bool r = false;
+
+  if (fstat (root, &rst) == -1 ||
+      (cur = fcntl (dir, F_DUPFD_CLOEXEC, 0)) == -1)
+    return false;
+  for (unsigned i = 0; i < 4096; ++i) {
+    if (fstat (cur, &st) == -1)
+      break;
+    if (st.st_dev == rst.st_dev && st.st_ino == rst.st_ino) {
+      r = true;
+      break;
+    }
+    up = openat (cur, "..", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (up == -1)
+      break;
+    close (cur);
+    cur = up;
+    if (fstat (cur, &pst) == -1 ||
+        (pst.st_dev == st.st_dev && pst.st_ino == st.st_ino))
+      break;                    /* the root of the file system tree */
+  }
+  close (cur);
+  return r;
+}
+
 /* Refuse what is not a disk (fd open, st filled). */
 static int
 check_backing_file (const struct qed_backing_open *bo, int fd,
-                    const struct stat *st, bool check_beneath)
+                    const struct stat *st)
 {
   const char *what;
 
@@ -268,35 +502,26 @@ check_backing_file (const struct qed_backing_open *bo, int fd,
     errno = EPERM;
     return -1;
   }
-  if (check_beneath && !lies_beneath (fd, bo->dirfd)) {
-    qed_error ("backing file %s is not beneath the top image's directory "
-               "(follow-backing=beneath)", bo->path);
-    errno = EXDEV;
-    return -1;
-  }
   return 0;
 }
 
 int
-qed_open_backing (const struct qed_backing_open *bo, struct stat *st)
+qed_open_backing (struct qed_backing_open *bo, struct stat *st,
+                  int *parent)
 {
   struct saved_id id = { .switched = false };
-  bool check_beneath;
-  int fd, e;
+  struct walker wk = { .what = "backing file", .path = bo->path };
+  int fd, e, dir = -1;
 
-  if (bo->as_owner && become_owner (bo->uid, bo->gid, &id) == -1)
+  if (bo->as_owner && become_owner (bo->uid, &id) == -1)
     return -1;
-  fd = open_no_magic (bo, &check_beneath);
+  fd = walk_open (&wk, bo->dirfd, bo->name, O_RDONLY | O_NONBLOCK, &dir);
   e = errno;
   if (bo->as_owner)
     restore_id (&id);
   if (fd == -1) {
-    if (e == EXDEV)
-      qed_error ("backing file %s is not beneath the top image's directory "
-                 "(follow-backing=beneath)", bo->path);
-    else if (e == ELOOP)
-      qed_error ("cannot open backing file %s: a magic link (/proc/.../fd) "
-                 "or a symbolic link loop: %s", bo->path, strerror (e));
+    if (wk.reported)
+      ;
     else if (bo->as_owner && bo->uid != 0 && geteuid () == 0)
       qed_error ("cannot open backing file %s as the image's owner "
                  "(uid %u): %s", bo->path, (unsigned) bo->uid, strerror (e));
@@ -309,41 +534,82 @@ qed_open_backing (const struct qed_backing_open *bo, struct stat *st)
     qed_error ("backing file %s: fstat: %m", bo->path);
     goto err;
   }
-  if (check_backing_file (bo, fd, st, check_beneath) == -1)
+  if (bo->beneath && !lies_beneath (dir, bo->beneath_dirfd)) {
+    qed_error ("backing file %s is not beneath the top image's directory "
+               "(follow-backing=beneath)", bo->path);
+    errno = EXDEV;
+    goto err;
+  }
+  if (check_backing_file (bo, fd, st) == -1)
     goto err;
   fcntl (fd, F_SETFL, fcntl (fd, F_GETFL) & ~O_NONBLOCK);
+  if (parent)
+    *parent = dir;
+  else
+    close (dir);
   return fd;
 
  err:
   e = errno;
   close (fd);
+  close (dir);
   errno = e;
   return -1;
 }
 
+int
+qed_open_image_fd (const char *filename, int flags, int *parent)
+{
+  struct walker wk = { .what = "image", .path = filename };
+  int fd = walk_open (&wk, AT_FDCWD, filename, flags, parent);
+
+  if (fd == -1 && !wk.reported) {
+    int e = errno;
+    qed_error ("%s: %m", filename);
+    errno = e;
+  }
+  return fd;
+}
+
+int
+qed_open_parent (const char *path, const char *what, char **last)
+{
+  struct walker wk = { .what = what, .path = path };
+  int parent;
+
+  if (walk_parent (&wk, AT_FDCWD, path, &parent, last) == -1) {
+    int e = errno;
+    if (!wk.reported)
+      qed_error ("%s %s: %m", what, path);
+    errno = e;
+    return -1;
+  }
+  if (strcmp (*last, ".") == 0) {
+    qed_error ("%s %s: names a directory", what, path);
+    close (parent);
+    free (*last);
+    *last = NULL;
+    errno = EISDIR;
+    return -1;
+  }
+  return parent;
+}
+
 /* ---- Overlays. ---- */
 
-/* May we follow the symlink at path (lst: its lstat)? */
+/* May we follow the symlink `name` in dirfd, the last component of
+ * the overlay's path (lst: its lstat)?  Stricter than the rule for
+ * other links: the server's own, and not in a world-writable
+ * directory. */
 static bool
-symlink_is_ours (const char *path, const struct stat *lst)
+symlink_is_ours (const char *path, int dirfd, const struct stat *lst)
 {
-  CLEANUP_FREE char *dir = strdup (path);
-  char *slash;
-  struct stat dst;
-
   if (lst->st_uid != geteuid ()) {
     qed_error ("qed-overlay: %s is a symbolic link owned by another user "
                "(uid %u): refused", path, (unsigned) lst->st_uid);
     return false;
   }
-  if (dir == NULL)
-    return false;
-  slash = strrchr (dir, '/');
-  if (slash == NULL)
-    strcpy (dir, ".");
-  else
-    slash[slash == dir] = '\0';
-  if (stat (dir, &dst) == -1 || (dst.st_mode & S_IWOTH)) {
+  if (world_writable_dir (dirfd)) {
     qed_error ("qed-overlay: %s is a symbolic link in a world-writable "
                "directory: refused (name the file itself)", path);
     return false;
@@ -354,26 +620,44 @@ symlink_is_ours (const char *path, const struct stat *lst)
 int
 qed_open_overlay_fd (const char *path, bool writable, bool *missing)
 {
+  struct walker wk = { .what = "qed-overlay:", .path = path };
   struct stat lst, st;
-  int fd, e;
+  int fd = -1, dir, e;
+  CLEANUP_FREE char *last = NULL;
 
   *missing = false;
-  if (lstat (path, &lst) == -1) {
-    if (errno == ENOENT)
+  if (walk_parent (&wk, AT_FDCWD, path, &dir, &last) == -1) {
+    e = errno;
+    if (e == ENOENT && !wk.reported)
+      *missing = true;          /* the caller says it cannot create it */
+    else if (!wk.reported)
+      qed_error ("qed-overlay: %s: %m", path);
+    errno = e;
+    return -1;
+  }
+  if (fstatat (dir, last, &lst, AT_SYMLINK_NOFOLLOW) == -1) {
+    e = errno;
+    if (e == ENOENT)
       *missing = true;
     else
       qed_error ("qed-overlay: %s: %m", path);
+    close (dir);
+    errno = e;
     return -1;
   }
-  if (S_ISLNK (lst.st_mode) && !symlink_is_ours (path, &lst)) {
+  if (S_ISLNK (lst.st_mode) && !symlink_is_ours (path, dir, &lst)) {
+    close (dir);
     errno = EPERM;
     return -1;
   }
-  /* If it was a file, it must still be one (not a symlink now). */
-  fd = open (path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NONBLOCK | O_NOCTTY |
-             (S_ISLNK (lst.st_mode) ? 0 : O_NOFOLLOW));
+  fd = walk_open (&wk, dir, last,
+                  (writable ? O_RDWR : O_RDONLY) | O_NONBLOCK, NULL);
+  e = errno;
+  close (dir);
   if (fd == -1) {
-    qed_error ("qed-overlay: %s: %m", path);
+    if (!wk.reported)
+      qed_error ("qed-overlay: %s: %s", path, strerror (e));
+    errno = e;
     return -1;
   }
   if (fstat (fd, &st) == -1) {

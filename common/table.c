@@ -138,6 +138,8 @@ qed_tables_init (struct qed_image *img, uint64_t cache_bytes)
   if (load_l1 (img) == -1)
     return -1;
 
+  if (img->cache_budget)
+    cache_bytes = img->cache_budget->max_bytes;
   if (cache_bytes == 0)
     cache_bytes = DEFAULT_L2_CACHE;
   if (cache_bytes < MIN_L2_CACHE)
@@ -190,6 +192,24 @@ page_free (struct qed_image *img, struct l2_page *p)
   free (p->entries);
   free (p);
   img->npages--;
+  if (img->cache_budget)
+    __atomic_sub_fetch (&img->cache_budget->pages, 1, __ATOMIC_RELAXED);
+}
+
+/* Must this image give back a page before it loads one?  Its own
+ * bound, or the budget it shares with other images (then it keeps at
+ * least MIN_L2_CACHE of its own, so that it can always make progress:
+ * the pages of images that are idle are not reachable from here). */
+static bool
+cache_full (const struct qed_image *img)
+{
+  const struct qed_cache_budget *b = img->cache_budget;
+
+  if (img->npages >= img->max_pages)
+    return true;
+  return b && img->npages >= MIN_L2_CACHE / L2_PAGE_BYTES &&
+    __atomic_load_n (&b->pages, __ATOMIC_RELAXED) >=
+    b->max_bytes / L2_PAGE_BYTES;
 }
 
 /* Drop every clean page (after check or compaction wrote tables
@@ -218,6 +238,9 @@ qed_tables_free (struct qed_image *img)
       free (p->entries);
       free (p);
     }
+    if (img->cache_budget)
+      __atomic_sub_fetch (&img->cache_budget->pages, img->npages,
+                          __ATOMIC_RELAXED);
   }
   free (img->hash);
   free (img->l1);
@@ -248,7 +271,7 @@ get_page (struct qed_image *img, uint64_t offset, bool fresh)
                fresh ? " (new table)" : "");
 
   /* Evict clean pages from the cold end while the cache is full. */
-  while (img->npages >= img->max_pages) {
+  while (cache_full (img)) {
     struct l2_page *victim = img->lru.prev, *prev;
     size_t scanned = 0;
     while (victim != &img->lru && scanned++ < 2 * img->npages) {
@@ -293,6 +316,8 @@ get_page (struct qed_image *img, uint64_t offset, bool fresh)
   img->hash[h] = p;
   lru_push_front (img, p);
   img->npages++;
+  if (img->cache_budget)
+    __atomic_add_fetch (&img->cache_budget->pages, 1, __ATOMIC_RELAXED);
   return p;
 }
 

@@ -100,6 +100,7 @@
 #include <nbdkit-filter.h>
 
 #include "qed.h"
+#include "defaults.h"
 #include "glue-nbdkit.h"
 #include "safe-open.h"
 #include "seam.h"
@@ -116,8 +117,8 @@
 #define CACHE_CHUNK (32u * 1024 * 1024)
 
 /* Seconds without writes after which a persistent overlay is written
- * back and marked clean (as the plugin's idle-clean default). */
-#define IDLE_CLEAN 5
+ * back and marked clean (the plugin's idle-clean default). */
+#define IDLE_CLEAN QED_DEFAULT_IDLE_CLEAN
 
 /* Parameters. */
 static char *overlay;                   /* NULL = temporary */
@@ -127,7 +128,7 @@ static uint32_t readahead = RA_DEFAULT_WINDOW;  /* the window's bound */
 static uint32_t cluster_size;           /* 0 = default, new overlays only */
 static char *backing_name;
 static enum qed_locking locking = QED_LOCKING_AUTO;
-static uint64_t compact_limit = 64 * 1024 * 1024;  /* as the plugin's */
+static uint64_t compact_limit = QED_DEFAULT_COMPACT_LIMIT;
 static bool freelist = true;
 static bool detach;
 static bool prefetch;
@@ -1006,6 +1007,7 @@ fetch_clusters_counted (nbdkit_next *next, char *wbuf, uint64_t start,
   uint64_t n = (end - start + cs - 1) / cs, i, j;
   int64_t size = next->get_size (next);
   CLEANUP_FREE bool *zero = NULL;
+  bool stored = true;
 
   if (size == -1) {
     errno = EIO;
@@ -1047,9 +1049,11 @@ fetch_clusters_counted (nbdkit_next *next, char *wbuf, uint64_t start,
     for (j = i + 1; j < n && zero[j] == zero[i]; ++j)
       ;
     t = MIN (start + j * cs, end);
-    qed_fill (img, zero[i] ? NULL : wbuf + (s - start), t - s, s,
-              zero_detect, zero[i]);
+    if (qed_fill (img, zero[i] ? NULL : wbuf + (s - start), t - s, s,
+                  zero_detect, zero[i]) == -1)
+      stored = false;
   }
+  ra_note_stored (stored);
   glue_note_write ();
   detach_poll ();
   return 0;

@@ -23,6 +23,10 @@
  * fetched with qed_fill, which never stores over a cluster a write
  * reached first.
  *
+ * While the overlay cannot store what is fetched (its file system is
+ * full), nothing is read ahead: it would be read only to be thrown
+ * away, and read again by the next miss.
+ *
  * Fetches in flight are recorded, so that a miss on clusters another
  * request is already fetching waits for it instead of reading them
  * again (several requests in flight on a sequential stream, such as
@@ -72,6 +76,10 @@ static struct ra_fetch in_flight[RA_IN_FLIGHT] = {
   [0 ... RA_IN_FLIGHT - 1] = { .done = PTHREAD_COND_INITIALIZER },
 };
 static uint64_t tick, last_stream_id;
+/* Set while the overlay cannot store what is fetched (a full file
+ * system): what is read ahead would only be discarded, and read again
+ * by the next miss, so nothing is read ahead until a fill succeeds. */
+static bool store_failing;
 /* Counters for the debug log. */
 static uint64_t n_misses, n_sequential, n_waits, n_failed, bytes_ahead;
 
@@ -160,7 +168,7 @@ ra_plan (uint64_t start, uint64_t end, uint64_t limit, uint64_t cs)
      * keeps several reads in flight itself (nbdcopy, a VM at a high
      * queue depth): they already hide the latency, and one large
      * fetch would only make them wait for it in turn. */
-    if (continued && limit > end && !run_in_flight (s))
+    if (continued && limit > end && !run_in_flight (s) && !store_failing)
       ahead = grow_window (s, start, end, cs);
     stream_id = s->id;
     if (ahead) {
@@ -218,6 +226,21 @@ ra_done (uint64_t start, uint64_t fetch_end, bool ok)
       if (streams[i].valid && streams[i].next == fetch_end)
         streams[i].window = 0;
   }
+}
+
+void
+ra_note_stored (bool ok)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&ra_lock);
+  if (store_failing == !ok)
+    return;
+  store_failing = !ok;
+  nbdkit_debug ("read-ahead %s: the overlay %s", ok ? "resumed" : "stopped",
+                ok ? "stores fetched clusters again"
+                : "cannot store fetched clusters");
+  if (!ok)
+    for (size_t i = 0; i < RA_STREAMS; ++i)
+      streams[i].window = 0;
 }
 
 bool

@@ -38,6 +38,11 @@ extern bool ra_claim (uint64_t start, uint64_t end);
  * and offered to the overlay).  A failed read-ahead ends its run. */
 extern void ra_done (uint64_t start, uint64_t fetch_end, bool ok);
 
+/* Whether the overlay stored what the last fetch read (false: a fill
+ * failed, e.g. on a full file system).  No read-ahead while it cannot.
+ */
+extern void ra_note_stored (bool ok);
+
 /* If [start, end) overlaps a fetch in flight, wait until no fetch in
  * flight overlaps it and return true (the caller then looks at the
  * overlay again); otherwise return false at once. */

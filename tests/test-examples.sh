@@ -135,6 +135,65 @@ stop_last
 example 'qemu-img compare vm1.qed golden.raw' || fail "vm1.qed differs from golden.raw"
 example 'qemu-img check vm1.qed' || fail "qemu-img check vm1.qed"
 
+# Maintenance from the command line (no client).  crash_disk: writes,
+# a trim, then SIGKILL: NEED_CHECK set, clusters leaked.
+crash_disk () {
+  rm -f crash.pid run/crash.sock
+  command nbdkit -U "$tmp/run/crash.sock" -P crash.pid "$PLUGIN" disk.qed idle-clean=0
+  for _ in $(seq 1 100); do [ -s crash.pid ] && break; sleep 0.1; done
+  nbdsh -u "nbd+unix:///?socket=$tmp/run/crash.sock" -c '
+h.pwrite(b"x" * (4 << 20), 0); h.flush(); h.trim(2 << 20, 0); h.flush()'
+  kill -9 "$(cat crash.pid)"
+  for _ in $(seq 1 100); do _alive "$(cat crash.pid)" || break; sleep 0.05; done
+  [ "$(need_check disk.qed)" = 1 ] || fail "the crash left NEED_CHECK clear"
+}
+# with_list GIB: a clean image with a free-cluster list (compact-limit=0):
+# 8M written at GIB GiB, its first half trimmed.
+with_list () {
+  command nbdkit -U - "$PLUGIN" disk.qed compact-limit=0 --run \
+    "nbdsh -u \"\$uri\" -c 'o = $1 << 30; h.pwrite(b\"z\" * (8 << 20), o); h.flush(); h.trim(4 << 20, o)'"
+  [ "$(/usr/bin/python3 "$TOP/tests/freelist-tool.py" flags disk.qed | cut -d' ' -f3)" = 1 ] ||
+    fail "no free-cluster list"
+}
+# An example with --run has exited: forget its pidfile and socket.
+ran_to_end () { rm -f "$tmp/ex$n_servers.pid" "$tmp/run/default.sock"; }
+crash_disk
+example 'nbdkit qed disk.qed --run true'
+ran_to_end
+[ "$(need_check disk.qed)" = 0 ] || fail "--run true: NEED_CHECK still set"
+qemu_check disk.qed
+crash_disk
+example 'qemu-img check -r all disk.qed' >/dev/null || true
+[ "$(need_check disk.qed)" = 0 ] || fail "qemu-img check -r all: NEED_CHECK still set"
+rc=0; qemu-img check disk.qed >/dev/null || rc=$?
+[ $rc = 3 ] || fail "qemu-img check after QEMU's repair: rc $rc (leaks expected)"
+with_list 1
+example 'nbdkit qed disk.qed freelist=false --run true'
+ran_to_end
+read -r _ _ autoclear < <(/usr/bin/python3 "$TOP/tests/freelist-tool.py" flags disk.qed)
+[ "$autoclear" = 0 ] || fail "freelist=false --run true left the list"
+qemu_check disk.qed
+with_list 2
+example 'nbdkit qed disk.qed demote=true --run true'
+ran_to_end
+read -r _ compat autoclear < <(/usr/bin/python3 "$TOP/tests/freelist-tool.py" flags disk.qed)
+[ "$compat$autoclear" = 00 ] || fail "demote=true --run true: compat $compat autoclear $autoclear"
+qemu_check disk.qed
+
+# A directory of VM disks.
+mkdir images/vms
+qemu-img create -q -f qed images/vms/web.qed 1G
+qemu-img create -q -f qed images/vms/db.qed 2G
+qemu-io -f qed -c 'write -P 0x77 1M 1M' images/vms/web.qed >/dev/null
+example 'nbdkit -U /run/nbdkit-qed/vms.sock qed dir=/var/lib/nbdkit-qed/vms'
+example "nbdinfo --list 'nbd+unix:///?socket=/run/nbdkit-qed/vms.sock'" > list.txt
+grep -q '^export="web":' list.txt && grep -q '^export="db":' list.txt ||
+  { cat list.txt; fail "nbdinfo --list: web and db not listed"; }
+example "qemu-img convert -O qcow2 'nbd+unix:///web?socket=/run/nbdkit-qed/vms.sock' web.qcow2"
+qemu-img compare -U -f qcow2 -F qed web.qcow2 images/vms/web.qed || fail "web.qcow2 differs"
+stop_last
+qemu_check images/vms/web.qed
+
 # The export the other examples use, with some data in it.
 qemu-io -f qed -c 'write -P 0x61 0 1M' -c 'write -P 0x62 5G 64k' disk.qed >/dev/null
 example 'nbdkit -U /run/nbdkit-qed/disk.sock qed disk.qed'

@@ -53,11 +53,12 @@ as_nobody qemu-img create -q -u -f qed -b ../secret -F raw "$tmp/u/mid.qed" 1M
 qemu-img create -q -f qed -b u/mid.qed -F qed "$tmp/roottop.qed" 1M
 no_secret deep -r "$PLUGIN" "$tmp/roottop.qed"
 refused deep "as the image's owner"
-# A symlink nobody plants beside the image does not help.
+# A symlink nobody plants beside the image does not help (not followed:
+# nobody owns it, root owns its target).
 as_nobody ln -s "$secret" "$tmp/u/link.raw"
 as_nobody qemu-img create -q -u -f qed -b link.raw -F raw "$tmp/u/sym.qed" 1M
 no_secret sym -r "$PLUGIN" "$tmp/u/sym.qed"
-refused sym "Permission denied"
+refused sym "link.raw is a symbolic link owned by uid [0-9]+ to a file of uid 0: refused"
 echo "ok: root-only backing files (absolute, relative, deep, symlink)"
 
 # ---- 2. Devices, procfs, magic links (even in root's own images).
@@ -105,51 +106,17 @@ qemu-img create -q -u -f qed -b ../../secret -F raw "$tmp/b/sub/up2.qed" 1M
 qemu-img create -q -u -f qed -b sub/up2.qed -F qed "$tmp/b/deep.qed" 1M
 ln -s "$secret" "$tmp/b/link.raw"
 qemu-img create -q -u -f qed -b link.raw -F raw "$tmp/b/link.qed" 1M
-# Kernels without openat2 (a shim makes it ENOSYS, and notes that it
-# did): the opened file's path is checked instead.
-cat > "$tmp/no-openat2.c" <<'EOF'
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <errno.h>
-#include <fcntl.h>
-#include <stdarg.h>
-#include <unistd.h>
-#include <sys/syscall.h>
-long
-syscall (long n, ...)
-{
-  va_list a;
-  long x[6];
-  long (*real) (long, ...) = dlsym (RTLD_NEXT, "syscall");
-  va_start (a, n);
-  for (int i = 0; i < 6; ++i) x[i] = va_arg (a, long);
-  va_end (a);
-  if (n == SYS_openat2) {
-    close (open (getenv ("NO_OPENAT2_MARK"), O_CREAT | O_WRONLY, 0600));
-    errno = ENOSYS;
-    return -1;
-  }
-  return real (n, x[0], x[1], x[2], x[3], x[4], x[5]);
-}
-EOF
-cc -shared -fPIC -include stdlib.h -o "$tmp/no-openat2.so" "$tmp/no-openat2.c" \
-  -ldl || fail "shim build"
-export NO_OPENAT2_MARK=$tmp/no-openat2.used
-for preload in "" "$tmp/no-openat2.so"; do
-  for n in ok okabs; do
-    rm -f "$tmp/run.sock"
-    LD_PRELOAD=$preload nbdkit -U "$tmp/run.sock" -r "$PLUGIN" "$tmp/b/$n.qed" \
-      follow-backing=beneath --run "nbdcopy \"\$uri\" $tmp/beneath.out" \
-      || fail "beneath ($preload): $n refused"
-    cmp "$tmp/beneath.out" "$tmp/b/sub/base.raw" || fail "beneath: $n data"
-  done
-  for n in up abs deep link; do
-    LD_PRELOAD=$preload no_secret "beneath-$n" -r "$PLUGIN" "$tmp/b/$n.qed" \
-      follow-backing=beneath
-    refused "beneath-$n" "not beneath the top image's directory"
-  done
+for n in ok okabs; do
+  rm -f "$tmp/run.sock"
+  nbdkit -U "$tmp/run.sock" -r "$PLUGIN" "$tmp/b/$n.qed" \
+    follow-backing=beneath --run "nbdcopy \"\$uri\" $tmp/beneath.out" \
+    || fail "beneath: $n refused"
+  cmp "$tmp/beneath.out" "$tmp/b/sub/base.raw" || fail "beneath: $n data"
 done
-[ -e "$tmp/no-openat2.used" ] || fail "the openat2 shim was not used"
+for n in up abs deep link; do
+  no_secret "beneath-$n" -r "$PLUGIN" "$tmp/b/$n.qed" follow-backing=beneath
+  refused "beneath-$n" "not beneath the top image's directory"
+done
 # ... and the same images are followed without it (root owns them).
 for n in up abs deep link; do
   rm -f "$tmp/run.sock"

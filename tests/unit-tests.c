@@ -2389,7 +2389,7 @@ test_owner_identity (void)
 {
   char secret[256], open_file[256], before[2048], after[2048];
   struct qed_backing_open bo = { .dirfd = AT_FDCWD, .as_owner = true,
-                                 .uid = 65534, .gid = 65534 };
+                                 .uid = 65534 };
   pthread_t watcher;
   struct stat st;
   int fd;
@@ -2413,10 +2413,10 @@ test_owner_identity (void)
   REQUIRE (pthread_create (&watcher, NULL, watch_creds, before) == 0);
   for (int i = 0; i < 300; ++i) {
     bo.path = bo.name = secret;
-    CHECK_ERR (qed_open_backing (&bo, &st) == -1, EACCES,
+    CHECK_ERR (qed_open_backing (&bo, &st, NULL) == -1, EACCES,
                "as the image's owner (uid 65534)");
     bo.path = bo.name = open_file;
-    fd = qed_open_backing (&bo, &st);
+    fd = qed_open_backing (&bo, &st, NULL);
     CHECK (fd >= 0);
     if (fd >= 0)
       close (fd);
@@ -2431,7 +2431,7 @@ test_owner_identity (void)
   /* As the server (no owner), the secret opens. */
   bo.as_owner = false;
   bo.path = bo.name = secret;
-  fd = qed_open_backing (&bo, &st);
+  fd = qed_open_backing (&bo, &st, NULL);
   CHECK (fd >= 0);
   if (fd >= 0)
     close (fd);
