@@ -8,7 +8,8 @@
 # holds, fails the rest with EIO (storing nothing), takes whole-cluster
 # writes, and fetches again once the origin is back (one log line),
 # after the origin guard: a changed origin that comes back is not used.
-# qed-prefetch pauses while the origin is away and resumes after.
+# qed-prefetch pauses while the origin is away and resumes after.  The
+# curl plugin over a stopped local HTTP server, too.
 # test-timeout: 300
 . "$(dirname "$0")/functions.sh"
 requires nbdsh --version
@@ -163,4 +164,23 @@ qemu_check pf.qed
 qemu-img compare -f qed -F raw pf.qed base.raw ||
   fail "the prefetch across an origin outage stored other data"
 origin_down
+
+# 5. The same over the curl plugin against a local HTTP server that is
+# stopped: a complete overlay serves new connections.
+if nbdkit curl --version >/dev/null 2>&1; then
+  mkdir www
+  cp orig.raw www/disk.img
+  start_nginx "$tmp/www"
+  start_nbdkit q --log=stderr --filter="$FILTER" curl "$NGINX_URL/disk.img" \
+    qed-overlay=web.qed qed-backing-name=disk.img
+  nbdcopy "$(uri q)" web1.raw
+  cmp web1.raw orig.raw
+  kill "$NGINX_PID"; wait "$NGINX_PID" || true
+  rm -f web2.raw
+  nbdcopy "$(uri q)" web2.raw || fail "curl: refused with the server stopped"
+  cmp web2.raw orig.raw || fail "curl: different data with the server stopped"
+  grep -q "the plugin cannot be opened: serving the overlay" q.log
+  echo "curl: served with the HTTP server stopped"
+  stop_nbdkit q
+fi
 echo OK
