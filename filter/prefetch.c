@@ -76,6 +76,7 @@ static bool started, stopping;
 static pthread_t thread;
 static struct qed_image *image;
 static prefetch_fetch_fn *fetch_fn;
+static bool persistent;         /* flush now and then (else temporary) */
 
 static unsigned guest_active;   /* atomic */
 static uint64_t guest_last_ns;  /* atomic: when a guest request began or ended */
@@ -286,7 +287,7 @@ prefetch_thread (void *arg)
     holes += h;
     unflushed += r + h;
     offset = end;
-    if (unflushed >= FLUSH_EVERY) {
+    if (persistent && unflushed >= FLUSH_EVERY) {
       /* Bound what a crash makes us fetch again. */
       if (qed_flush (img) == 0)
         unflushed = 0;
@@ -305,7 +306,8 @@ prefetch_thread (void *arg)
     }
   }
   if (offset >= isize) {
-    qed_flush (img);
+    if (persistent)
+      qed_flush (img);
     nbdkit_debug ("qed-prefetch: done: %" PRIu64 " bytes fetched, %" PRIu64
                   " bytes found as holes, in %.1f s", fetched, holes,
                   now () - t0);
@@ -315,7 +317,8 @@ prefetch_thread (void *arg)
 }
 
 void
-prefetch_start (struct qed_image *img, prefetch_fetch_fn *fetch)
+prefetch_start (struct qed_image *img, prefetch_fetch_fn *fetch,
+                bool flush)
 {
   int e;
 
@@ -324,6 +327,7 @@ prefetch_start (struct qed_image *img, prefetch_fetch_fn *fetch)
     return;
   image = img;
   fetch_fn = fetch;
+  persistent = flush;
   e = pthread_create (&thread, NULL, prefetch_thread, NULL);
   if (e != 0) {
     errno = e;

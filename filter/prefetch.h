@@ -30,8 +30,10 @@ extern int prefetch_note_backend (nbdkit_backend *backend,
                                   const char *exportname);
 
 /* After the overlay is open (the first connection): start the
- * background thread, once. */
-extern void prefetch_start (struct qed_image *img, prefetch_fetch_fn *fetch);
+ * background thread, once.  flush: the overlay persists (flush it now
+ * and then, to bound what a crash loses). */
+extern void prefetch_start (struct qed_image *img, prefetch_fetch_fn *fetch,
+                            bool flush);
 
 /* At cleanup: stop the thread and close its context. */
 extern void prefetch_stop (void);

@@ -506,7 +506,7 @@ qed_filter_open (nbdkit_next_open *next, nbdkit_context *context,
                   "without its origin until it is back", overlay);
     offline = true;
   }
-  if (prefetch && overlay &&
+  if (prefetch &&
       prefetch_note_backend (nbdkit_context_get_backend (context),
                              exportname) == -1)
     return NULL;
@@ -689,7 +689,7 @@ set_verified (struct qed_image *img)
 {
   __atomic_store_n (&verified, true, __ATOMIC_RELEASE);
   if (prefetch && !is_detached ())
-    prefetch_start (img, prefetch_fetch);
+    prefetch_start (img, prefetch_fetch, overlay != NULL);
 }
 
 /* Run the origin guard on the open overlay with this context (the
