@@ -126,7 +126,12 @@ qed_detach_backing (struct qed_image *img, uint64_t clear_compat)
                img->filename);
     return -1;
   }
-  img->h = h;
+  /* Only the fields that changed: others read image_size and the
+   * geometry without the lock. */
+  img->h.features = h.features;
+  img->h.compat_features = h.compat_features;
+  img->h.backing_filename_offset = 0;
+  img->h.backing_filename_size = 0;
   img->has_backing = false;
   img->backing_raw = false;
   free (img->backing_name);

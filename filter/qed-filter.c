@@ -658,6 +658,10 @@ detach_poll (void)
     return;
   /* Not a trylock: the fill that completes the overlay must see it. */
   pthread_mutex_lock (&detach_lock);
+  if (__atomic_load_n (&detached, __ATOMIC_ACQUIRE)) {
+    pthread_mutex_unlock (&detach_lock);
+    return;                     /* another thread did it meanwhile */
+  }
   isize = qed_get_size (img);
   while (detach_cursor < isize) {
     struct qed_map m;
