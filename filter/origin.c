@@ -400,6 +400,26 @@ origin_open (struct qed_image *img, nbdkit_next *next, int64_t size,
                   "is not checked", path);
     return 0;
   }
+  if (r == 0 && rec_at && h->compat_features & QED_CF_ORIGIN) {
+    /* The bit says there is a record, but neither slot checks out:
+     * something else wrote there.  The origin cannot be checked. */
+    if (changed_mode == ORIGIN_DISCARD) {
+      nbdkit_debug ("qed-overlay: %s: its origin record is damaged: "
+                    "discarding the overlay (qed-origin-changed=discard)",
+                    path);
+      return 1;
+    }
+    if (changed_mode != ORIGIN_KEEP) {
+      nbdkit_error ("qed-overlay: %s: its origin record is damaged, so the "
+                    "origin cannot be checked; use qed-origin-changed=keep "
+                    "to serve the overlay anyway and record the origin "
+                    "afresh, or qed-origin-changed=discard to keep it as "
+                    "%s.stale and start a new one", path, path);
+      return -1;
+    }
+    nbdkit_debug ("qed-overlay: %s: its origin record is damaged: a new "
+                  "one is made (qed-origin-changed=keep)", path);
+  }
   if (r == 0) {
     /* A new overlay, or one made before the record existed (what it
      * holds already is not sampled).  One of another size is refused

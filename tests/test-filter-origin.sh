@@ -189,6 +189,26 @@ nbdsh -u "$(uri p)" -c "
 assert h.pread(8*$M, 0) == open('base.raw','rb').read()"
 stop_nbdkit p
 
+# 9b. A damaged record (both slots) is refused; keep makes a new one.
+/usr/bin/python3 - ov.qed <<'EOF'
+import struct, sys
+f = open(sys.argv[1], "r+b")
+raw = f.read(64)
+cs, hs = struct.unpack("<I", raw[4:8])[0], struct.unpack("<I", raw[12:16])[0]
+end = hs * cs - 64
+for at in (end - 3072 + 100, end - 1536 + 100):
+    f.seek(at); f.write(b"\xff" * 8)
+EOF
+serve p2
+refused p2 "its origin record is damaged.*qed-origin-changed=keep.*discard"
+stop_nbdkit p2
+serve p3 qed-origin-changed=keep
+nbdinfo --size "$(uri p3)" >/dev/null
+stop_nbdkit p3
+serve p4
+nbdinfo --size "$(uri p4)" >/dev/null || fail "no new record after keep"
+stop_nbdkit p4
+
 # 10. One overlay, one export: a plugin with two same-size exports.
 mkdir EX
 head -c $M /dev/urandom > EX/a.raw
