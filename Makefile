@@ -39,7 +39,7 @@ MANLINKS  = nbdkit-qed-plugin.1 nbdkit-qed-filter.1
 CORE_SRCS = common/io-file.c common/notice.c common/progress.c \
             common/io.c common/header.c common/alloc.c \
             common/table.c common/write.c common/map.c common/check.c \
-            common/freelist.c common/image.c \
+            common/freelist.c common/image.c common/header-area.c \
             common/backing.c common/idle.c common/lock.c common/safe-open.c
 CORE_HDRS = common/qed.h common/qed-internal.h common/geometry.h \
             common/progress.h common/defaults.h \
@@ -67,9 +67,11 @@ $(PLUGIN): $(PLUGIN_SRCS) $(PLUGIN_HDRS) $(CORE_SRCS) $(SEAM_SRC) \
 	$(CC) $(CPPFLAGS) $(CFLAGS) $(QED_CFLAGS) $(NBDKIT_CFLAGS) -Iplugin \
 	  -shared $(LDFLAGS) -o $@ $(PLUGIN_SRCS) $(CORE_SRCS) $(SEAM_SRC)
 
-FILTER_SRCS = filter/qed-filter.c filter/readahead.c
+FILTER_SRCS = filter/qed-filter.c filter/readahead.c filter/origin.c \
+              filter/prefetch.c filter/offline.c
 
-$(FILTER): $(FILTER_SRCS) filter/readahead.h $(CORE_SRCS) $(SEAM_SRC) \
+$(FILTER): $(FILTER_SRCS) filter/readahead.h filter/origin.h filter/prefetch.h \
+           filter/offline.h $(CORE_SRCS) $(SEAM_SRC) \
            $(CORE_HDRS) $(SEAM_HDRS)
 	$(CC) $(CPPFLAGS) $(CFLAGS) $(QED_CFLAGS) $(NBDKIT_CFLAGS) -shared $(LDFLAGS) \
 	  -o $@ $(FILTER_SRCS) $(CORE_SRCS) $(SEAM_SRC)

@@ -519,18 +519,20 @@ qed_demote_zero_clusters (struct qed_image *img)
   return 0;
 }
 
-/* Demote, after the final compaction: no list, no copy-on-read hint.
- * Lock not held. */
+/* Demote, after the final compaction: no list, no copy-on-read hint,
+ * no origin record (the filter's; QEMU refuses qemu-img rebase -u
+ * while a compat bit it does not know is set).  Lock not held. */
 int
 qed_demote_flags (struct qed_image *img)
 {
+  const uint64_t compat = QED_CF_COPY_ON_READ | QED_CF_ORIGIN;
+
   if (erase_record (img) == -1)
     return -1;
-  if (img->h.compat_features & QED_CF_COPY_ON_READ ||
+  if (img->h.compat_features & compat ||
       img->h.autoclear_features & QED_AF_FREELIST)
     return qed_write_flags (img, img->h.features,
-                            img->h.compat_features &
-                            ~(uint64_t) QED_CF_COPY_ON_READ,
+                            img->h.compat_features & ~compat,
                             img->h.autoclear_features &
                             ~(uint64_t) QED_AF_FREELIST);
   return 0;

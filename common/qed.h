@@ -29,6 +29,7 @@
  * writable open).  nbdkit-qed.pod, "FEATURE BITS", has the details. */
 #define QED_CF_COPY_ON_READ        0x1  /* compat: copy-on-read hint */
 #define QED_AF_FREELIST            0x1  /* autoclear: valid free-cluster list */
+#define QED_CF_ORIGIN              0x2  /* compat: the filter's origin record */
 #define QED_MIN_CLUSTER_SIZE       4096u
 #define QED_MAX_CLUSTER_SIZE       (64u * 1024 * 1024)
 #define QED_DEFAULT_CLUSTER_SIZE   65536u
@@ -273,6 +274,28 @@ extern int qed_chain_map (struct qed_chain *chain, uint64_t offset,
                           uint64_t count, struct qed_map *map);
 /* Human-readable description (for debug messages). */
 extern const char *qed_chain_describe (struct qed_chain *chain);
+
+/* header-area.c: the header clusters' free bytes, between the
+ * backing file name and the free-cluster list record (the last 64
+ * bytes), for records of a user of the core; reads and writes must
+ * lie in [*start, *end).  Writes are synced. */
+extern int qed_header_area_free (struct qed_image *img, uint64_t *start,
+                                 uint64_t *end);
+extern int qed_header_area_read (struct qed_image *img, void *buf,
+                                 size_t len, uint64_t off);
+extern int qed_header_area_write (struct qed_image *img, const void *buf,
+                                  size_t len, uint64_t off);
+/* Set and clear compat feature bits (one synced header write). */
+extern int qed_update_compat (struct qed_image *img, uint64_t set,
+                              uint64_t clear);
+/* Remove the backing file (and clear_compat) in one synced write of
+ * the 64-byte header: the image stands alone from then on. */
+extern int qed_detach_backing (struct qed_image *img, uint64_t clear_compat);
+/* CRC-32 (IEEE 802.3, as zlib's crc32), freelist.c. */
+extern uint32_t qed_crc32 (const void *buf, size_t len);
+/* The image file's device and inode. */
+extern int qed_get_file_id (struct qed_image *img, uint64_t *dev,
+                            uint64_t *ino);
 
 /* Statistics for debugging and tests. */
 struct qed_stats {

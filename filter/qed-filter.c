@@ -7,6 +7,8 @@
  *          [qed-readahead=SIZE]
  *          [qed-locking=on|off|auto] [qed-compact-limit=SIZE]
  *          [qed-freelist=BOOL]
+ *          [qed-origin-id=STRING] [qed-origin-changed=error|keep|discard]
+ *          [qed-detach=BOOL]
  *
  * Behaviour notes (why things are the way they are):
  *
@@ -27,10 +29,9 @@
  *
  * - The overlay's size is the plugin's size rounded up to 512 (QED
  *   sizes are whole sectors); the export keeps the plugin's exact size.
- *   A persistent overlay must match its plugin: a different size is
- *   refused, since it almost certainly means a different disk.  (The
- *   data is not compared: pairing an overlay with the right backend is
- *   the user's job, as with any backing-file format.)
+ *   A persistent overlay must match its plugin: the origin guard
+ *   (origin.c) records the plugin's size, export, qed-origin-id and a
+ *   sample of copied clusters, and checks them at the first connection.
  *
  * - Copy-on-read stores whole clusters, read once from the plugin, so
  *   that the second read of any byte never reaches it (the point of
@@ -75,6 +76,13 @@
  * - Filters are tied to the exact nbdkit version they were built
  *   against (1.32.5 here): nbdkit refuses to load this filter into any
  *   other version.
+ *
+ * - This file is the glue; each concern of a kept cache has a file:
+ *   readahead.c (read-ahead and the extents cache), origin.c (the
+ *   origin guard and its record), prefetch.c (qed-prefetch, a thread
+ *   with its own plugin context), offline.c (serving while the plugin
+ *   cannot be opened, reopening it in the background).  qed-detach is
+ *   here (detach_poll): a scan and one header write.
  */
 
 #include <stdio.h>
@@ -98,6 +106,9 @@
 #include "seam.h"
 #include "util.h"
 #include "readahead.h"
+#include "origin.h"
+#include "prefetch.h"
+#include "offline.h"
 
 /* The largest single read passed to the plugin. */
 #define MAX_BACKEND_READ (32u * 1024 * 1024)
@@ -119,6 +130,24 @@ static char *backing_name;
 static enum qed_locking locking = QED_LOCKING_AUTO;
 static uint64_t compact_limit = QED_DEFAULT_COMPACT_LIMIT;
 static bool freelist = true;
+static bool detach;
+static bool prefetch;
+
+/* The overlay holds every cluster and no longer names its origin
+ * (qed-detach): the plugin is never read again (atomic). */
+static bool detached;
+/* Every cluster before this offset is in the overlay (detach_lock). */
+static pthread_mutex_t detach_lock = PTHREAD_MUTEX_INITIALIZER;
+static uint64_t detach_cursor;
+
+/* The overlay's origin was checked against the plugin (origin.c), or
+ * needs no check (temporary, detached).  An overlay opened while the
+ * plugin could not be opened is not, until the origin is back: no
+ * missing cluster is fetched before (glue_open_lock; atomic reads). */
+static bool verified;
+/* The export's size and name, from the first connection. */
+static int64_t export_size = -1;
+static char *export_name;
 
 /* A temporary overlay is created in its own private directory, made
  * in tmp_parent when the first connection needs it. */
@@ -144,6 +173,7 @@ qed_filter_unload (void)
   overlay = backing_name = tmp_parent = tmp_dir = NULL;
   ra_log_stats ();
   extcache_free ();
+  origin_unload ();
 }
 
 static int
@@ -203,6 +233,16 @@ qed_filter_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
   }
   else if (strcmp (key, "qed-freelist") == 0)
     return glue_parse_bool (key, value, &freelist);
+  else if (strcmp (key, "qed-origin-id") == 0)
+    return origin_set_id (value);
+  else if (strcmp (key, "qed-origin-changed") == 0)
+    return origin_set_changed (value);
+  else if (strcmp (key, "qed-detach") == 0)
+    return glue_parse_bool (key, value, &detach);
+  else if (strcmp (key, "qed-prefetch") == 0)
+    return glue_parse_bool (key, value, &prefetch);
+  else if (strcmp (key, "qed-prefetch-rate") == 0)
+    return prefetch_set_rate (key, value);
   else if (strncmp (key, "qed-", 4) == 0) {
     /* No plugin uses our prefix: a typo must not reach the plugin. */
     nbdkit_error ("unknown parameter '%s'", key);
@@ -228,7 +268,18 @@ qed_filter_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
   "qed-compact-limit=<SIZE>   At a clean stop move at most SIZE of data\n" \
   "                           to give back freed space; list the rest\n" \
   "                           (default 64M).\n" \
-  "qed-freelist=false         Never write a free-cluster list."
+  "qed-freelist=false         Never write a free-cluster list.\n" \
+  "qed-origin-id=<STRING>     The origin's version (an ETag...): an\n" \
+  "                           overlay made for another id is refused.\n" \
+  "qed-origin-changed=error|keep|discard\n" \
+  "                           What to do when the origin changed\n" \
+  "                           (default error).\n" \
+  "qed-detach=<BOOL>          Once the overlay holds every cluster,\n" \
+  "                           remove the origin from its header.\n" \
+  "qed-prefetch=<BOOL>        Copy every missing cluster in the background\n" \
+  "                           (default false).\n" \
+  "qed-prefetch-rate=<SIZE>   At most SIZE bytes per second from the\n" \
+  "                           origin (default 0: unlimited)."
 
 static int
 qed_filter_config_complete (nbdkit_next_config_complete *next,
@@ -241,9 +292,12 @@ qed_filter_config_complete (nbdkit_next_config_complete *next,
                   "clusters of %" PRIu32 " bytes", cs);
     return -1;
   }
+  /* The name must leave room for the origin record and the
+   * free-cluster list record at the end of the header cluster. */
   if (backing_name &&
       (strlen (backing_name) > QED_MAX_BACKING_NAME ||
-       strlen (backing_name) > cs - QED_HEADER_BYTES)) {
+       strlen (backing_name) > cs - QED_HEADER_BYTES - 64 -
+       ORIGIN_RECORD_BYTES)) {
     nbdkit_error ("qed-backing-name: the name is too long (%zu bytes)",
                   strlen (backing_name));
     return -1;
@@ -278,6 +332,13 @@ qed_filter_get_ready (int thread_model)
     return 0;
   }
   ready_done = true;
+  origin_set_parallel (thread_model == NBDKIT_THREAD_MODEL_PARALLEL);
+  offline_set_parallel (thread_model == NBDKIT_THREAD_MODEL_PARALLEL);
+  if (detach && overlay == NULL) {
+    nbdkit_error ("qed-detach: needs qed-overlay (a temporary overlay is "
+                  "deleted at exit)");
+    return -1;
+  }
   if (backing_name && overlay) {
     /* Only other readers of the overlay open it: just a hint. */
     CLEANUP_FREE char *dir = dir_of (overlay);
@@ -322,14 +383,22 @@ qed_filter_get_ready (int thread_model)
     }
     name = qed_get_backing_name (probe);
     cs = qed_get_cluster_size (probe);
-    if (backing_name && (name == NULL || strcmp (name, backing_name))) {
+    if (backing_name && name == NULL && origin_probe_detached (probe))
+      /* Detached by qed-detach earlier: it stands alone now. */
+      nbdkit_debug ("existing overlay %s was detached from its origin "
+                    "(qed-detach): serving it as it is", overlay);
+    else if (backing_name && (name == NULL || strcmp (name, backing_name))) {
       /* Silently serving an overlay that claims another base would make
        * the next reader (qemu-img, the plugin) see a different disk. */
       nbdkit_error ("qed-overlay: %s records %s%s%s as its backing file, "
                     "not qed-backing-name=%s (change it with: qemu-img "
-                    "rebase -u -f qed -F raw -b NAME %s)",
+                    "rebase -u -f qed -F raw -b NAME %s%s)",
                     overlay, name ? "\"" : "", name ? name : "no name",
-                    name ? "\"" : "", backing_name, overlay);
+                    name ? "\"" : "", backing_name, overlay,
+                    qed_get_header (probe)->compat_features & QED_CF_ORIGIN
+                    ? ", after removing the origin record, which QEMU "
+                    "refuses to rebase over: nbdkit qed OVERLAY demote=true "
+                    "--run 'nbdinfo --size \"$uri\"'" : "");
       r = -1;
     }
     else {
@@ -381,7 +450,13 @@ qed_filter_after_fork (nbdkit_backend *backend)
 static void
 qed_filter_cleanup (nbdkit_backend *backend)
 {
-  struct qed_image *img = glue_cleanup ();
+  struct qed_image *img;
+
+  prefetch_stop ();             /* it uses the overlay and the plugin */
+  offline_stop ();
+  img = glue_cleanup ();
+  free (export_name);
+  export_name = NULL;
 
   if (img) {
     if (overlay == NULL)
@@ -399,6 +474,8 @@ qed_filter_cleanup (nbdkit_backend *backend)
 
 /* Per connection. */
 struct qed_handle {
+  char *exportname;             /* the plugin export of this connection */
+  bool offline;                 /* the plugin could not be opened */
   unsigned reads_in_progress;   /* atomic */
   /* Reads to go before the connection counts as reading one at a time
    * again, after it was seen with several in progress (atomic). */
@@ -409,25 +486,50 @@ struct qed_handle {
  * as one that keeps reads in flight (its queue drains now and then). */
 #define PIPELINED_READS 256
 
+static offline_back_fn origin_back;
+
 static void *
 qed_filter_open (nbdkit_next_open *next, nbdkit_context *context,
                  int readonly, const char *exportname, int is_tls)
 {
   struct qed_handle *h;
+  bool offline = false;
 
   /* Always open the plugin read-only: it never receives a write. */
-  if (next (context, 1, exportname) == -1)
+  if (next (context, 1, exportname) == -1) {
+    /* A persistent overlay is served without its origin (held
+     * clusters read, missing ones fail), and the plugin is opened
+     * again in the background (offline.c). */
+    if (overlay == NULL)
+      return NULL;
+    nbdkit_debug ("the plugin cannot be opened: serving the overlay %s "
+                  "without its origin until it is back", overlay);
+    offline = true;
+  }
+  if (prefetch &&
+      prefetch_note_backend (nbdkit_context_get_backend (context),
+                             exportname) == -1)
     return NULL;
   h = calloc (1, sizeof *h);
-  if (h == NULL)
+  if (h == NULL || (h->exportname = strdup (exportname)) == NULL) {
     nbdkit_error ("calloc: %m");
+    free (h);
+    return NULL;
+  }
+  h->offline = offline;
+  if (offline)
+    offline_start (nbdkit_context_get_backend (context), exportname,
+                   origin_back);
   return h;
 }
 
 static void
 qed_filter_close (void *handle)
 {
-  free (handle);
+  struct qed_handle *h = handle;
+
+  free (h->exportname);
+  free (h);
 }
 
 /* The temporary overlay's private directory, made at first need, so
@@ -532,12 +634,187 @@ open_overlay (int64_t size)
   return i;
 }
 
+static prefetch_fetch_fn prefetch_fetch;
+
+static bool
+is_detached (void)
+{
+  return __atomic_load_n (&detached, __ATOMIC_ACQUIRE);
+}
+
+/* qed-detach: once every cluster is in the overlay, remove the origin
+ * from its header (one synced header write) and never read the plugin
+ * again.  Cheap to call after every change: the scan goes on from
+ * where the last one stopped (clusters in the overlay stay there: with
+ * a backing file, zero and trim make zero clusters). */
+static void
+detach_poll (void)
+{
+  struct qed_image *img = glue_image ();
+  uint64_t isize;
+
+  if (!detach || img == NULL ||
+      __atomic_load_n (&detached, __ATOMIC_ACQUIRE))
+    return;
+  /* Not a trylock: the fill that completes the overlay must see it. */
+  pthread_mutex_lock (&detach_lock);
+  if (__atomic_load_n (&detached, __ATOMIC_ACQUIRE)) {
+    pthread_mutex_unlock (&detach_lock);
+    return;                     /* another thread did it meanwhile */
+  }
+  isize = qed_get_size (img);
+  while (detach_cursor < isize) {
+    struct qed_map m;
+
+    if (qed_map (img, detach_cursor, isize - detach_cursor, &m) == -1 ||
+        m.type == QED_MAP_UNALLOCATED)
+      break;
+    detach_cursor += m.length;
+  }
+  if (detach_cursor >= isize) {
+    errno = 0;
+    /* The record's mark is the commit point; the header write after it
+     * is for other readers (a crash in between: done at the next
+     * open). */
+    if (origin_detach (img) == 0 &&
+        qed_detach_backing (img, 0) == 0) {
+      __atomic_store_n (&detached, true, __ATOMIC_RELEASE);
+      nbdkit_debug ("qed-detach: %s holds every cluster of the disk: the "
+                    "origin is removed from its header; it is a "
+                    "standalone QED image now", overlay);
+    }
+  }
+  pthread_mutex_unlock (&detach_lock);
+}
+
+/* The origin guard passed (or was not needed): fills may start. */
+static void
+set_verified (struct qed_image *img)
+{
+  __atomic_store_n (&verified, true, __ATOMIC_RELEASE);
+  if (prefetch && !is_detached ())
+    prefetch_start (img, prefetch_fetch, overlay != NULL);
+}
+
+/* Run the origin guard on the open overlay with this context (the
+ * overlay was opened while the origin was away).  glue_open_lock
+ * held.  0 if the origin may be used. */
+static int
+verify_late (struct qed_image *img, nbdkit_next *next, int64_t size,
+             const char *exportname)
+{
+  int r = origin_open (img, next, size, exportname);
+
+  if (r == 2) {
+    __atomic_store_n (&detached, true, __ATOMIC_RELEASE);
+    r = 0;
+  }
+  else if (r == 1) {
+    nbdkit_error ("qed-overlay: %s: qed-origin-changed=discard cannot set "
+                  "aside an overlay that is being served: restart nbdkit",
+                  overlay);
+    return -1;
+  }
+  if (r == 0)
+    set_verified (img);
+  return r;
+}
+
+/* offline.c: the plugin can be opened again. */
+static int
+origin_back (nbdkit_next *ctx, int64_t size)
+{
+  struct qed_image *img;
+
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&glue_open_lock);
+  img = glue_image ();
+  if (img == NULL)
+    return -1;
+  if (size != export_size) {
+    nbdkit_error ("qed-overlay: %s: the origin is back but its size is now "
+                  "%" PRIi64 " bytes, not %" PRIi64 ": missing clusters stay "
+                  "unreadable (restart nbdkit)", overlay, size, export_size);
+    return -1;
+  }
+  if (!__atomic_load_n (&verified, __ATOMIC_ACQUIRE) &&
+      verify_late (img, ctx, size, export_name) == -1) {
+    nbdkit_error ("qed-overlay: %s: the origin is back but changed (see "
+                  "above): missing clusters stay unreadable", overlay);
+    return -1;
+  }
+  nbdkit_debug ("qed-overlay: %s: the origin is back: missing clusters are "
+                "fetched again", overlay);
+  return 0;
+}
+
+/* The first connection opens the overlay, while the plugin cannot be
+ * opened: only an existing one, whose origin record gives the size.
+ * glue_open_lock held. */
+static int
+prepare_offline (struct qed_handle *h)
+{
+  struct qed_open_options oo = { .readonly = false, .locking = locking,
+                                 .use_fd = true, .freelist = freelist,
+                                 .compact_limit = compact_limit };
+  struct qed_image *i;
+  bool missing;
+  int64_t size;
+  int r;
+
+  oo.fd = qed_open_overlay_fd (overlay, true, &missing);
+  if (oo.fd == -1) {
+    if (missing)
+      nbdkit_error ("qed-overlay: %s does not exist yet and the plugin "
+                    "cannot be opened: nothing to serve", overlay);
+    return -1;
+  }
+  glue_release_startup_locks ();
+  qed_clear_last_error ();
+  i = qed_open (overlay, &oo);
+  if (i == NULL) {
+    qed_open_failed ("qed-overlay", overlay);
+    return -1;
+  }
+  r = origin_offline_open (i, h->exportname, &size);
+  if (r == -1) {
+    qed_close (i);
+    return -1;
+  }
+  export_size = size;
+  export_name = strdup (h->exportname);
+  if (export_name == NULL) {
+    nbdkit_error ("strdup: %m");
+    qed_close (i);
+    return -1;
+  }
+  glue_set_image (i);
+  if (r == 2) {
+    __atomic_store_n (&detached, true, __ATOMIC_RELEASE);
+    __atomic_store_n (&verified, true, __ATOMIC_RELEASE);
+  }
+  return 0;
+}
+
 static int
 qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
 {
+  struct qed_handle *h = handle;
   struct qed_image *img;
   int64_t size;
   uint64_t want;
+
+  if (h->offline) {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&glue_open_lock);
+    if (glue_image () == NULL)
+      return prepare_offline (h);
+    if (export_name && strcmp (export_name, h->exportname) != 0) {
+      nbdkit_error ("qed-overlay: %s is served for the plugin's export "
+                    "\"%s\", not \"%s\"", overlay, export_name,
+                    h->exportname);
+      return -1;
+    }
+    return 0;
+  }
 
   /* Also required before the first next->pread on this connection. */
   size = next->get_size (next);
@@ -549,8 +826,33 @@ qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
   img = glue_image ();
   if (img == NULL) {
     struct qed_image *i = open_overlay (size);
+    int r = 0;
+
     if (i == NULL)
       return -1;
+    if (overlay)
+      r = origin_open (i, next, size, h->exportname);
+    if (r == 2) {
+      /* Detached: a standalone image.  (Finish a header write that a
+       * crash may have missed.) */
+      r = 0;
+      __atomic_store_n (&detached, true, __ATOMIC_RELEASE);
+      if (qed_get_backing_name (i) && qed_detach_backing (i, 0) == -1)
+        r = -1;
+    }
+    if (r == 1) {
+      /* qed-origin-changed=discard: set aside, start afresh. */
+      if (origin_discard (i, overlay) == -1)
+        return -1;
+      i = open_overlay (size);
+      if (i == NULL)
+        return -1;
+      r = origin_open (i, next, size, h->exportname);
+    }
+    if (r != 0) {
+      qed_close (i);
+      return -1;
+    }
     if (qed_get_size (i) != want) {
       nbdkit_error ("qed-overlay: %s is an overlay of a %" PRIu64 "-byte "
                     "disk, but the plugin's disk is %" PRIi64 " bytes "
@@ -560,7 +862,16 @@ qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
       qed_close (i);
       return -1;
     }
+    export_size = size;
+    export_name = strdup (h->exportname);
+    if (export_name == NULL) {
+      nbdkit_error ("strdup: %m");
+      qed_close (i);
+      return -1;
+    }
     glue_set_image (i);
+    detach_poll ();
+    set_verified (i);
   }
   else if (qed_get_size (img) != want) {
     nbdkit_error ("qed-filter: this connection's plugin disk is %" PRIi64
@@ -569,13 +880,35 @@ qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
                   size, overlay ? overlay : "(temporary)", qed_get_size (img));
     return -1;
   }
+  else if (!__atomic_load_n (&verified, __ATOMIC_ACQUIRE)) {
+    /* Opened while the origin was away: check it now, before this
+     * connection fetches anything from it. */
+    if (verify_late (img, next, size, h->exportname) == -1)
+      return -1;
+  }
+  else if (overlay && origin_check_export (overlay, h->exportname) == -1)
+    return -1;
   return 0;
 }
 
 static int64_t
 qed_filter_get_size (nbdkit_next *next, void *handle)
 {
+  if (next == NULL)             /* the origin is away */
+    return export_size;
   return next->get_size (next);
+}
+
+static int
+qed_filter_is_rotational (nbdkit_next *next, void *handle)
+{
+  return next ? next->is_rotational (next) : 0;
+}
+
+static const char *
+qed_filter_export_description (nbdkit_next *next, void *handle)
+{
+  return next ? next->export_description (next) : NULL;
 }
 
 static int
@@ -616,7 +949,7 @@ static int
 qed_filter_can_cache (nbdkit_next *next, void *handle)
 {
   /* Asked now only so that a later next->cache is allowed. */
-  if (next->can_cache (next) == -1)
+  if (next && next->can_cache (next) == -1)
     return -1;
   return NBDKIT_CACHE_NATIVE;
 }
@@ -670,7 +1003,8 @@ backend_read (void *opaque, void *buf, uint64_t count, uint64_t offset)
  * unallocated.
  */
 static int
-fetch_clusters (nbdkit_next *next, char *wbuf, uint64_t start, uint64_t end)
+fetch_clusters_counted (nbdkit_next *next, char *wbuf, uint64_t start,
+                        uint64_t end, uint64_t *nread, uint64_t *nholes)
 {
   struct qed_image *img = glue_image ();
   uint64_t cs = qed_get_cluster_size (img);
@@ -698,10 +1032,20 @@ fetch_clusters (nbdkit_next *next, char *wbuf, uint64_t start, uint64_t end)
     for (j = i + 1; j < n && zero[j] == zero[i]; ++j)
       ;
     t = MIN (start + j * cs, end);
-    if (zero[i])
+    if (zero[i]) {
       memset (wbuf + (s - start), 0, t - s);
+      if (nholes)
+        *nholes += t - s;
+    }
     else if (backend_read (next, wbuf + (s - start), t - s, s) == -1)
       return -1;
+    else if (nread)
+      *nread += t - s;
+  }
+  /* The origin guard samples some before they are stored. */
+  if (overlay && origin_note_fill (img, wbuf, start, end, size) == -1) {
+    errno = EIO;
+    return -1;
   }
   for (i = 0; i < n; i = j) {
     uint64_t s = start + i * cs, t;
@@ -715,7 +1059,22 @@ fetch_clusters (nbdkit_next *next, char *wbuf, uint64_t start, uint64_t end)
   }
   ra_note_stored (stored);
   glue_note_write ();
+  detach_poll ();
   return 0;
+}
+
+static int
+fetch_clusters (nbdkit_next *next, char *wbuf, uint64_t start, uint64_t end)
+{
+  return fetch_clusters_counted (next, wbuf, start, end, NULL, NULL);
+}
+
+/* qed-prefetch's fetch: the same, through its own context. */
+static int
+prefetch_fetch (nbdkit_next *next, char *buf, uint64_t start, uint64_t end,
+                uint64_t *nread, uint64_t *nholes)
+{
+  return fetch_clusters_counted (next, buf, start, end, nread, nholes);
 }
 
 /* Copy-on-read: read [offset, offset+count) (an unallocated run) from
@@ -834,18 +1193,64 @@ cor_prefetch (void *opaque, uint64_t count, uint64_t offset)
   return cor_fetch (opaque, NULL, count, offset);
 }
 
+/* The plugin context a request reaches the origin through: the
+ * connection's own, or for a connection that could not open the
+ * plugin, the shared one once the origin is back (serialised when the
+ * plugin is not parallel: *locked), or NULL while it is away. */
+static nbdkit_next *
+origin_get (nbdkit_next *next, bool *locked)
+{
+  nbdkit_next *o;
+
+  *locked = false;
+  if (next)
+    return next;
+  o = offline_origin ();
+  if (o) {
+    offline_lock_origin ();
+    *locked = true;
+  }
+  return o;
+}
+
+static void
+origin_put (bool locked)
+{
+  if (locked)
+    offline_unlock_origin ();
+}
+
+/* The layer beneath while the origin is away: nothing to read. */
+static int
+away_read (void *opaque, void *buf, uint64_t count, uint64_t offset)
+{
+  nbdkit_debug ("the origin is away: %" PRIu64 " bytes at %" PRIu64
+                " are not in the overlay", count, offset);
+  errno = EIO;
+  return -1;
+}
+
+static const struct qed_below away_below = { .read = away_read };
+
 static int
 qed_filter_pread (nbdkit_next *next, void *handle,
                   void *buf, uint32_t count, uint64_t offset,
                   uint32_t flags, int *err)
 {
   struct qed_handle *h = handle;
-  struct cor_request req = { .next = next };
+  bool locked;
+  nbdkit_next *o = origin_get (next, &locked);
+  struct cor_request req = { .next = o };
   struct qed_below below = {
     .read = copy_on_read ? cor_read : backend_read,
-    .opaque = copy_on_read ? (void *) &req : (void *) next,
+    .opaque = copy_on_read ? (void *) &req : (void *) o,
   };
   int r = 0;
+  /* A detached overlay holds every cluster: nothing falls through. */
+  const struct qed_below *b = is_detached () ? NULL
+    : o ? &below : &away_below;
+
+  prefetch_guest_begin ();
 
   if (__atomic_add_fetch (&h->reads_in_progress, 1, __ATOMIC_RELAXED) > 1)
     __atomic_store_n (&h->pipelined_for, PIPELINED_READS, __ATOMIC_RELAXED);
@@ -853,9 +1258,11 @@ qed_filter_pread (nbdkit_next *next, void *handle,
     __atomic_sub_fetch (&h->pipelined_for, 1, __ATOMIC_RELAXED);
   req.pipelined = __atomic_load_n (&h->pipelined_for, __ATOMIC_RELAXED) > 0;
   errno = 0;
-  if (qed_read (glue_image (), &below, buf, count, offset) == -1)
+  if (qed_read (glue_image (), b, buf, count, offset) == -1)
     r = glue_fail (err);
   __atomic_sub_fetch (&h->reads_in_progress, 1, __ATOMIC_RELAXED);
+  origin_put (locked);
+  prefetch_guest_end ();
   return r;
 }
 
@@ -871,49 +1278,67 @@ qed_filter_pwrite (nbdkit_next *next, void *handle,
                    const void *buf, uint32_t count, uint64_t offset,
                    uint32_t flags, int *err)
 {
-  struct qed_below below = { .read = backend_read, .opaque = next };
+  bool locked;
+  nbdkit_next *o = origin_get (next, &locked);
+  struct qed_below below = { .read = backend_read, .opaque = o };
   unsigned f = fua_flag (flags) | (zero_detect ? QED_WRITE_DETECT_ZERO : 0);
+  int r = 0;
 
+  prefetch_guest_begin ();
   glue_note_write ();
   errno = 0;
-  if (qed_write (glue_image (), &below, buf, count, offset, f) == -1)
-    return glue_fail (err);
-  return 0;
+  if (qed_write (glue_image (), is_detached () ? NULL
+                 : o ? &below : &away_below, buf, count, offset, f) == -1)
+    r = glue_fail (err);
+  origin_put (locked);
+  prefetch_guest_end ();
+  detach_poll ();
+  return r;
 }
 
 static int
 qed_filter_zero (nbdkit_next *next, void *handle,
                  uint32_t count, uint64_t offset, uint32_t flags, int *err)
 {
-  struct qed_below below = { .read = backend_read, .opaque = next };
+  bool locked;
+  nbdkit_next *o = origin_get (next, &locked);
+  struct qed_below below = { .read = backend_read, .opaque = o };
   unsigned f = fua_flag (flags) |
     (flags & NBDKIT_FLAG_MAY_TRIM ? QED_ZERO_MAY_UNMAP : 0) |
     (flags & NBDKIT_FLAG_FAST_ZERO ? QED_ZERO_FAST : 0);
+  int r = 0;
 
   glue_note_write ();
   errno = 0;
-  if (qed_zero (glue_image (), &below, count, offset, f) == -1) {
-    glue_fail (err);
+  if (qed_zero (glue_image (), is_detached () ? NULL
+                : o ? &below : &away_below, count, offset, f) == -1) {
+    r = glue_fail (err);
     /* ENOTSUP is only allowed as the answer to a fast zero. */
     if (!(flags & NBDKIT_FLAG_FAST_ZERO) &&
         (*err == ENOTSUP || *err == EOPNOTSUPP))
       *err = EIO;
-    return -1;
   }
-  return 0;
+  origin_put (locked);
+  return r;
 }
 
 static int
 qed_filter_trim (nbdkit_next *next, void *handle,
                  uint32_t count, uint64_t offset, uint32_t flags, int *err)
 {
-  struct qed_below below = { .read = backend_read, .opaque = next };
+  bool locked;
+  nbdkit_next *o = origin_get (next, &locked);
+  struct qed_below below = { .read = backend_read, .opaque = o };
+  int r = 0;
 
   glue_note_write ();
   errno = 0;
-  if (qed_trim (glue_image (), &below, count, offset, fua_flag (flags)) == -1)
-    return glue_fail (err);
-  return 0;
+  if (qed_trim (glue_image (), is_detached () ? NULL
+                : o ? &below : &away_below, count, offset,
+                fua_flag (flags)) == -1)
+    r = glue_fail (err);
+  origin_put (locked);
+  return r;
 }
 
 static int
@@ -933,6 +1358,10 @@ qed_filter_cache (nbdkit_next *next, void *handle,
 {
   struct qed_below below = { .prefetch = cor_prefetch, .opaque = next };
 
+  /* A hint: nothing to do without an origin (or with a connection
+   * that has none of its own). */
+  if (is_detached () || next == NULL)
+    return 0;
   if (!copy_on_read) {
     /* The overlay holds only writes: pass the hint on, if the plugin
      * takes it (clusters in the overlay don't need it, but telling
@@ -1025,12 +1454,17 @@ qed_filter_extents (nbdkit_next *next, void *handle,
                     struct nbdkit_extents *extents, int *err)
 {
   bool req_one = flags & NBDKIT_FLAG_REQ_ONE;
-  struct extents_ctx x = { .next = next, .can_extents = -1 };
+  bool locked;
+  nbdkit_next *o = origin_get (next, &locked);
+  struct extents_ctx x = { .next = o, .can_extents = o ? -1 : 0 };
+  int r = 0;
 
+  /* (Away, unallocated runs are reported as data.) */
   if (glue_extents (glue_image (), count, offset, req_one, extents,
-                    below_extents, &x) == -1)
-    return glue_fail (err);
-  return 0;
+                    is_detached () ? NULL : below_extents, &x) == -1)
+    r = glue_fail (err);
+  origin_put (locked);
+  return r;
 }
 
 static struct nbdkit_filter filter = {
@@ -1047,6 +1481,8 @@ static struct nbdkit_filter filter = {
   .close             = qed_filter_close,
   .prepare           = qed_filter_prepare,
   .get_size          = qed_filter_get_size,
+  .is_rotational     = qed_filter_is_rotational,
+  .export_description = qed_filter_export_description,
   .block_size        = qed_filter_block_size,
   .can_write         = qed_filter_can_one,
   .can_flush         = qed_filter_can_one,

@@ -191,6 +191,23 @@ ra_plan (uint64_t start, uint64_t end, uint64_t limit, uint64_t cs)
   return fetch_end;
 }
 
+bool
+ra_claim (uint64_t start, uint64_t end)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&ra_lock);
+  if (overlapping_fetch (start, end))
+    return false;
+  for (size_t i = 0; i < RA_IN_FLIGHT; ++i)
+    if (!in_flight[i].used) {
+      in_flight[i].start = start;
+      in_flight[i].end = end;
+      in_flight[i].stream_id = 0;
+      in_flight[i].used = true;
+      break;
+    }
+  return true;
+}
+
 void
 ra_done (uint64_t start, uint64_t fetch_end, bool ok)
 {

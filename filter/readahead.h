@@ -29,6 +29,11 @@ extern void ra_set_max_window (uint64_t bytes);
 extern uint64_t ra_plan (uint64_t start, uint64_t end, uint64_t limit,
                          uint64_t cs);
 
+/* Record [start, end) as in flight with no read-ahead and no run
+ * (the background prefetch), until ra_done (ok = true).  false, with
+ * nothing recorded, if it overlaps a fetch in flight. */
+extern bool ra_claim (uint64_t start, uint64_t end);
+
 /* The fetch planned by ra_plan finished (ok: its clusters were read
  * and offered to the overlay).  A failed read-ahead ends its run. */
 extern void ra_done (uint64_t start, uint64_t fetch_end, bool ok);

@@ -118,6 +118,23 @@ if example 'nbdkit -r qed /srv/upload/disk.qed follow-backing=beneath' 2>err.txt
   fail "follow-backing=beneath followed a name outside the image's directory"
 fi
 
+# A cache that lets go: the prefetch copies all of golden.raw (data and
+# a hole), then the overlay is detached (its header's backing bit
+# clears: waited for, the first connection starts it).
+head -c 3M /dev/urandom > golden.raw
+truncate -s 8M golden.raw
+head -c 1M /dev/urandom >> golden.raw
+example 'nbdkit -U /run/nbdkit-qed/vm1.sock --filter=qed file golden.raw qed-overlay=vm1.qed qed-backing-name=golden.raw qed-prefetch=true qed-detach=true'
+nbdinfo --size "nbd+unix:///?socket=$tmp/run/vm1.sock" >/dev/null
+pid=$(cat "$tmp/ex$n_servers.pid")
+until [ $(( $(od -An -tu1 -j16 -N1 vm1.qed) & 1 )) = 0 ]; do
+  _alive "$pid" || fail "the vm1 server died before detaching"
+  sleep 0.1
+done
+stop_last
+example 'qemu-img compare vm1.qed golden.raw' || fail "vm1.qed differs from golden.raw"
+example 'qemu-img check vm1.qed' || fail "qemu-img check vm1.qed"
+
 # Maintenance from the command line (no client).  crash_disk: writes,
 # a trim, then SIGKILL: NEED_CHECK set, clusters leaked.
 crash_disk () {

@@ -4,7 +4,8 @@
 # libguestfs appliance (TCG) boots with an ext4 disk served by the
 # filter over nbdkit's curl plugin from nginx on 127.0.0.1, mounts it
 # and reads files; a second boot, through a second nbdkit with the same
-# overlay, gets 0 bytes from the HTTP server.
+# overlay, gets nothing from the HTTP server but the origin guard's
+# sample of at most 64 clusters.
 . "$(dirname "$0")/functions.sh"
 command -v guestfish >/dev/null ||
   skip "guestfish is not installed (apt-get install libguestfs-tools)"
@@ -49,6 +50,9 @@ qemu_check cache.qed
 boot second
 second=$(http_body_bytes)
 echo "second boot: $((second - first)) bytes over HTTP"
-[ "$second" = "$first" ] || fail "the second boot read from the server"
+# Nothing but the origin guard's sample (at most 64 clusters of 64K,
+# read once when the overlay opens, and the plugin's probe at open).
+[ "$((second - first))" -le $((64 * 65536 + 4096)) ] ||
+  fail "the second boot read from the server"
 qemu_check cache.qed
 echo OK

@@ -59,7 +59,8 @@ grep '^GET' nginx/access.log | grep -vq '^GET 206 ' &&
   fail "a GET that was not a Range request"
 qemu_check cache.qed
 
-# 2. Second run, same overlay: nothing from the server.
+# 2. Second run, same overlay: nothing from the server but the origin
+# guard's sample (at most 64 clusters of 64K, read once at open).
 serve c2 cache.qed
 nbdcopy "$(uri c2)" copy2.raw
 cmp copy2.raw www/disk.img || fail "second run: data differs"
@@ -74,8 +75,9 @@ stop_nbdkit c2
 second=$(http_body_bytes)
 echo "second run: $((second - first)) bytes over HTTP," \
      "$(plugin_reads c2.stats) plugin reads"
-[ "$second" = "$first" ] || fail "the second run read $((second - first)) bytes over HTTP"
-[ "$(plugin_reads c2.stats)" = 0 ] || fail "the second run read from the plugin"
+[ "$((second - first))" -le $((64 * 65536 + 4096)) ] ||
+  fail "the second run read $((second - first)) bytes over HTTP"
+[ "$(plugin_reads c2.stats)" -le 64 ] || fail "the second run read from the plugin"
 /usr/bin/python3 - map.json nbdmap.json <<'PY'
 import json, sys
 M = 1 << 20

@@ -3,7 +3,8 @@
 # ThreadSanitizer over the filter: parallel copy-on-read reads, writes,
 # zeroes, trims, cache and flushes from several connections over the
 # same clusters of a persistent overlay (with the idle timer running),
-# and sequential readers (read-ahead) at the same time.
+# and sequential readers (read-ahead) at the same time; then the same
+# random requests with qed-prefetch and qed-detach.
 # Any TSan report fails.
 . "$(dirname "$0")/functions.sh"
 requires fio --version
@@ -68,3 +69,31 @@ qemu_check ov.qed
 [ "$(need_check ov.qed)" = 0 ] || fail "NEED_CHECK still set"
 [ "$(md5sum < base.raw)" = "$sum" ] || fail "base.raw was modified"
 echo "TSan: no reports"
+
+# The same with qed-prefetch and qed-detach: the warming thread, guest
+# writes racing it, and the detach when the overlay becomes complete
+# (its header update once raced with requests reading the geometry).
+rm -f "$sock"
+LD_PRELOAD=$libtsan TSAN_OPTIONS="log_path=$tmp/tsan2.log halt_on_error=0" \
+  nbdkit -f -v -U "$sock" --filter="$so" --filter=delay file base.raw \
+  rdelay=1ms qed-overlay="$tmp/ov2.qed" qed-cluster-size=16K \
+  qed-prefetch=true qed-detach=true 2> nbdkit2.log &
+pid=$!
+cleanup_fn "kill $pid 2>/dev/null"
+for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
+fio --name=p --ioengine=nbd --uri="nbd+unix:///?socket=$sock" \
+    --rw=randrw --bs=6k --size=8M --iodepth=16 --numjobs=2 \
+    --randrepeat=1 --time_based --runtime=4 --fsync=50 >fio2.log 2>&1 ||
+  { cat fio2.log; fail "fio with prefetch failed"; }
+until grep -q "qed-detach: .* holds every cluster" nbdkit2.log; do
+  kill -0 $pid 2>/dev/null || { tail nbdkit2.log; fail "nbdkit died"; }
+  sleep 0.1
+done
+kill $pid; rc=0; wait $pid || rc=$?
+[ $rc = 0 ] || fail "nbdkit (prefetch) exited with status $rc"
+if ls "$tmp"/tsan2.log* >/dev/null 2>&1; then
+  cat "$tmp"/tsan2.log*
+  fail "ThreadSanitizer reported problems (prefetch, detach)"
+fi
+qemu_check ov2.qed
+echo "TSan with prefetch and detach: no reports"
