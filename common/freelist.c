@@ -77,7 +77,8 @@ qed_crc32 (const void *buf, size_t len)
   return crc32_update (0, buf, len);
 }
 
-uint64_t
+/* Where the list record is (0: no room for one). */
+static uint64_t
 qed_freelist_record_offset (const struct qed_image *img)
 {
   uint64_t off = img->header_end - RECORD_BYTES;
