@@ -46,8 +46,10 @@ offset_list_append (struct offset_list *l, uint64_t v)
   return 0;
 }
 
-void
-qed_recycle_free (struct qed_image *img)
+/* Freed clusters whose unlinking is durable become reusable (no
+ * request that saw them runs).  Lock held. */
+static void
+recycle_free (struct qed_image *img)
 {
   for (size_t i = 0; i < img->flushed_free.len; ++i)
     offset_list_append (&img->free_list, img->flushed_free.ptr[i]);
@@ -68,7 +70,7 @@ qed_free_durable (struct qed_image *img, size_t n)
              (pending->len - n) * sizeof *pending->ptr);
   pending->len -= n;
   if (img->active_ops == 0)
-    qed_recycle_free (img);
+    recycle_free (img);
 }
 
 void
@@ -222,5 +224,5 @@ qed_op_end (struct qed_image *img)
 {
   assert (img->active_ops > 0);
   if (--img->active_ops == 0)
-    qed_recycle_free (img);
+    recycle_free (img);
 }

@@ -50,7 +50,6 @@
 enum qed_lock_role { QED_LOCK_WRITER, QED_LOCK_READER, QED_LOCK_BACKING };
 extern int qed_lock_file (int fd, const char *filename,
                           enum qed_lock_role role, enum qed_locking locking);
-extern void qed_unlock_file (int fd);
 
 /* L2 tables are cached in 4K pages (512 entries), so that a cache miss
  * costs one small read and the cache covers many tables sparsely.
@@ -207,7 +206,6 @@ extern int qed_alloc_clusters (struct qed_image *img, uint64_t n,
  * clusters are reused a run at a time).  Lock held. */
 extern int qed_alloc_run (struct qed_image *img, uint64_t n,
                           uint64_t *offset, uint64_t *got);
-extern void qed_recycle_free (struct qed_image *img);     /* lock held */
 /* Writeback made the unlinking of the first n clusters of pending_free
  * durable: they may be reused once no request that saw them runs.
  * Lock not held. */
@@ -249,8 +247,6 @@ extern int qed_compact (struct qed_image *img);
 
 /* freelist.c: the free-cluster list (autoclear bit 0x1) and demote. */
 extern uint32_t qed_crc32 (const void *buf, size_t len);
-/* Where the list record is (0: no room for one). */
-extern uint64_t qed_freelist_record_offset (const struct qed_image *img);
 /* At open: load a trusted list into free_list; *rebuild says that the
  * free space must be rebuilt from the tables instead. */
 extern int qed_freelist_open (struct qed_image *img, bool *rebuild);

@@ -44,12 +44,6 @@ qed_error (const char *fs, ...)
   errno = e;
 }
 
-const char *
-qed_last_error (void)
-{
-  return last_error;
-}
-
 void
 qed_clear_last_error (void)
 {

@@ -37,11 +37,10 @@ extern int qed_verbose_enabled (void);
   do { if (qed_verbose_enabled ()) qed_debug (fs, ##__VA_ARGS__); } while (0)
 
 /* Only in the nbdkit seam (seam-nbdkit.c), for the plugin and the
- * filter: the calling thread's last qed_error message ("" after
- * qed_clear_last_error), and one log line when the first connection
- * cannot open the image: "WHAT: FILE: cannot open the image: CAUSE"
+ * filter: forget the calling thread's last qed_error message, and log
+ * one line when the first connection cannot open the image: "WHAT:
+ * FILE: cannot open the image: CAUSE", CAUSE being that message
  * (nbdkit 1.32 sends the client no message). */
-extern const char *qed_last_error (void);
 extern void qed_clear_last_error (void);
 extern void qed_open_failed (const char *what, const char *filename);
 

@@ -29,6 +29,7 @@
 #include <pthread.h>
 
 #include "qed.h"
+#include "qed-internal.h"         /* qed_crc32, for hostile lists */
 #include "seam.h"
 #include "safe-open.h"
 
@@ -1810,7 +1811,6 @@ test_freelist (void)
 /* Hostile free-cluster lists: checksums right, contents wrong.  Each
  * must be refused (with a message), the image served, and nothing
  * handed out twice. */
-extern uint32_t qed_crc32 (const void *buf, size_t len);
 
 static void
 write_list (const char *f, uint32_t cs, uint64_t list_off,
