@@ -56,7 +56,7 @@ lock_byte (int fd, off_t byte, int cmd, short type)
   struct flock fl = {
     .l_type = type, .l_whence = SEEK_SET, .l_start = byte, .l_len = 1,
   };
-  if (fcntl (fd, cmd, &fl) == -1)
+  if (qed_io_lock (fd, cmd, &fl) == -1)
     return -1;
   return cmd == F_OFD_GETLK ? fl.l_type != F_UNLCK : 0;
 }
@@ -211,6 +211,6 @@ unlock_file (int fd)
     .l_start = PERM_BASE, .l_len = SHARED_BASE + 8 - PERM_BASE,
   };
   int e = errno;
-  fcntl (fd, F_OFD_SETLK, &fl);
+  qed_io_lock (fd, F_OFD_SETLK, &fl);
   errno = e;
 }
