@@ -219,10 +219,15 @@ qed_op_begin (struct qed_image *img)
   img->active_ops++;
 }
 
-void
+bool
 qed_op_end (struct qed_image *img)
 {
+  int err = errno;
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
+
   assert (img->active_ops > 0);
   if (--img->active_ops == 0)
     recycle_free (img);
+  errno = err;
+  return img->ndirty > img->max_pages / 2;
 }

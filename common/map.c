@@ -95,17 +95,6 @@ read_run (struct qed_image *img, const struct qed_below *below,
   abort ();
 }
 
-/* Preserves errno. */
-static void
-op_end (struct qed_image *img)
-{
-  int err = errno;
-  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
-
-  qed_op_end (img);
-  errno = err;
-}
-
 int
 qed_read (struct qed_image *img, const struct qed_below *below,
           void *buf, uint64_t count, uint64_t offset)
@@ -127,7 +116,7 @@ qed_read (struct qed_image *img, const struct qed_below *below,
     offset += m.length;
     count -= m.length;
   }
-  op_end (img);
+  qed_op_end (img);
   return r;
 }
 

@@ -214,10 +214,12 @@ extern void qed_free_durable (struct qed_image *img, size_t n);
 extern void qed_note_leak (struct qed_image *img, const char *why);
 
 /* Requests in progress (freed clusters are reused only when none
- * runs).  qed_op_begin takes the lock; qed_op_end is called with it
- * held, so that a caller can look at the image in the same section. */
+ * runs).  Both take the lock (not held); qed_op_end preserves errno
+ * and returns whether dirty table pages fill half the L2 cache, read
+ * in the same section (a request that changed the image then writes
+ * them back). */
 extern void qed_op_begin (struct qed_image *img);
-extern void qed_op_end (struct qed_image *img);
+extern bool qed_op_end (struct qed_image *img);
 
 /* table.c */
 extern int qed_tables_init (struct qed_image *img, uint64_t cache_bytes);
