@@ -64,6 +64,8 @@ struct checker {
   bool wrote;                   /* repairs were written */
   bool again;                   /* reclaim made room for another pass */
   bool diverged;                /* the L1 in memory is not the file's */
+  uint64_t *budget;             /* clusters reclaim may still move */
+  struct offset_list *leaks;    /* without repair: leaks listed here */
 };
 
 static uint64_t
@@ -500,8 +502,8 @@ plan_sink_and_park (struct checker *ck, struct reclaim_plan *pl,
       return -1;
     pe += img->h.table_size;
   }
-  if (img->reclaim_budget != RECLAIM_UNLIMITED &&
-      pl->nmoves > img->reclaim_budget) {
+  if (*ck->budget != RECLAIM_UNLIMITED &&
+      pl->nmoves > *ck->budget) {
     /* Over the budget: leave it all listed. */
     pl->nmoves = nmoves0;
     pl->ntmoves = ntmoves0;
@@ -565,9 +567,9 @@ plan_reclaim (struct checker *ck, struct reclaim_plan *pl, unsigned pass,
       break;
     /* A limited compaction stops when its budget is spent (what is
      * left free is listed). */
-    if (img->reclaim_budget != RECLAIM_UNLIMITED &&
+    if (*ck->budget != RECLAIM_UNLIMITED &&
         pl->nmoves + (bm_get (&ck->table, *top - 1) ? img->h.table_size : 1)
-        > img->reclaim_budget)
+        > *ck->budget)
       break;
     if (bm_get (&ck->table, *top - 1)) {
       int r = plan_table_move (ck, pl, pass, first, lo, top);
@@ -665,8 +667,8 @@ truncate_reclaimed (struct checker *ck, uint64_t new_end, uint64_t nmoves)
     qed_error ("%s: cannot truncate leaked clusters: %m", img->filename);
     return -1;
   }
-  if (img->reclaim_budget != RECLAIM_UNLIMITED)
-    img->reclaim_budget -= nmoves;
+  if (*ck->budget != RECLAIM_UNLIMITED)
+    *ck->budget -= nmoves;
   removed = new_end < img->file_end
     ? qed_cluster_index (img, img->file_end - new_end) : 0;
   qed_debug ("%s: reclaimed %" PRIu64 " leaked clusters (%" PRIu64
@@ -768,8 +770,8 @@ check_pass (struct checker *ck, unsigned pass)
       continue;
     res->leaks++;
     /* The free-cluster list is rebuilt from these. */
-    if (img->leak_sink && !ck->repair &&
-        offset_list_append (img->leak_sink, qed_cluster_start (img, i)) == -1)
+    if (ck->leaks && !ck->repair &&
+        offset_list_append (ck->leaks, qed_cluster_start (img, i)) == -1)
       return -1;
   }
   if (res->leaks > 0)
@@ -846,7 +848,7 @@ check_finish (struct checker *ck, bool all_clean)
   /* Clean only when no leaked cluster is left either.  After a limited
    * compaction, leaks may remain: the caller lists them before the
    * image is marked clean. */
-  if (ck->repair && img->reclaim_budget == RECLAIM_UNLIMITED) {
+  if (ck->repair && *ck->budget == RECLAIM_UNLIMITED) {
     img->leaking = res->leaks > res->leaks_fixed;
     if (img->need_check && !img->leaking &&
         qed_clear_need_check (img) == -1)
@@ -863,6 +865,13 @@ check_finish (struct checker *ck, bool all_clean)
 int
 qed_check (struct qed_image *img, bool repair, struct qed_check_result *res)
 {
+  return qed_check_reclaim (img, repair, RECLAIM_UNLIMITED, NULL, res);
+}
+
+int
+qed_check_reclaim (struct qed_image *img, bool repair, uint64_t budget,
+                   struct offset_list *leaks, struct qed_check_result *res)
+{
   struct checker ck[MAX_RECLAIM_PASSES + 1];
   struct qed_check_result later[MAX_RECLAIM_PASSES];
   unsigned n = 0;
@@ -873,6 +882,7 @@ qed_check (struct qed_image *img, bool repair, struct qed_check_result *res)
     ck[n] = (struct checker) {
       .img = img, .repair = (n == 0 ? repair : true) && !img->readonly,
       .res = n == 0 ? res : &later[n - 1],
+      .budget = &budget, .leaks = leaks,
     };
     r = check_pass (&ck[n], n);
     check_pass_free (&ck[n]);
@@ -915,12 +925,12 @@ qed_check (struct qed_image *img, bool repair, struct qed_check_result *res)
 /* At close: everything is written back and no request runs.  The
  * clusters freed by zero and trim are leaks now; reclaim them. */
 int
-qed_compact (struct qed_image *img)
+qed_compact (struct qed_image *img, uint64_t budget)
 {
   struct qed_check_result res;
 
   qed_cache_drop (img);
-  if (qed_check (img, true, &res) == -1)
+  if (qed_check_reclaim (img, true, budget, NULL, &res) == -1)
     return -1;
   qed_cache_drop (img);
   qed_debug ("%s: compacted: reclaimed %" PRIu64 " freed clusters",

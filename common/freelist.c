@@ -407,9 +407,7 @@ qed_freelist_rebuild (struct qed_image *img)
   struct offset_list leaks = { 0 };
   int r;
 
-  img->leak_sink = &leaks;
-  r = qed_check (img, false, &res);
-  img->leak_sink = NULL;
+  r = qed_check_reclaim (img, false, RECLAIM_UNLIMITED, &leaks, &res);
   if (r == 0 && res.check_errors > 0) {
     errno = EIO;
     r = -1;

@@ -244,7 +244,6 @@ image_new (const char *filename, const struct qed_open_options *opts)
   img->demote = opts->demote;
   img->freelist = opts->freelist && !opts->demote;
   img->compact_limit = opts->compact_limit;
-  img->reclaim_budget = RECLAIM_UNLIMITED;
   img->filename = strdup (filename);
   if (img->filename == NULL) {
     qed_error ("strdup: %m");
@@ -366,10 +365,10 @@ check_at_open (struct qed_image *img, const struct qed_open_options *opts)
              repair ? " and repairing it" : " (read-only: no repair)");
   /* With a list to write, leaks beyond the limit are listed, not
    * moved: a repair after a crash is as fast as a clean stop. */
-  if (repair && img->freelist)
-    img->reclaim_budget = qed_cluster_index (img, img->compact_limit);
-  r = qed_check (img, repair, &res);
-  img->reclaim_budget = RECLAIM_UNLIMITED;
+  r = qed_check_reclaim (img, repair,
+                         repair && img->freelist
+                         ? qed_cluster_index (img, img->compact_limit)
+                         : RECLAIM_UNLIMITED, NULL, &res);
   if (r == -1)
     return -1;
   if (res.corruptions_fixed > 0 || res.leaks_fixed > 0)
@@ -548,10 +547,9 @@ close_compact (struct qed_image *img)
     if (qed_mark_need_check (img) == -1)
       return -1;
   }
-  if (img->freelist)
-    img->reclaim_budget = qed_cluster_index (img, img->compact_limit);
-  r = qed_compact (img);
-  img->reclaim_budget = RECLAIM_UNLIMITED;
+  r = qed_compact (img, img->freelist
+                   ? qed_cluster_index (img, img->compact_limit)
+                   : RECLAIM_UNLIMITED);
   if (r == 0 && img->freelist)
     r = qed_freelist_rebuild (img);
   return r;

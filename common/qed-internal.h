@@ -161,11 +161,9 @@ struct qed_image {
   bool demote;
   bool list_record;             /* a list record is on disk */
   bool list_trusted;            /* the list was loaded into free_list */
-  uint64_t reclaim_budget;      /* clusters reclaim may still move */
-  struct offset_list *leak_sink; /* a check without repair lists leaks */
 };
 
-/* reclaim_budget when compaction is not limited. */
+/* A reclaim budget when compaction is not limited. */
 #define RECLAIM_UNLIMITED UINT64_MAX
 
 /* The core's files, bottom up; each calls only the ones above it in
@@ -243,9 +241,17 @@ extern int qed_scan_unreachable (struct qed_image *img, uint64_t from,
                                  uint64_t *in_file);
 
 /* check.c */
+/* qed_check (qed.h) with what the core's own callers add: a repair
+ * moves at most budget clusters of data (RECLAIM_UNLIMITED: no limit;
+ * a limited repair leaves clearing NEED_CHECK to its caller, which
+ * lists the leaks left), and a check without repair appends the offset
+ * of each leaked cluster to leaks (NULL: not listed). */
+extern int qed_check_reclaim (struct qed_image *img, bool repair,
+                              uint64_t budget, struct offset_list *leaks,
+                              struct qed_check_result *result);
 /* Give back free clusters at a clean stop (no request runs), moving at
- * most img->reclaim_budget clusters of data. */
-extern int qed_compact (struct qed_image *img);
+ * most budget clusters of data. */
+extern int qed_compact (struct qed_image *img, uint64_t budget);
 
 /* freelist.c: the free-cluster list (autoclear bit 0x1) and demote. */
 extern uint32_t qed_crc32 (const void *buf, size_t len);
