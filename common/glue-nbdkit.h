@@ -73,9 +73,11 @@ extern int glue_extents (struct qed_image *img, uint64_t count,
                          struct nbdkit_extents *extents,
                          glue_unallocated_fn *unallocated, void *opaque);
 
-/* For filter callbacks (which report errors in *err): the errno of a
- * failed call, EIO if it set none.  Always returns -1.  Clear errno
- * before the call. */
+/* For filter callbacks (which report errors in *err): the errno of the
+ * call that just failed.  Every core function sets errno when it fails
+ * (qed.h), and so do the filter's own callbacks beneath the core
+ * (qed_below) and nbdkit's functions, so the caller need not clear it
+ * first; EIO stands in should one ever leave it 0.  Returns -1. */
 static inline int
 glue_fail (int *err)
 {

@@ -848,7 +848,6 @@ qed_filter_pread (nbdkit_next *next, void *handle,
   else if (__atomic_load_n (&h->pipelined_for, __ATOMIC_RELAXED) > 0)
     __atomic_sub_fetch (&h->pipelined_for, 1, __ATOMIC_RELAXED);
   req.pipelined = __atomic_load_n (&h->pipelined_for, __ATOMIC_RELAXED) > 0;
-  errno = 0;
   if (qed_read (glue_image (), &below, buf, count, offset) == -1)
     r = glue_fail (err);
   __atomic_sub_fetch (&h->reads_in_progress, 1, __ATOMIC_RELAXED);
@@ -871,7 +870,6 @@ qed_filter_pwrite (nbdkit_next *next, void *handle,
   unsigned f = fua_flag (flags) | (zero_detect ? QED_WRITE_DETECT_ZERO : 0);
 
   glue_note_write ();
-  errno = 0;
   if (qed_write (glue_image (), &below, buf, count, offset, f) == -1)
     return glue_fail (err);
   return 0;
@@ -887,7 +885,6 @@ qed_filter_zero (nbdkit_next *next, void *handle,
     (flags & NBDKIT_FLAG_FAST_ZERO ? QED_ZERO_FAST : 0);
 
   glue_note_write ();
-  errno = 0;
   if (qed_zero (glue_image (), &below, count, offset, f) == -1) {
     glue_fail (err);
     /* ENOTSUP is only allowed as the answer to a fast zero. */
@@ -906,7 +903,6 @@ qed_filter_trim (nbdkit_next *next, void *handle,
   struct qed_below below = { .read = backend_read, .opaque = next };
 
   glue_note_write ();
-  errno = 0;
   if (qed_trim (glue_image (), &below, count, offset, fua_flag (flags)) == -1)
     return glue_fail (err);
   return 0;
@@ -917,7 +913,6 @@ qed_filter_flush (nbdkit_next *next, void *handle, uint32_t flags, int *err)
 {
   if (overlay == NULL)
     return 0;
-  errno = 0;
   if (qed_flush (glue_image ()) == -1)
     return glue_fail (err);
   return 0;
@@ -937,7 +932,6 @@ qed_filter_cache (nbdkit_next *next, void *handle,
       return 0;
     return next->cache (next, count, offset, 0, err);
   }
-  errno = 0;
   if (qed_prefetch (glue_image (), &below, count, offset) == -1)
     return glue_fail (err);
   return 0;
