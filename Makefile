@@ -33,10 +33,10 @@ MANLINKS  = nbdkit-qed-plugin.1 nbdkit-qed-filter.1
 # The core, bottom layer first (HACKING.md).
 # io-file.c is the I/O seam over the kernel (seam.h): the fuzz target
 # links an in-memory file in its place.
-CORE_SRCS = common/io-file.c common/io.c common/header.c common/alloc.c \
-            common/table.c common/write.c common/map.c common/check.c \
-            common/freelist.c common/image.c \
-            common/backing.c common/idle.c common/lock.c common/safe-open.c
+CORE_SRCS = common/io-file.c common/io.c common/lock.c common/safe-open.c \
+            common/header.c common/alloc.c common/table.c common/map.c \
+            common/write.c common/check.c common/freelist.c common/image.c \
+            common/backing.c common/idle.c
 CORE_HDRS = common/qed.h common/qed-internal.h common/geometry.h \
             common/seam.h common/util.h common/safe-open.h
 

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
-/* nbdkit-qed: creating, opening and closing images; flush and the
- * NEED_CHECK epoch.
+/* nbdkit-qed: creating, opening and closing images, the idle
+ * writeback and the NEED_CHECK epoch (qed_flush is table.c's).
  *
  * NEED_CHECK is set (and made durable) before the first change after a
  * clean state, and cleared only when everything is written back, no

@@ -5,8 +5,12 @@
  *
  * img->lock guards all metadata in memory (the L1, the L2 page cache,
  * the allocation pointer, the free lists, the reservations and the
- * NEED_CHECK state).  Data I/O is done without it.  Loading an L2 page
- * (one 4K pread) is done with it held.
+ * NEED_CHECK state).  Data I/O is done without it.  What runs with it
+ * held: loading an L2 page (one 4K pread), and in the allocator
+ * (alloc.c) setting NEED_CHECK before the first change (a 24-byte
+ * header write and an fdatasync), growing the file (ftruncate) and
+ * punching reused free clusters again (fallocate); all rare next to
+ * the requests they serve.
  *
  * A request that changes the mapping of clusters (an allocating write,
  * a zero or trim, a copy-on-read fill) first *reserves* the run of
@@ -166,8 +170,9 @@ struct qed_image {
 /* A reclaim budget when compaction is not limited. */
 #define RECLAIM_UNLIMITED UINT64_MAX
 
-/* The core's files, bottom up; each calls only the ones above it in
- * this list (HACKING.md walks a request through them).
+/* The core's files, bottom up (lock.c, with no call into the core,
+ * is declared first); each calls only the ones above it in HACKING.md's
+ * list.
  */
 
 /* io.c: whole transfers, retrying EINTR and short writes. */
