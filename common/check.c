@@ -17,6 +17,8 @@
  * Repairs follow the writeback order: copies are made durable before
  * any table points at them, and the file is truncated last.  The check
  * runs with no request in flight: at open, or at close (compaction).
+ *
+ * Locking: none taken; no other thread uses the image meanwhile.
  */
 
 #include <assert.h>

@@ -28,6 +28,10 @@
  * writable open, so a list it may have allocated over is never trusted
  * again: the next writable open rebuilds the free space from the tables.
  * Listed clusters stay punched.
+ *
+ * Locking: publishing runs with img->lock held (asserted), from the
+ * idle writeback or close with no request running; rebuild and demote
+ * run at open and close, taking the lock around what they change.
  */
 
 #include <stdio.h>
@@ -360,6 +364,7 @@ qed_freelist_publish (struct qed_image *img)
   uint64_t total, nruns, need, where;
   int64_t n;
 
+  assert (qed_lock_is_held (&img->lock));
   if (img->h.autoclear_features & QED_AF_FREELIST)
     return 0;                   /* the list on disk is still current */
   n = build_runs (img, &runs, &total);

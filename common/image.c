@@ -6,6 +6,9 @@
  * clean state, and cleared only when everything is written back, no
  * request is running and no cluster is leaked: at close, and from the
  * host's idle timer (header.c writes the flag).
+ *
+ * Locking: create, open and close run with no other thread using the
+ * image; the idle writeback takes flush_lock, then img->lock.
  */
 
 #include <assert.h>
@@ -236,8 +239,16 @@ image_new (const char *filename, const struct qed_open_options *opts)
     return NULL;
   }
   img->fd = opts->use_fd ? opts->fd : -1;
-  pthread_mutex_init (&img->lock, NULL);
-  pthread_mutex_init (&img->flush_lock, NULL);
+  {
+    /* Error-checking: see qed_lock_acquire (util.h). */
+    pthread_mutexattr_t attr;
+
+    pthread_mutexattr_init (&attr);
+    pthread_mutexattr_settype (&attr, PTHREAD_MUTEX_ERRORCHECK);
+    pthread_mutex_init (&img->lock, &attr);
+    pthread_mutex_init (&img->flush_lock, &attr);
+    pthread_mutexattr_destroy (&attr);
+  }
   pthread_cond_init (&img->cond, NULL);
   img->readonly = opts->readonly;
   img->can_punch = true;
@@ -340,8 +351,12 @@ clear_unreachable_l1 (struct qed_image *img)
              img->readonly ? "ignored" : "ignored and cleared");
   if (img->readonly)
     return 0;
-  if ((img->l1_unreachable_in_file > 0 && qed_mark_need_check (img) == -1) ||
-      qed_scan_unreachable (img, img->l1_start + img->l1_reach * 8,
+  if (img->l1_unreachable_in_file > 0) {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
+    if (qed_mark_need_check (img) == -1)
+      return -1;
+  }
+  if (qed_scan_unreachable (img, img->l1_start + img->l1_reach * 8,
                             img->l1_end, true, &n, &in_file) == -1 ||
       qed_sync (img) == -1)
     return -1;

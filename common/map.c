@@ -4,6 +4,9 @@
  * qed_map answers, from the tables alone, what the run of clusters at
  * an offset is (data at a file offset, a zero cluster, or unallocated);
  * reads, extents and the filter's copy-on-read are built on it.
+ *
+ * Locking: called without img->lock; qed_map takes it for each lookup,
+ * and data is read without it.
  */
 
 #include <assert.h>

@@ -21,7 +21,11 @@
  * clusters proceed in parallel.  A request holds at most one reserved
  * run and never waits while holding one, so there is no deadlock.
  *
- * img->flush_lock serialises metadata writeback (table.c).
+ * img->flush_lock serialises metadata writeback (table.c).  A thread
+ * that needs both takes flush_lock first.  Both are error-checking
+ * mutexes: taking one the thread already holds aborts (util.h), and the
+ * functions that need img->lock held assert it.  Each core file states
+ * its rules in its head comment.
  *
  * About crash safety:
  *

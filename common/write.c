@@ -15,6 +15,11 @@
  * zero cluster (if there is a layer beneath whose data must stay
  * hidden) or unallocated (if not), and a data cluster's space is given
  * back to the host with FALLOC_FL_PUNCH_HOLE.
+ *
+ * Locking: the entry points are called without img->lock.  Each step
+ * takes it around lookups, reservations and commits and drops it for
+ * data I/O, so each function says which it is ("Lock held" or "Lock
+ * not held"); the table and allocator functions it calls assert it.
  */
 
 #include <assert.h>
