@@ -66,14 +66,18 @@ nbdkit-qed.1: nbdkit-qed.pod
 	pod2man --section=1 --center="nbdkit-qed" --release="nbdkit-qed" \
 	  --name=nbdkit-qed $< > $@
 
-# Unit tests of the core: a normal build and a sanitizer build.
-tests/unit-tests: tests/unit-tests.c $(CORE_SRCS) $(CORE_HDRS)
-	$(CC) $(CFLAGS) $(QED_CFLAGS) -o $@ tests/unit-tests.c $(CORE_SRCS)
+# Unit tests of the core: a normal build and a sanitizer build.  One
+# file per core file (tests/unit/unit-FILE.c) and a shared harness.
+UNIT_SRCS = $(sort $(wildcard tests/unit/*.c))
+UNIT_HDRS = tests/unit/harness.h
+tests/unit-tests: $(UNIT_SRCS) $(UNIT_HDRS) $(CORE_SRCS) $(CORE_HDRS)
+	$(CC) $(CFLAGS) $(QED_CFLAGS) -Itests/unit -o $@ $(UNIT_SRCS) \
+	  $(CORE_SRCS)
 
-tests/unit-tests-asan: tests/unit-tests.c $(CORE_SRCS) $(CORE_HDRS)
+tests/unit-tests-asan: $(UNIT_SRCS) $(UNIT_HDRS) $(CORE_SRCS) $(CORE_HDRS)
 	$(CC) -O1 -g $(QED_CFLAGS) -fsanitize=address,undefined \
 	  -fno-omit-frame-pointer -fno-sanitize-recover=undefined \
-	  -o $@ tests/unit-tests.c $(CORE_SRCS)
+	  -Itests/unit -o $@ $(UNIT_SRCS) $(CORE_SRCS)
 
 # check and run first install missing Debian packages (as root), or
 # print the one-line install command.
