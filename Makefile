@@ -79,13 +79,51 @@ tests/unit-tests-asan: $(UNIT_SRCS) $(UNIT_HDRS) $(CORE_SRCS) $(CORE_HDRS)
 	  -fno-omit-frame-pointer -fno-sanitize-recover=undefined \
 	  -Itests/unit -o $@ $(UNIT_SRCS) $(CORE_SRCS)
 
+# The tests' helper programs, built here and nowhere else: a test
+# script asks for the one it needs (build_helper in tests/functions.sh),
+# so that running one script alone builds it too.  LD_PRELOAD shims:
+# crashsim.so (power loss), faultsim.so (failing calls), no-openat2.so
+# and nolock.so (kernels and file systems without them); ThreadSanitizer
+# builds of the plugin and the filter; the in-memory file's test.
+TEST_HELPERS = tests/crashsim.so tests/faultsim.so tests/no-openat2.so \
+               tests/nolock.so tests/fuzz-io-mem-test
+# Built only by the tests that need them (they skip without libtsan).
+TSAN_HELPERS = tests/tsan-plugin.so tests/tsan-filter.so
+
+# Written under a temporary name and renamed: a script may run while
+# another builds.
+tests/%.so: tests/%.c
+	$(CC) -O2 -g -Wall -shared -fPIC -o $@.$$$$ $< -ldl && \
+	  mv -f $@.$$$$ $@
+
+tests/fuzz-io-mem-test: tests/fuzz-io-mem-test.c tests/fuzz-io-mem.c \
+                        tests/fuzz-io-mem.h common/seam.h common/util.h
+	$(CC) -O1 -g $(QED_CFLAGS) -fsanitize=address,undefined \
+	  -fno-sanitize-recover=undefined -Itests -o $@.$$$$ \
+	  tests/fuzz-io-mem-test.c tests/fuzz-io-mem.c && mv -f $@.$$$$ $@
+
+TSAN_CFLAGS = -O1 -g $(QED_CFLAGS) $(NBDKIT_CFLAGS) -Wno-maybe-uninitialized \
+              -fsanitize=thread -shared
+tests/tsan-plugin.so: plugin/qed-plugin.c $(CORE_SRCS) $(SEAM_SRC) \
+                      $(CORE_HDRS) $(SEAM_HDRS)
+	$(CC) $(TSAN_CFLAGS) -o $@.$$$$ plugin/qed-plugin.c $(CORE_SRCS) \
+	  $(SEAM_SRC) && mv -f $@.$$$$ $@
+
+tests/tsan-filter.so: $(FILTER_SRCS) filter/readahead.h $(CORE_SRCS) \
+                      $(SEAM_SRC) $(CORE_HDRS) $(SEAM_HDRS)
+	$(CC) $(TSAN_CFLAGS) -o $@.$$$$ $(FILTER_SRCS) $(CORE_SRCS) \
+	  $(SEAM_SRC) && mv -f $@.$$$$ $@
+
+test-helpers: $(TEST_HELPERS)
+
 # check and run first install missing Debian packages (as root), or
 # print the one-line install command.
 check:
 	@echo "make check: about 6 minutes on 2 cores (more when the machine is busy);"
 	@echo "  one test boots a small VM (libguestfs appliance, TCG); logs in tests/logs/"
 	@bash tests/install-deps.sh
-	@$(MAKE) --no-print-directory all tests/unit-tests tests/unit-tests-asan
+	@$(MAKE) --no-print-directory all tests/unit-tests tests/unit-tests-asan \
+	  test-helpers
 	@bash tests/run-tests.sh
 
 # Debian 13 (nbdkit 1.42, QEMU 10.0) in a cached mmdebstrap root: see
@@ -156,8 +194,8 @@ print-core-srcs:
 
 clean:
 	rm -f $(PLUGIN) $(FILTER) nbdkit-qed.1 tests/unit-tests \
-	  tests/unit-tests-asan
+	  tests/unit-tests-asan $(TEST_HELPERS) $(TSAN_HELPERS)
 
 .PHONY: all check check-debian13 install uninstall run deps clean crash-test \
         fault-test fuzz fuzz-file bench \
-        print-core-srcs
+        print-core-srcs test-helpers

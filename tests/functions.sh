@@ -177,18 +177,20 @@ socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1)' "$port" \
 http_body_bytes () {
   awk '$1 == "GET" { n += $3 } END { print n + 0 }' "$tmp/nginx/access.log"; }
 
+# build_helper NAME: the helper program tests/NAME, built (or found up
+# to date) by the Makefile, which holds every helper's build rule.
+build_helper () {
+  make -s -C "$TOP" "tests/$1" >/dev/null || fail "cannot build tests/$1"
+}
+
 # Fault injection (tests/faultsim.c): build_faultsim builds the shim and
 # sets $FAULTSIM; with FAULTSIM_FILE and FAULTSIM_DIR exported and
 # LD_PRELOAD=$FAULTSIM, `inject KIND SPEC` makes calls of KIND
 # (pread|pwrite|fdatasync|ftruncate|fallocate) on that file fail,
 # `uninject KIND` stops it, `fault_hits KIND` counts injected failures.
 build_faultsim () {
+  build_helper faultsim.so
   FAULTSIM=$TOP/tests/faultsim.so
-  if [ ! -f "$FAULTSIM" ] || [ "$TOP/tests/faultsim.c" -nt "$FAULTSIM" ]; then
-    gcc -O2 -Wall -shared -fPIC -o "$FAULTSIM.$$" "$TOP/tests/faultsim.c" \
-        -ldl || fail "cannot build the fault shim"
-    mv -f "$FAULTSIM.$$" "$FAULTSIM"
-  fi
   export FAULTSIM_DIR=$tmp/faults
   mkdir -p "$FAULTSIM_DIR"
 }

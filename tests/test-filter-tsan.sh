@@ -12,10 +12,8 @@ libtsan=$(ls /usr/lib/x86_64-linux-gnu/libtsan.so.2 2>/dev/null) ||
   skip "libtsan not installed"
 cd "$tmp"
 
-so=$tmp/tsan-filter.so
-gcc -O1 -g -std=gnu11 -D_GNU_SOURCE -fPIC -fvisibility=hidden -pthread \
-    -I"$TOP/common" -fsanitize=thread -shared -o "$so" \
-    "$TOP"/filter/*.c "$TOP"/common/*.c
+build_helper tsan-filter.so
+so=$TOP/tests/tsan-filter.so
 
 M=$((1024*1024))
 head -c $((6*M)) /dev/urandom > base.raw

@@ -107,35 +107,9 @@ ln -s "$secret" "$tmp/b/link.raw"
 qemu-img create -q -u -f qed -b link.raw -F raw "$tmp/b/link.qed" 1M
 # Kernels without openat2 (a shim makes it ENOSYS, and notes that it
 # did): the opened file's path is checked instead.
-cat > "$tmp/no-openat2.c" <<'EOF'
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <errno.h>
-#include <fcntl.h>
-#include <stdarg.h>
-#include <unistd.h>
-#include <sys/syscall.h>
-long
-syscall (long n, ...)
-{
-  va_list a;
-  long x[6];
-  long (*real) (long, ...) = dlsym (RTLD_NEXT, "syscall");
-  va_start (a, n);
-  for (int i = 0; i < 6; ++i) x[i] = va_arg (a, long);
-  va_end (a);
-  if (n == SYS_openat2) {
-    close (open (getenv ("NO_OPENAT2_MARK"), O_CREAT | O_WRONLY, 0600));
-    errno = ENOSYS;
-    return -1;
-  }
-  return real (n, x[0], x[1], x[2], x[3], x[4], x[5]);
-}
-EOF
-cc -shared -fPIC -include stdlib.h -o "$tmp/no-openat2.so" "$tmp/no-openat2.c" \
-  -ldl || fail "shim build"
+build_helper no-openat2.so
 export NO_OPENAT2_MARK=$tmp/no-openat2.used
-for preload in "" "$tmp/no-openat2.so"; do
+for preload in "" "$TOP/tests/no-openat2.so"; do
   for n in ok okabs; do
     rm -f "$tmp/run.sock"
     LD_PRELOAD=$preload nbdkit -U "$tmp/run.sock" -r "$PLUGIN" "$tmp/b/$n.qed" \

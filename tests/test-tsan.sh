@@ -8,10 +8,8 @@ requires fio --version
 libtsan=$(ls /usr/lib/x86_64-linux-gnu/libtsan.so.2 2>/dev/null) ||
   skip "libtsan not installed"
 
-so=$tmp/tsan-plugin.so
-gcc -O1 -g -std=gnu11 -D_GNU_SOURCE -fPIC -fvisibility=hidden -pthread \
-    -I"$TOP/common" -fsanitize=thread -shared -o "$so" \
-    "$TOP/plugin/qed-plugin.c" "$TOP"/common/*.c
+build_helper tsan-plugin.so
+so=$TOP/tests/tsan-plugin.so
 
 # 4K clusters, table size 2: each L2 table maps 4 MiB.  12 MiB stays
 # below QEMU's phantom-leak threshold (cluster_size-1 clusters).
