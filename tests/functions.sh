@@ -177,6 +177,32 @@ socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1)' "$port" \
 http_body_bytes () {
   awk '$1 == "GET" { n += $3 } END { print n + 0 }' "$tmp/nginx/access.log"; }
 
+# expect_fail WHAT PATTERN NBDKIT-ARGS...: nbdkit must refuse to start
+# (or fail its first connection), saying PATTERN ($tmp/err.txt).
+expect_fail () {
+  local what=$1 pattern=$2; shift 2
+  if nbdkit -U - "$@" --run 'nbdinfo --size "$uri"' >"$tmp/out.txt" \
+       2>"$tmp/err.txt"; then
+    fail "$what: nbdkit succeeded"
+  fi
+  grep -q -- "$pattern" "$tmp/err.txt" ||
+    { cat "$tmp/err.txt"; fail "$what: no message '$pattern'"; }
+}
+
+# as_nobody CMD...: run CMD as the user nobody (the tests run as root).
+as_nobody () { runuser -u nobody -- "$@"; }
+
+# same_data QED RAW: the QED image reads as RAW does (qemu-img compare).
+same_data () {
+  qemu-img compare -f qed -F raw "$1" "$2" >/dev/null || fail "$1 differs from $2"
+}
+
+# The free-cluster list tool (tests/freelist-tool.py): flags FILE prints
+# the features, compat and autoclear words; autoclear FILE its bit 0x1.
+FREELIST_TOOL="/usr/bin/python3 $TOP/tests/freelist-tool.py"
+flags () { $FREELIST_TOOL flags "$1"; }
+autoclear () { set -- $(flags "$1"); echo $(( $3 & 1 )); }
+
 # build_helper NAME: the helper program tests/NAME, built (or found up
 # to date) by the Makefile, which holds every helper's build rule.
 build_helper () {

@@ -109,13 +109,6 @@ stop_nbdkit plug
 qemu_check ov.qed
 
 # Expected failures, with clear messages.
-expect_fail () {
-  local what=$1 pattern=$2; shift 2
-  if nbdkit -U - "$@" --run 'nbdinfo --size "$uri"' >out.txt 2>err.txt; then
-    fail "$what: nbdkit succeeded"
-  fi
-  grep -q -- "$pattern" err.txt || { cat err.txt; fail "$what: no message '$pattern'"; }
-}
 # A different size (at the first connection).
 expect_fail "size mismatch" "overlay of a 16777216-byte disk, but the plugin's disk is 8388608" \
   --filter="$FILTER" memory 8M qed-overlay="$tmp/ov.qed"

@@ -21,8 +21,6 @@ requires /usr/bin/python3 -c 'import nbd'
 TOOL="/usr/bin/python3 $TOP/tests/freelist-tool.py"
 M=$((1024 * 1024))
 
-flags () { $TOOL flags "$1"; }
-autoclear () { set -- $(flags "$1"); echo $(( $3 & 1 )); }
 # check_rc FILE [foreign]: qemu-img check's exit code (2 = corruption:
 # fail).  Unless an older writer was the last (foreign), every leak must
 # be explained by NEED_CHECK or the list.
@@ -41,8 +39,6 @@ leaks () {
   qemu-img check --output=json "$1" > "$tmp/check.json" 2>/dev/null || true
   /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin).get("leaks", 0))' \
     < "$tmp/check.json"; }
-same_data () {
-  qemu-img compare -f qed -F raw "$1" "$2" >/dev/null || fail "$1 differs from $2"; }
 data_map () {
   qemu-img map -U --output=json "$1" | /usr/bin/python3 -c '
 import json, sys

@@ -13,7 +13,6 @@ source "$(dirname "$0")/functions.sh"
 id nobody >/dev/null 2>&1 || skip "requires the user nobody"
 
 chmod 755 "$tmp"
-as_nobody () { runuser -u nobody -- "$@"; }
 qemu-img create -q -f raw "$tmp/src.raw" 1M
 qemu-io -f raw -c "write -P 0x11 0 1M" "$tmp/src.raw" >/dev/null
 # root's private image, an overlay of a disk the size of src.raw.
