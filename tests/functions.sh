@@ -23,15 +23,28 @@ skip () { echo "SKIP: $*"; exit 77; }
 fail () { echo "FAIL: $*" >&2; exit 1; }
 requires () { "$@" >/dev/null 2>&1 || skip "requires: $*"; }
 
+# wait_until SECONDS CMD...: run CMD every 0.05 s until it succeeds;
+# returns 1 if it still fails after SECONDS.  For events nothing
+# notifies us of (a timer in the server, a pidfile, a process gone):
+# a pass costs only the time to the event, so the bound is generous
+# (a machine loaded with other work is many times slower).
+wait_until () {
+  local n=$(( $1 * 20 )); shift
+  until "$@"; do
+    n=$((n - 1)); [ $n -gt 0 ] || return 1
+    sleep 0.05
+  done
+}
 # start_nbdkit NAME ARGS...: daemonise nbdkit on $tmp/NAME.sock, with a
 # pidfile $tmp/NAME.pid; it is killed (SIGTERM, waited for) at exit.
+# The parent returns once the socket listens; the daemon writes the
+# pidfile just after, so wait for it (not for a fixed time).
 start_nbdkit () {
   local name=$1; shift
   rm -f "$tmp/$name.sock" "$tmp/$name.pid"
   nbdkit -v -U "$tmp/$name.sock" -P "$tmp/$name.pid" "$@" 2>>"$tmp/$name.log" \
     || { cat "$tmp/$name.log" >&2; fail "nbdkit $name did not start"; }
-  for _ in $(seq 1 300); do [ -s "$tmp/$name.pid" ] && break; sleep 0.1; done
-  [ -s "$tmp/$name.pid" ] || fail "nbdkit $name: no pidfile"
+  wait_until 120 test -s "$tmp/$name.pid" || fail "nbdkit $name: no pidfile"
   cleanup_fn stop_nbdkit "$name"
 }
 # _alive PID: running and not a zombie (daemons are reparented to PID 1,
@@ -44,16 +57,17 @@ stop_nbdkit () {
   [ -s "$tmp/$name.pid" ] || return 0
   pid=$(cat "$tmp/$name.pid")
   kill "$pid" 2>/dev/null || true
-  for _ in $(seq 1 600); do _alive "$pid" || break; sleep 0.05; done
-  _alive "$pid" && fail "nbdkit $name did not exit"
+  wait_until 300 _gone "$pid" || fail "nbdkit $name did not exit"
   rm -f "$tmp/$name.pid"
 }
+_gone () { ! _alive "$1"; }
 # kill9_nbdkit NAME: simulate a crash.
 kill9_nbdkit () {
   local name=$1 pid
   pid=$(cat "$tmp/$name.pid")
   kill -9 "$pid" 2>/dev/null || true
-  for _ in $(seq 1 200); do _alive "$pid" || break; sleep 0.05; done
+  # Its locks go only when it is gone: the next step may reopen.
+  wait_until 120 _gone "$pid" || fail "nbdkit $name survived SIGKILL"
   rm -f "$tmp/$name.pid"
 }
 uri () { echo "nbd+unix:///?socket=$tmp/$1.sock"; }

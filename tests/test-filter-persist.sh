@@ -90,11 +90,8 @@ qemu_check ov.qed
 start_nbdkit idle --filter="$FILTER" file base.raw qed-overlay=idle.qed
 nbdsh -u "$(uri idle)" -c "h.pwrite(b'x' * 100000, 12345); h.pread(1000000, 5000000)"
 [ "$(need_check idle.qed)" = 1 ] || fail "NEED_CHECK not set after writes"
-for _ in $(seq 1 100); do
-  [ "$(need_check idle.qed)" = 0 ] && break
-  sleep 0.2
-done
-[ "$(need_check idle.qed)" = 0 ] || fail "NEED_CHECK not cleared while idle"
+clean () { [ "$(need_check idle.qed)" = 0 ]; }
+wait_until 120 clean || fail "NEED_CHECK not cleared while idle"
 qemu_check_live idle.qed
 stop_nbdkit idle
 

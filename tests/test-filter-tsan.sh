@@ -26,7 +26,7 @@ LD_PRELOAD=$libtsan TSAN_OPTIONS="log_path=$tmp/tsan.log halt_on_error=0" \
   rdelay=1ms qed-overlay="$tmp/ov.qed" qed-cluster-size=16K &
 pid=$!
 cleanup_fn "kill $pid 2>/dev/null"
-for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
+wait_until 120 test -S "$sock" || fail "nbdkit (TSan) did not listen"
 
 fio --name=a --ioengine=nbd --uri="nbd+unix:///?socket=$sock" \
     --rw=randrw --bs=6k --size=8M --iodepth=16 --numjobs=2 \

@@ -206,10 +206,8 @@ model i "$tmp/i.raw" fill
 /usr/bin/python3 -c '
 import nbd, sys
 h = nbd.NBD(); h.connect_uri(sys.argv[1]); h.zero(65536, 60 << 20)' "$(uri i)"
-for _ in $(seq 1 50); do
-  [ "$(need_check "$tmp/i.qed")" = 0 ] && break; sleep 0.2
-done
-[ "$(need_check "$tmp/i.qed")" = 0 ] || fail "idle: NEED_CHECK still set"
+clean () { [ "$(need_check "$tmp/i.qed")" = 0 ]; }
+wait_until 120 clean || fail "idle: NEED_CHECK still set"
 [ "$(autoclear "$tmp/i.qed")" = 1 ] || fail "idle: no list"
 kill9_nbdkit i
 [ "$(check_rc "$tmp/i.qed")" = 3 ] || fail "idle list: expected leaks"

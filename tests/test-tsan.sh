@@ -20,7 +20,7 @@ LD_PRELOAD=$libtsan TSAN_OPTIONS="log_path=$tmp/tsan.log halt_on_error=0" \
   nbdkit -f -U "$sock" "$so" "$tmp/t.qed" idle-clean=1 &
 pid=$!
 cleanup_fn "kill $pid 2>/dev/null"
-for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
+wait_until 120 test -S "$sock" || fail "nbdkit (TSan) did not listen"
 
 # Two fio jobs with odd block sizes so requests straddle clusters and
 # tables, racing over the same 12 MiB; a third connection zeroes and
