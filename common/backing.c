@@ -131,19 +131,6 @@ static struct layer *open_layer (const struct walk *w, const char *path,
                                  int format, const struct namer *namer,
                                  const struct visited *seen);
 
-/* The directory part of path. */
-static char *
-dir_of (const char *path)
-{
-  const char *slash = strrchr (path, '/');
-
-  if (slash == NULL)
-    return strdup (".");
-  if (slash == path)
-    return strdup ("/");
-  return strndup (path, slash - path);
-}
-
 /* path (resolved as QEMU does) relative to the walk's directory, for
  * openat2 RESOLVE_BENEATH; an absolute path elsewhere stays as it is,
  * and is refused. */

@@ -112,6 +112,20 @@ parse_bool_word (const char *value)
   return -1;
 }
 
+/* The directory part of path ("." if it has none), malloced (NULL
+ * with errno set if out of memory). */
+static inline char *
+dir_of (const char *path)
+{
+  const char *slash = strrchr (path, '/');
+
+  if (slash == NULL)
+    return strdup (".");
+  if (slash == path)
+    return strdup ("/");
+  return strndup (path, slash - path);
+}
+
 static inline void
 cleanup_unlock (pthread_mutex_t **ptr)
 {

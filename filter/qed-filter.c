@@ -250,17 +250,6 @@ qed_filter_config_complete (nbdkit_next_config_complete *next,
   return next (nxdata);
 }
 
-/* The directory part of a path (for an early permission check). */
-static char *
-dir_of (const char *path)
-{
-  const char *slash = strrchr (path, '/');
-
-  if (slash == NULL || slash == path)
-    return strdup (slash ? "/" : ".");
-  return strndup (path, slash - path);
-}
-
 /* Sanity check now, rather than waiting for the first client: an
  * existing overlay must be a valid QED image (read only, nothing is
  * written), a new one must be creatable.  The size check must wait
