@@ -192,6 +192,110 @@ model_readback_old_or_zero (struct model *m, struct window *win,
   free (buf);
 }
 
+/* One random write of [off, off+len) (model bytes at mp): zeros, data
+ * with zero clusters inside, or data; sometimes zero detection, FUA. */
+static void
+model_write (struct model *m, unsigned char *buf, unsigned char *mp,
+             uint64_t off, uint64_t len)
+{
+  uint32_t cs = m->cs;
+  unsigned flags = rnd_below (3) == 0 ? QED_WRITE_DETECT_ZERO : 0;
+  if (rnd_below (8) == 0)
+    flags |= QED_WRITE_FUA;
+  switch (rnd_below (4)) {
+  case 0:
+    memset (buf, 0, len);
+    break;
+  case 1:                   /* zero clusters inside data */
+    rnd_fill (buf, len);
+    for (uint64_t z = rnd_below (len); z < len; z += 1 + rnd_below (3 * cs)) {
+      uint64_t zl = rnd_below (2 * cs);
+      memset (buf + z, 0, zl < len - z ? zl : len - z);
+    }
+    break;
+  default:
+    rnd_fill (buf, len);
+  }
+  checks++;
+  if (qed_write (m->img, below_of (m), buf, len, off, flags) == -1) {
+    failures++;
+    fprintf (stderr, "%s:%d: FAIL: write %" PRIu64 "@%" PRIu64 ": %m\n",
+             __FILE__, __LINE__, len, off);
+  }
+  else
+    memcpy (mp, buf, len);
+}
+
+/* A zero request, sometimes fast (which may refuse) or with FUA. */
+static void
+model_zero (struct model *m, struct window *win, unsigned char *mp,
+            uint64_t off, uint64_t len)
+{
+  unsigned flags = rnd_below (2) ? QED_ZERO_MAY_UNMAP : 0;
+  int r;
+  if (rnd_below (6) == 0)
+    flags |= QED_ZERO_FAST;
+  if (rnd_below (8) == 0)
+    flags |= QED_WRITE_FUA;
+  r = qed_zero (m->img, below_of (m), len, off, flags);
+  if (r == 0)
+    memset (mp, 0, len);
+  else if (errno == ENOTSUP && (flags & QED_ZERO_FAST))
+    model_readback_old_or_zero (m, win, off, len, __LINE__);
+  else {
+    checks++;
+    failures++;
+    fprintf (stderr, "%s:%d: FAIL: zero %" PRIu64 "@%" PRIu64 ": %m\n",
+             __FILE__, __LINE__, len, off);
+  }
+}
+
+/* A trim: the range then reads as before or as zeros. */
+static void
+model_trim (struct model *m, struct window *win, uint64_t off, uint64_t len)
+{
+  checks++;
+  if (qed_trim (m->img, below_of (m), len, off, 0) == -1) {
+    failures++;
+    fprintf (stderr, "%s:%d: FAIL: trim: %m\n", __FILE__, __LINE__);
+  }
+  else
+    model_readback_old_or_zero (m, win, off, len, __LINE__);
+}
+
+/* The idle writeback: it clears NEED_CHECK unless freed clusters await
+ * compaction. */
+static void
+model_idle (struct model *m)
+{
+  struct qed_stats st;
+  CHECK (qed_idle (m->img) == 0);
+  /* Idle clears NEED_CHECK unless freed clusters await compaction. */
+  qed_get_stats (m->img, &st);
+  CHECK (st.free_clusters > 0 || !need_check_set (m->path));
+}
+
+/* A read, compared with the model. */
+static void
+model_read (struct model *m, const char *name, int op, unsigned char *buf,
+            const unsigned char *mp, uint64_t off, uint64_t len)
+{
+  checks++;
+  if (qed_read (m->img, below_of (m), buf, len, off) == -1) {
+    failures++;
+    fprintf (stderr, "%s:%d: FAIL: read: %m\n", __FILE__, __LINE__);
+  }
+  else if (memcmp (buf, mp, len) != 0) {
+    uint64_t i = 0;
+    while (buf[i] == mp[i])
+      i++;
+    failures++;
+    fprintf (stderr, "%s:%d: FAIL: %s op %d: read %" PRIu64 "@%" PRIu64
+             " differs at %" PRIu64 "\n", __FILE__, __LINE__, name, op,
+             len, off, off + i);
+  }
+}
+
 static void
 model_run (const char *name, uint32_t cs, uint32_t ts, uint64_t size,
            bool use_below, uint64_t below_end, uint64_t l2_cache, int nops)
@@ -250,61 +354,15 @@ model_run (const char *name, uint32_t cs, uint32_t ts, uint64_t size,
     mp = win->model + (off - win->start);
 
     if (kind < 35) {            /* write */
-      unsigned flags = rnd_below (3) == 0 ? QED_WRITE_DETECT_ZERO : 0;
-      if (rnd_below (8) == 0)
-        flags |= QED_WRITE_FUA;
-      switch (rnd_below (4)) {
-      case 0:
-        memset (buf, 0, len);
-        break;
-      case 1:                   /* zero clusters inside data */
-        rnd_fill (buf, len);
-        for (uint64_t z = rnd_below (len); z < len; z += 1 + rnd_below (3 * cs)) {
-          uint64_t zl = rnd_below (2 * cs);
-          memset (buf + z, 0, zl < len - z ? zl : len - z);
-        }
-        break;
-      default:
-        rnd_fill (buf, len);
-      }
-      checks++;
-      if (qed_write (m.img, below_of (&m), buf, len, off, flags) == -1) {
-        failures++;
-        fprintf (stderr, "%s:%d: FAIL: write %" PRIu64 "@%" PRIu64 ": %m\n",
-                 __FILE__, __LINE__, len, off);
-      }
-      else
-        memcpy (mp, buf, len);
+      model_write (&m, buf, mp, off, len);
       counts[0]++;
     }
     else if (kind < 50) {       /* zero */
-      unsigned flags = rnd_below (2) ? QED_ZERO_MAY_UNMAP : 0;
-      int r;
-      if (rnd_below (6) == 0)
-        flags |= QED_ZERO_FAST;
-      if (rnd_below (8) == 0)
-        flags |= QED_WRITE_FUA;
-      r = qed_zero (m.img, below_of (&m), len, off, flags);
-      if (r == 0)
-        memset (mp, 0, len);
-      else if (errno == ENOTSUP && (flags & QED_ZERO_FAST))
-        model_readback_old_or_zero (&m, win, off, len, __LINE__);
-      else {
-        checks++;
-        failures++;
-        fprintf (stderr, "%s:%d: FAIL: zero %" PRIu64 "@%" PRIu64 ": %m\n",
-                 __FILE__, __LINE__, len, off);
-      }
+      model_zero (&m, win, mp, off, len);
       counts[1]++;
     }
     else if (kind < 60) {       /* trim */
-      checks++;
-      if (qed_trim (m.img, below_of (&m), len, off, 0) == -1) {
-        failures++;
-        fprintf (stderr, "%s:%d: FAIL: trim: %m\n", __FILE__, __LINE__);
-      }
-      else
-        model_readback_old_or_zero (&m, win, off, len, __LINE__);
+      model_trim (&m, win, off, len);
       counts[2]++;
     }
     else if (kind < 64) {       /* flush */
@@ -312,31 +370,14 @@ model_run (const char *name, uint32_t cs, uint32_t ts, uint64_t size,
       counts[3]++;
     }
     else if (kind < 67) {       /* idle: may clear NEED_CHECK */
-      struct qed_stats st;
-      CHECK (qed_idle (m.img) == 0);
-      /* Idle clears NEED_CHECK unless freed clusters await compaction. */
-      qed_get_stats (m.img, &st);
-      CHECK (st.free_clusters > 0 || !need_check_set (m.path));
+      model_idle (&m);
       counts[4]++;
     }
     else if (kind < 70) {
       CHECK (qed_prefetch (m.img, below_of (&m), len, off) == 0);
     }
     else {                      /* read */
-      checks++;
-      if (qed_read (m.img, below_of (&m), buf, len, off) == -1) {
-        failures++;
-        fprintf (stderr, "%s:%d: FAIL: read: %m\n", __FILE__, __LINE__);
-      }
-      else if (memcmp (buf, mp, len) != 0) {
-        uint64_t i = 0;
-        while (buf[i] == mp[i])
-          i++;
-        failures++;
-        fprintf (stderr, "%s:%d: FAIL: %s op %d: read %" PRIu64 "@%" PRIu64
-                 " differs at %" PRIu64 "\n", __FILE__, __LINE__, name, op,
-                 len, off, off + i);
-      }
+      model_read (&m, name, op, buf, mp, off, len);
       counts[5]++;
     }
 
