@@ -47,9 +47,17 @@ start_nbdkit () {
   wait_until 120 test -s "$tmp/$name.pid" || fail "nbdkit $name: no pidfile"
   cleanup_fn stop_nbdkit "$name"
 }
-# _alive PID: running and not a zombie (daemons are reparented to PID 1,
-# which may reap them late; a zombie has finished all its I/O).
-_alive () { kill -0 "$1" 2>/dev/null && ! grep -q '^[0-9]* ([^)]*) Z' "/proc/$1/stat" 2>/dev/null; }
+# _alive PID: the process, or any of its threads, still runs.  Daemons
+# are reparented to PID 1, which may reap them late, so a zombie counts
+# as gone, but only once it is the last of its threads: the thread
+# group's leader turns zombie as soon as it exits itself, while the
+# other threads may still be exiting, holding the descriptors (and with
+# them an image's locks) until the last one is gone.
+_alive () {
+  kill -0 "$1" 2>/dev/null || return 1
+  grep -q '^[0-9]* ([^)]*) Z' "/proc/$1/stat" 2>/dev/null || return 0
+  [ "$(ls "/proc/$1/task" 2>/dev/null | wc -l)" -gt 1 ]
+}
 # stop_nbdkit NAME: SIGTERM and wait until it has exited (it flushes,
 # reclaims space and clears NEED_CHECK on the way out).
 stop_nbdkit () {
