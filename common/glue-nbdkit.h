@@ -85,4 +85,15 @@ glue_fail (int *err)
   return -1;
 }
 
+/* The preferred block size both objects advertise: the cluster, the
+ * unit of allocation and of copying from the layer beneath (a smaller
+ * write into a new cluster copies the rest of it), up to the 32M that
+ * nbdkit accepts. */
+static inline uint32_t
+glue_preferred_block_size (uint32_t cluster_size)
+{
+  return cluster_size < 32u * 1024 * 1024 ? cluster_size
+    : 32u * 1024 * 1024;
+}
+
 #endif /* NBDKIT_QED_GLUE_NBDKIT_H */

@@ -576,8 +576,7 @@ qed_filter_block_size (nbdkit_next *next, void *handle,
     : cluster_size ? cluster_size : QED_DEFAULT_CLUSTER_SIZE;
 
   *minimum = 1;
-  /* nbdkit accepts preferred sizes up to 32M. */
-  *preferred = MIN (cs, 32u * 1024 * 1024);
+  *preferred = glue_preferred_block_size (cs);
   *maximum = 0xffffffff;
   return 0;
 }

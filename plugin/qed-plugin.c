@@ -489,8 +489,8 @@ qed_plugin_block_size (void *handle,
                        uint32_t *maximum)
 {
   *minimum = 1;
-  *preferred = MAX (4096u,
-                    MIN (qed_get_cluster_size (glue_image ()), 2u << 20));
+  *preferred =
+    glue_preferred_block_size (qed_get_cluster_size (glue_image ()));
   *maximum = 0xffffffff;
   return 0;
 }
