@@ -125,6 +125,27 @@ glue_note_write (void)
   qed_idle_timer_note_write (idle_timer);
 }
 
+unsigned
+glue_trim_flags (uint32_t flags, bool fua)
+{
+  return fua && (flags & NBDKIT_FLAG_FUA) ? QED_WRITE_FUA : 0;
+}
+
+unsigned
+glue_write_flags (uint32_t flags, bool fua, bool detect_zero)
+{
+  return glue_trim_flags (flags, fua) |
+    (detect_zero ? QED_WRITE_DETECT_ZERO : 0);
+}
+
+unsigned
+glue_zero_flags (uint32_t flags, bool fua)
+{
+  return glue_trim_flags (flags, fua) |
+    (flags & NBDKIT_FLAG_MAY_TRIM ? QED_ZERO_MAY_UNMAP : 0) |
+    (flags & NBDKIT_FLAG_FAST_ZERO ? QED_ZERO_FAST : 0);
+}
+
 struct qed_image *
 glue_cleanup (void)
 {

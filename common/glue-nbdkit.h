@@ -54,6 +54,15 @@ extern void glue_release_startup_locks (void);
 extern void glue_set_image (struct qed_image *img);
 /* A write happened (for the idle timer). */
 extern void glue_note_write (void);
+
+/* The core's flags (qed.h) for nbdkit's (NBDKIT_FLAG_*), one
+ * translation for both objects.  fua: whether FUA is honoured (not
+ * for the filter's temporary overlay, where it would only cost time);
+ * detect_zero: all-zero writes become zero clusters. */
+extern unsigned glue_write_flags (uint32_t flags, bool fua,
+                                  bool detect_zero);
+extern unsigned glue_zero_flags (uint32_t flags, bool fua);
+extern unsigned glue_trim_flags (uint32_t flags, bool fua);
 /* At cleanup: stop the idle timer, release the start-up locks, and
  * hand back the image for the caller to close (NULL if never opened). */
 extern struct qed_image *glue_cleanup (void);

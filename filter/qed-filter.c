@@ -842,20 +842,14 @@ qed_filter_pread (nbdkit_next *next, void *handle,
   return r;
 }
 
-/* FUA on a temporary overlay would only cost time. */
-static unsigned
-fua_flag (uint32_t flags)
-{
-  return (flags & NBDKIT_FLAG_FUA) && overlay ? QED_WRITE_FUA : 0;
-}
-
 static int
 qed_filter_pwrite (nbdkit_next *next, void *handle,
                    const void *buf, uint32_t count, uint64_t offset,
                    uint32_t flags, int *err)
 {
   struct qed_below below = { .read = backend_read, .opaque = next };
-  unsigned f = fua_flag (flags) | (zero_detect ? QED_WRITE_DETECT_ZERO : 0);
+  /* FUA on a temporary overlay would only cost time. */
+  unsigned f = glue_write_flags (flags, overlay != NULL, zero_detect);
 
   glue_note_write ();
   if (qed_write (glue_image (), &below, buf, count, offset, f) == -1)
@@ -868,9 +862,7 @@ qed_filter_zero (nbdkit_next *next, void *handle,
                  uint32_t count, uint64_t offset, uint32_t flags, int *err)
 {
   struct qed_below below = { .read = backend_read, .opaque = next };
-  unsigned f = fua_flag (flags) |
-    (flags & NBDKIT_FLAG_MAY_TRIM ? QED_ZERO_MAY_UNMAP : 0) |
-    (flags & NBDKIT_FLAG_FAST_ZERO ? QED_ZERO_FAST : 0);
+  unsigned f = glue_zero_flags (flags, overlay != NULL);
 
   glue_note_write ();
   if (qed_zero (glue_image (), &below, count, offset, f) == -1) {
@@ -891,7 +883,8 @@ qed_filter_trim (nbdkit_next *next, void *handle,
   struct qed_below below = { .read = backend_read, .opaque = next };
 
   glue_note_write ();
-  if (qed_trim (glue_image (), &below, count, offset, fua_flag (flags)) == -1)
+  if (qed_trim (glue_image (), &below, count, offset,
+                glue_trim_flags (flags, overlay != NULL)) == -1)
     return glue_fail (err);
   return 0;
 }

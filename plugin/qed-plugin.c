@@ -622,8 +622,7 @@ static int
 qed_plugin_pwrite (void *handle, const void *buf, uint32_t count,
                    uint64_t offset, uint32_t flags)
 {
-  unsigned f = (flags & NBDKIT_FLAG_FUA ? QED_WRITE_FUA : 0) |
-    (zero_detect ? QED_WRITE_DETECT_ZERO : 0);
+  unsigned f = glue_write_flags (flags, true, zero_detect);
 
   glue_note_write ();
   return qed_write (glue_image (), get_below (), buf, count, offset, f);
@@ -633,9 +632,7 @@ static int
 qed_plugin_zero (void *handle, uint32_t count, uint64_t offset,
                  uint32_t flags)
 {
-  unsigned f = (flags & NBDKIT_FLAG_FUA ? QED_WRITE_FUA : 0) |
-    (flags & NBDKIT_FLAG_MAY_TRIM ? QED_ZERO_MAY_UNMAP : 0) |
-    (flags & NBDKIT_FLAG_FAST_ZERO ? QED_ZERO_FAST : 0);
+  unsigned f = glue_zero_flags (flags, true);
 
   glue_note_write ();
   return qed_zero (glue_image (), get_below (), count, offset, f);
@@ -647,7 +644,7 @@ qed_plugin_trim (void *handle, uint32_t count, uint64_t offset,
 {
   glue_note_write ();
   return qed_trim (glue_image (), get_below (), count, offset,
-                   flags & NBDKIT_FLAG_FUA ? QED_WRITE_FUA : 0);
+                   glue_trim_flags (flags, true));
 }
 
 static int
