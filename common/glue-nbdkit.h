@@ -63,6 +63,19 @@ extern unsigned glue_write_flags (uint32_t flags, bool fua,
                                   bool detect_zero);
 extern unsigned glue_zero_flags (uint32_t flags, bool fua);
 extern unsigned glue_trim_flags (uint32_t flags, bool fua);
+
+/* Copy-on-read, the part both objects share: the whole clusters around
+ * [offset, offset+count) are fetched from the layer beneath and stored
+ * by fetch (opaque, wbuf, start, end) (start cluster aligned, end too
+ * or the image's size), at most chunk bytes (at least a cluster) at a
+ * time, and the bytes asked for are copied to buf (NULL: a cache
+ * request, nothing to copy).  A read of whole clusters, no larger than
+ * chunk, is fetched into buf itself.  -1 if a fetch fails. */
+typedef int glue_fetch_fn (void *opaque, char *wbuf, uint64_t start,
+                           uint64_t end);
+extern int glue_cor_fetch (struct qed_image *img, void *buf, uint64_t count,
+                           uint64_t offset, uint64_t chunk,
+                           glue_fetch_fn *fetch, void *opaque);
 /* At cleanup: stop the idle timer, release the start-up locks, and
  * hand back the image for the caller to close (NULL if never opened). */
 extern struct qed_image *glue_cleanup (void);

@@ -702,46 +702,23 @@ fetch_clusters (nbdkit_next *next, char *wbuf, uint64_t start, uint64_t end)
   return 0;
 }
 
+static int
+fetch_into (void *next, char *wbuf, uint64_t start, uint64_t end)
+{
+  return fetch_clusters (next, wbuf, start, end);
+}
+
 /* Copy-on-read: read [offset, offset+count) (an unallocated run) from
  * the plugin, widened to whole clusters which are stored in the
- * overlay.  buf may be NULL (cache).
+ * overlay (glue_cor_fetch).  buf may be NULL (cache).  A read is
+ * fetched in one go, so that a failure stores nothing of it; cache
+ * requests can be up to 4G: they go in chunks.
  */
 static int
 cor_fetch (nbdkit_next *next, void *buf, uint64_t count, uint64_t offset)
 {
-  struct qed_image *img = glue_image ();
-  uint64_t cs = qed_get_cluster_size (img);
-  uint64_t isize = qed_get_size (img);
-  uint64_t start = ROUND_DOWN (offset, cs);
-  uint64_t end = MIN (ROUND_UP (offset + count, cs), isize);
-  CLEANUP_FREE char *bounce = NULL;
-
-  if (buf && start == offset && end == offset + count)
-    return fetch_clusters (next, buf, start, end);
-
-  if (buf == NULL) {
-    /* Cache requests can be up to 4G: go in chunks. */
-    uint64_t chunk = MAX ((uint64_t) cs, (uint64_t) CACHE_CHUNK);
-    bounce = malloc (MIN (chunk, end - start));
-    if (bounce == NULL) {
-      nbdkit_error ("malloc: %m");
-      return -1;
-    }
-    for (uint64_t s = start; s < end; s += chunk)
-      if (fetch_clusters (next, bounce, s, MIN (s + chunk, end)) == -1)
-        return -1;
-    return 0;
-  }
-
-  bounce = malloc (end - start);
-  if (bounce == NULL) {
-    nbdkit_error ("malloc: %m");
-    return -1;
-  }
-  if (fetch_clusters (next, bounce, start, end) == -1)
-    return -1;
-  memcpy (buf, bounce + (offset - start), count);
-  return 0;
+  return glue_cor_fetch (glue_image (), buf, count, offset,
+                         buf ? UINT64_MAX : CACHE_CHUNK, fetch_into, next);
 }
 
 /* Fetch [start, fetch_end), the clusters of the read [offset,

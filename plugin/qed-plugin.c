@@ -532,7 +532,7 @@ get_below (void)
 #define COR_CHUNK (32u * 1024 * 1024)
 
 static int
-cor_fill_chunk (char *wbuf, uint64_t start, uint64_t end)
+cor_fill_chunk (void *opaque, char *wbuf, uint64_t start, uint64_t end)
 {
   uint64_t pos = start;
 
@@ -564,25 +564,9 @@ cor_fill_chunk (char *wbuf, uint64_t start, uint64_t end)
 static int
 cor_fetch (void *buf, uint64_t count, uint64_t offset)
 {
-  struct qed_image *img = glue_image ();
-  uint64_t cs = qed_get_cluster_size (img);
-  uint64_t start = ROUND_DOWN (offset, cs);
-  uint64_t end = MIN (ROUND_UP (offset + count, cs), qed_get_size (img));
-  uint64_t chunk = MAX ((uint64_t) COR_CHUNK, cs);
-  CLEANUP_FREE char *wbuf = malloc (MIN (chunk, end - start));
-
-  if (wbuf == NULL) {
-    nbdkit_error ("malloc: %m");
+  if (glue_cor_fetch (glue_image (), buf, count, offset, COR_CHUNK,
+                      cor_fill_chunk, NULL) == -1)
     return -1;
-  }
-  for (uint64_t s = start; s < end; s += chunk) {
-    uint64_t t = MIN (s + chunk, end);
-    uint64_t from = MAX (s, offset), to = MIN (t, offset + count);
-    if (cor_fill_chunk (wbuf, s, t) == -1)
-      return -1;
-    if (buf && from < to)
-      memcpy ((char *) buf + (from - offset), wbuf + (from - s), to - from);
-  }
   glue_note_write ();
   return 0;
 }
