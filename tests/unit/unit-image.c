@@ -6,14 +6,15 @@
 /* ------------------------------------------------------------------ */
 /* Create. */
 
+/* A new image of the default geometry: the header, a zero L1, and
+ * QEMU's check; an existing file is refused. */
 static void
-test_create (void)
+test_create_defaults (void)
 {
-  const char *f = P ("create.qed"), *g = P ("create-b.qed");
+  const char *f = P ("create.qed");
   struct qed_create_options o = { .size = UINT64_C (1) << 30 };
-  unsigned char raw[QED_HEADER_BYTES], name[16];
+  unsigned char raw[QED_HEADER_BYTES];
   struct qed_header h;
-  struct qed_image *img;
 
   REQUIRE (qed_create (f, &o) == 0);
   CHECK (file_size (f) == 327680);
@@ -42,8 +43,18 @@ test_create (void)
   /* Refuses an existing file. */
   CHECK_ERR (qed_create (f, &o) == -1, EEXIST, "cannot create");
   CHECK (file_size (f) == 327680);
+}
 
-  /* Backing name at 64, bits set. */
+/* Backing name at 64, bits set. */
+static void
+test_create_backing_name (void)
+{
+  const char *g = P ("create-b.qed");
+  struct qed_create_options o = { .size = UINT64_C (1) << 30 };
+  unsigned char raw[QED_HEADER_BYTES], name[16];
+  struct qed_header h;
+  struct qed_image *img;
+
   o.backing_name = "base.raw";
   o.backing_raw = true;
   o.size = 1000;
@@ -67,8 +78,14 @@ test_create (void)
   o.backing_name = "x.qed";
   REQUIRE (qed_create (P ("create-c.qed"), &o) == 0);
   CHECK (features_of (P ("create-c.qed")) == QED_F_BACKING_FILE);
+}
 
-  /* Geometries QEMU cannot open are refused unless allowed. */
+/* Geometries QEMU cannot open are refused unless allowed. */
+static void
+test_create_qemu_geometries (void)
+{
+  struct qed_create_options o;
+
   o = (struct qed_create_options) { .size = 1 << 20, .cluster_size = 4096,
                                     .table_size = 1 };
   CHECK_ERR (qed_create (P ("c1.qed"), &o) == -1, EINVAL, "table-size 1");
@@ -85,8 +102,15 @@ test_create (void)
   o.cluster_size = 4u << 20; o.table_size = 2;
   CHECK (qed_create (P ("c5.qed"), &o) == 0);
   CHECK_QEMU (P ("c5.qed"));
+}
 
-  /* Bad parameters. */
+/* Bad parameters, names too long for the header, and size 0. */
+static void
+test_create_bad_parameters (void)
+{
+  struct qed_create_options o;
+  struct qed_image *img;
+
   o = (struct qed_create_options) { .size = 1 << 20, .cluster_size = 5000 };
   CHECK_ERR (qed_create (P ("c6.qed"), &o) == -1, EINVAL, "cluster-size");
   o = (struct qed_create_options) { .size = 1 << 20, .table_size = 3 };
@@ -200,7 +224,10 @@ test_open_fields (void)
 }
 
 const struct unit_test unit_tests_image[] = {
-  { "create", test_create },
+  { "create_defaults", test_create_defaults },
+  { "create_backing_name", test_create_backing_name },
+  { "create_qemu_geometries", test_create_qemu_geometries },
+  { "create_bad_parameters", test_create_bad_parameters },
   { "open_fields", test_open_fields },
   { NULL, NULL }
 };
