@@ -7,16 +7,15 @@
 /* Compaction at close must leave no leaked cluster wherever the freed
  * clusters lie: below an L2 table at the end of the file, between
  * stacked tables, scattered. */
+/* A freed cluster below the last table (64K/4: 4-cluster tables). */
 static void
-test_compaction (void)
+test_compaction_below_table (void)
 {
   char *buf = malloc (3 * 65536);
   struct qed_image *img;
   const char *f;
 
   memset (buf, 0xa5, 3 * 65536);
-
-  /* A freed cluster below the last table (64K/4: 4-cluster tables). */
   f = P ("compact1.qed");
   REQUIRE (create_img (f, UINT64_C (16) << 30, 65536, 4) == 0);
   img = open_rw (f);
@@ -28,8 +27,18 @@ test_compaction (void)
   CHECK (qed_close (img) == 0);
   CHECK_CLEAN (f);
   CHECK_QEMU (f);
+  free (buf);
+}
 
-  /* One hole below stacked tables: [H][L1][--][T0][D][T2][T1]. */
+/* One hole below stacked tables: [H][L1][--][T0][D][T2][T1]. */
+static void
+test_compaction_stacked_tables (void)
+{
+  char *buf = malloc (3 * 65536);
+  struct qed_image *img;
+  const char *f;
+
+  memset (buf, 0xa5, 3 * 65536);
   f = P ("compact2.qed");
   REQUIRE (create_img (f, 12 << 20, 4096, 2) == 0);
   img = open_rw (f);
@@ -46,64 +55,71 @@ test_compaction (void)
   CHECK (qed_close (img) == 0);
   CHECK_CLEAN (f);
   CHECK_QEMU (f);
+  free (buf);
+}
 
-  /* Random: data and tables interleaved, frees everywhere, with a model
-   * of the contents: compaction moves live clusters and tables. */
-  {
-    static const uint32_t geo[][2] = { { 4096, 2 }, { 4096, 8 },
-                                       { 8192, 4 }, { 4096, 1 } };
-    const uint64_t size = 48 << 20;
-    unsigned char *model = malloc (size), *rb = malloc (1 << 20);
-    for (size_t g = 0; g < sizeof geo / sizeof geo[0]; ++g) {
-      uint32_t cs = geo[g][0];
-      char name[64];
-      snprintf (name, sizeof name, "compact-%u-%u.qed", cs, geo[g][1]);
-      f = P (name);
-      REQUIRE (create_img (f, size, cs, geo[g][1]) == 0);
-      memset (model, 0, size);
-      for (int round = 0; round < 6; ++round) {
-        img = open_rw (f);
-        REQUIRE (img != NULL);
-        for (int i = 0; i < 80; ++i) {
-          uint64_t off = rnd_below (size / cs) * cs;
-          uint64_t len = cs * (1 + rnd_below (3));
-          int kind = rnd_below (6);
-          if (off + len > size)
-            len = size - off;
-          if (kind == 0) {
-            CHECK (qed_trim (img, NULL, len, off, 0) == 0);
-            memset (model + off, 0, len);   /* punched: reads zeros */
-          }
-          else if (kind == 1) {
-            CHECK (qed_zero (img, NULL, len, off, QED_ZERO_MAY_UNMAP) == 0);
-            memset (model + off, 0, len);
-          }
-          else {
-            memset (buf, 1 + rnd_below (255), len);
-            CHECK (qed_write (img, NULL, buf, len, off, 0) == 0);
-            memcpy (model + off, buf, len);
-          }
-          if (rnd_below (10) == 0)
-            CHECK (qed_flush (img) == 0);
+/* Random: data and tables interleaved, frees everywhere, with a model
+ * of the contents: compaction moves live clusters and tables. */
+static void
+test_compaction_random (void)
+{
+  char *buf = malloc (3 * 65536);
+  struct qed_image *img;
+  const char *f;
+  static const uint32_t geo[][2] = { { 4096, 2 }, { 4096, 8 },
+                                     { 8192, 4 }, { 4096, 1 } };
+  const uint64_t size = 48 << 20;
+  unsigned char *model = malloc (size), *rb = malloc (1 << 20);
+
+  for (size_t g = 0; g < sizeof geo / sizeof geo[0]; ++g) {
+    uint32_t cs = geo[g][0];
+    char name[64];
+    snprintf (name, sizeof name, "compact-%u-%u.qed", cs, geo[g][1]);
+    f = P (name);
+    REQUIRE (create_img (f, size, cs, geo[g][1]) == 0);
+    memset (model, 0, size);
+    for (int round = 0; round < 6; ++round) {
+      img = open_rw (f);
+      REQUIRE (img != NULL);
+      for (int i = 0; i < 80; ++i) {
+        uint64_t off = rnd_below (size / cs) * cs;
+        uint64_t len = cs * (1 + rnd_below (3));
+        int kind = rnd_below (6);
+        if (off + len > size)
+          len = size - off;
+        if (kind == 0) {
+          CHECK (qed_trim (img, NULL, len, off, 0) == 0);
+          memset (model + off, 0, len);   /* punched: reads zeros */
         }
-        CHECK (qed_close (img) == 0);
-        CHECK_CLEAN (f);
-        img = open_ro (f);
-        REQUIRE (img != NULL);
-        for (uint64_t off = 0; off < size; off += 1 << 20) {
-          CHECK (qed_read (img, NULL, rb, 1 << 20, off) == 0);
-          CHECKF (memcmp (rb, model + off, 1 << 20) == 0,
-                  "%s round %d: data differs in [%" PRIu64 ", +1M)",
-                  name, round, off);
+        else if (kind == 1) {
+          CHECK (qed_zero (img, NULL, len, off, QED_ZERO_MAY_UNMAP) == 0);
+          memset (model + off, 0, len);
         }
-        qed_close (img);
+        else {
+          memset (buf, 1 + rnd_below (255), len);
+          CHECK (qed_write (img, NULL, buf, len, off, 0) == 0);
+          memcpy (model + off, buf, len);
+        }
+        if (rnd_below (10) == 0)
+          CHECK (qed_flush (img) == 0);
       }
-      if (qed_qemu_can_open (cs, geo[g][1]))
-        CHECK_QEMU (f);
+      CHECK (qed_close (img) == 0);
+      CHECK_CLEAN (f);
+      img = open_ro (f);
+      REQUIRE (img != NULL);
+      for (uint64_t off = 0; off < size; off += 1 << 20) {
+        CHECK (qed_read (img, NULL, rb, 1 << 20, off) == 0);
+        CHECKF (memcmp (rb, model + off, 1 << 20) == 0,
+                "%s round %d: data differs in [%" PRIu64 ", +1M)",
+                name, round, off);
+      }
+      qed_close (img);
     }
-    free (model);
-    free (rb);
+    if (qed_qemu_can_open (cs, geo[g][1]))
+      CHECK_QEMU (f);
   }
+  free (model);
+  free (rb);
   free (buf);
 }
 
@@ -634,7 +650,9 @@ test_check_bad_needcheck (void)
 }
 
 const struct unit_test unit_tests_check[] = {
-  { "compaction", test_compaction },
+  { "compaction_below_table", test_compaction_below_table },
+  { "compaction_stacked_tables", test_compaction_stacked_tables },
+  { "compaction_random", test_compaction_random },
   { "crash", test_crash },
   { "check_bad_l2_eof", test_check_bad_l2_eof },
   { "check_bad_l2_misaligned", test_check_bad_l2_misaligned },
