@@ -37,10 +37,10 @@ MANLINKS  = nbdkit-qed-plugin.1 nbdkit-qed-filter.1
 # io-file.c is the I/O seam over the kernel (seam.h): the fuzz target
 # links an in-memory file in its place.
 CORE_SRCS = common/io-file.c common/notice.c common/progress.c \
-            common/io.c common/header.c common/alloc.c \
-            common/table.c common/write.c common/map.c common/check.c \
-            common/freelist.c common/image.c common/header-area.c \
-            common/backing.c common/idle.c common/lock.c common/safe-open.c
+            common/io.c common/lock.c common/safe-open.c \
+            common/header.c common/alloc.c common/table.c common/map.c \
+            common/write.c common/check.c common/freelist.c common/image.c \
+            common/header-area.c common/backing.c common/idle.c
 CORE_HDRS = common/qed.h common/qed-internal.h common/geometry.h \
             common/progress.h common/defaults.h \
             common/seam.h common/util.h common/safe-open.h
@@ -69,9 +69,10 @@ $(PLUGIN): $(PLUGIN_SRCS) $(PLUGIN_HDRS) $(CORE_SRCS) $(SEAM_SRC) \
 
 FILTER_SRCS = filter/qed-filter.c filter/readahead.c filter/origin.c \
               filter/prefetch.c filter/offline.c
+FILTER_HDRS = filter/readahead.h filter/origin.h filter/prefetch.h \
+              filter/offline.h
 
-$(FILTER): $(FILTER_SRCS) filter/readahead.h filter/origin.h filter/prefetch.h \
-           filter/offline.h $(CORE_SRCS) $(SEAM_SRC) \
+$(FILTER): $(FILTER_SRCS) $(FILTER_HDRS) $(CORE_SRCS) $(SEAM_SRC) \
            $(CORE_HDRS) $(SEAM_HDRS)
 	$(CC) $(CPPFLAGS) $(CFLAGS) $(QED_CFLAGS) $(NBDKIT_CFLAGS) -shared $(LDFLAGS) \
 	  -o $@ $(FILTER_SRCS) $(CORE_SRCS) $(SEAM_SRC)
@@ -80,14 +81,55 @@ nbdkit-qed.1: nbdkit-qed.pod
 	pod2man --section=1 --center="nbdkit-qed" --release="nbdkit-qed" \
 	  --name=nbdkit-qed $< > $@
 
-# Unit tests of the core: a normal build and a sanitizer build.
-tests/unit-tests: tests/unit-tests.c $(CORE_SRCS) $(CORE_HDRS)
-	$(CC) $(CFLAGS) $(QED_CFLAGS) -o $@ tests/unit-tests.c $(CORE_SRCS)
+# Unit tests of the core: a normal build and a sanitizer build.  One
+# file per core file (tests/unit/unit-FILE.c) and a shared harness.
+UNIT_SRCS = $(sort $(wildcard tests/unit/*.c))
+UNIT_HDRS = tests/unit/harness.h
+tests/unit-tests: $(UNIT_SRCS) $(UNIT_HDRS) $(CORE_SRCS) $(CORE_HDRS)
+	$(CC) $(CFLAGS) $(QED_CFLAGS) -Itests/unit -o $@ $(UNIT_SRCS) \
+	  $(CORE_SRCS)
 
-tests/unit-tests-asan: tests/unit-tests.c $(CORE_SRCS) $(CORE_HDRS)
+tests/unit-tests-asan: $(UNIT_SRCS) $(UNIT_HDRS) $(CORE_SRCS) $(CORE_HDRS)
 	$(CC) -O1 -g $(QED_CFLAGS) -fsanitize=address,undefined \
 	  -fno-omit-frame-pointer -fno-sanitize-recover=undefined \
-	  -o $@ tests/unit-tests.c $(CORE_SRCS)
+	  -Itests/unit -o $@ $(UNIT_SRCS) $(CORE_SRCS)
+
+# The tests' helper programs, built here and nowhere else: a test
+# script asks for the one it needs (build_helper in tests/functions.sh),
+# so that running one script alone builds it too.  LD_PRELOAD shims:
+# crashsim.so (power loss), faultsim.so (failing calls), nolock.so
+# (file systems without OFD locks); ThreadSanitizer builds of the plugin
+# and the filter; the in-memory file's test.
+TEST_HELPERS = tests/crashsim.so tests/faultsim.so tests/nolock.so \
+               tests/fuzz-io-mem-test
+# Built only by the tests that need them (they skip without libtsan).
+TSAN_HELPERS = tests/tsan-plugin.so tests/tsan-filter.so
+
+# Written under a temporary name and renamed: a script may run while
+# another builds.
+tests/%.so: tests/%.c
+	$(CC) -O2 -g -Wall -shared -fPIC -o $@.$$$$ $< -ldl && \
+	  mv -f $@.$$$$ $@
+
+tests/fuzz-io-mem-test: tests/fuzz-io-mem-test.c tests/fuzz-io-mem.c \
+                        tests/fuzz-io-mem.h common/seam.h common/util.h
+	$(CC) -O1 -g $(QED_CFLAGS) -fsanitize=address,undefined \
+	  -fno-sanitize-recover=undefined -Itests -o $@.$$$$ \
+	  tests/fuzz-io-mem-test.c tests/fuzz-io-mem.c && mv -f $@.$$$$ $@
+
+TSAN_CFLAGS = -O1 -g $(QED_CFLAGS) $(NBDKIT_CFLAGS) -Wno-maybe-uninitialized \
+              -fsanitize=thread -shared
+tests/tsan-plugin.so: $(PLUGIN_SRCS) $(PLUGIN_HDRS) $(CORE_SRCS) $(SEAM_SRC) \
+                      $(CORE_HDRS) $(SEAM_HDRS)
+	$(CC) $(TSAN_CFLAGS) -Iplugin -o $@.$$$$ $(PLUGIN_SRCS) $(CORE_SRCS) \
+	  $(SEAM_SRC) && mv -f $@.$$$$ $@
+
+tests/tsan-filter.so: $(FILTER_SRCS) $(FILTER_HDRS) $(CORE_SRCS) \
+                      $(SEAM_SRC) $(CORE_HDRS) $(SEAM_HDRS)
+	$(CC) $(TSAN_CFLAGS) -o $@.$$$$ $(FILTER_SRCS) $(CORE_SRCS) \
+	  $(SEAM_SRC) && mv -f $@.$$$$ $@
+
+test-helpers: $(TEST_HELPERS)
 
 # check and run first install missing Debian packages (as root), or
 # print the one-line install command.
@@ -95,7 +137,8 @@ check:
 	@echo "make check: about 6 minutes on 2 cores (more when the machine is busy);"
 	@echo "  one test boots a small VM (libguestfs appliance, TCG); logs in tests/logs/"
 	@bash tests/install-deps.sh
-	@$(MAKE) --no-print-directory all tests/unit-tests tests/unit-tests-asan
+	@$(MAKE) --no-print-directory all tests/unit-tests tests/unit-tests-asan \
+	  test-helpers
 	@bash tests/run-tests.sh
 
 # Debian 13 (nbdkit 1.42, QEMU 10.0) in a cached mmdebstrap root: see
@@ -170,8 +213,8 @@ print-core-srcs:
 
 clean:
 	rm -f $(PLUGIN) $(FILTER) nbdkit-qed.1 tests/unit-tests \
-	  tests/unit-tests-asan
+	  tests/unit-tests-asan $(TEST_HELPERS) $(TSAN_HELPERS)
 
 .PHONY: all check check-debian13 check-packages install uninstall run deps clean crash-test \
         fault-test fuzz fuzz-file bench \
-        print-core-srcs
+        print-core-srcs test-helpers

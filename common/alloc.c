@@ -8,6 +8,11 @@
  * flushed_free (the unlinking is durable) and free_list (no request
  * that might still hold the old address runs: reusable).  A reused
  * cluster is punched again, so that every new cluster is a hole.
+ *
+ * Locking: every function runs with img->lock held (asserted where it
+ * allocates), except qed_free_durable, qed_op_begin and qed_op_end,
+ * which take it, offset_list_append (on a list the caller owns) and
+ * qed_cut_tail (lock held, or no request running).
  */
 
 #include <assert.h>
@@ -46,9 +51,12 @@ offset_list_append (struct offset_list *l, uint64_t v)
   return 0;
 }
 
-void
-qed_recycle_free (struct qed_image *img)
+/* Freed clusters whose unlinking is durable become reusable (no
+ * request that saw them runs).  Lock held. */
+static void
+recycle_free (struct qed_image *img)
 {
+  assert (qed_lock_is_held (&img->lock));
   for (size_t i = 0; i < img->flushed_free.len; ++i)
     offset_list_append (&img->free_list, img->flushed_free.ptr[i]);
   img->flushed_free.len = 0;
@@ -68,7 +76,7 @@ qed_free_durable (struct qed_image *img, size_t n)
              (pending->len - n) * sizeof *pending->ptr);
   pending->len -= n;
   if (img->active_ops == 0)
-    qed_recycle_free (img);
+    recycle_free (img);
 }
 
 void
@@ -128,6 +136,7 @@ qed_alloc_run (struct qed_image *img, uint64_t n, uint64_t *offset,
                uint64_t *got)
 {
   assert (n > 0);
+  assert (qed_lock_is_held (&img->lock));
   if (qed_mark_need_check (img) == -1)
     return -1;
   *got = take_free_run (img, n, false, offset);
@@ -141,6 +150,7 @@ int
 qed_alloc_clusters (struct qed_image *img, uint64_t n, uint64_t *offset)
 {
   assert (n > 0);
+  assert (qed_lock_is_held (&img->lock));
   if (qed_mark_need_check (img) == -1)
     return -1;
   if (take_free_run (img, n, true, offset) == n)
@@ -217,10 +227,15 @@ qed_op_begin (struct qed_image *img)
   img->active_ops++;
 }
 
-void
+bool
 qed_op_end (struct qed_image *img)
 {
+  int err = errno;
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
+
   assert (img->active_ops > 0);
   if (--img->active_ops == 0)
-    qed_recycle_free (img);
+    recycle_free (img);
+  errno = err;
+  return img->ndirty > img->max_pages / 2;
 }

@@ -125,19 +125,6 @@ display_path (const char *base, const char *name)
   return r;
 }
 
-/* The directory part of path. */
-static char *
-dir_of (const char *path)
-{
-  const char *slash = strrchr (path, '/');
-
-  if (slash == NULL)
-    return strdup (".");
-  if (slash == path)
-    return strdup ("/");
-  return strndup (path, slash - path);
-}
-
 /* One walk down the chain. */
 struct walk {
   const struct qed_chain_options *o;

@@ -17,6 +17,8 @@
  * Repairs follow the writeback order: copies are made durable before
  * any table points at them, and the file is truncated last.  The check
  * runs with no request in flight: at open, or at close (compaction).
+ *
+ * Locking: none taken; no other thread uses the image meanwhile.
  */
 
 #include <assert.h>
@@ -104,6 +106,8 @@ struct checker {
   bool again;                   /* reclaim made room for another pass */
   bool diverged;                /* the L1 in memory is not the file's */
   struct qed_progress *pg;      /* progress lines (progress.h) */
+  uint64_t *budget;             /* clusters reclaim may still move */
+  struct offset_list *leaks;    /* without repair: leaks listed here */
 };
 
 static uint64_t
@@ -544,8 +548,8 @@ plan_sink_and_park (struct checker *ck, struct reclaim_plan *pl,
       return -1;
     pe += img->h.table_size;
   }
-  if (img->reclaim_budget != RECLAIM_UNLIMITED &&
-      pl->nmoves > img->reclaim_budget) {
+  if (*ck->budget != RECLAIM_UNLIMITED &&
+      pl->nmoves > *ck->budget) {
     /* Over the budget: leave it all listed. */
     pl->nmoves = nmoves0;
     pl->ntmoves = ntmoves0;
@@ -608,9 +612,9 @@ plan_reclaim (struct checker *ck, struct reclaim_plan *pl, unsigned pass,
       break;
     /* A limited compaction stops when its budget is spent (what is
      * left free is listed). */
-    if (img->reclaim_budget != RECLAIM_UNLIMITED &&
+    if (*ck->budget != RECLAIM_UNLIMITED &&
         pl->nmoves + (bm_get (&ck->table, *top - 1) ? img->h.table_size : 1)
-        > img->reclaim_budget)
+        > *ck->budget)
       break;
     if (bm_get (&ck->table, *top - 1)) {
       int r = plan_table_move (ck, pl, pass, first, lo, top);
@@ -711,8 +715,8 @@ truncate_reclaimed (struct checker *ck, uint64_t new_end, uint64_t nmoves)
     qed_error ("%s: cannot truncate leaked clusters: %m", img->filename);
     return -1;
   }
-  if (img->reclaim_budget != RECLAIM_UNLIMITED)
-    img->reclaim_budget -= nmoves;
+  if (*ck->budget != RECLAIM_UNLIMITED)
+    *ck->budget -= nmoves;
   removed = new_end < img->file_end
     ? qed_cluster_index (img, img->file_end - new_end) : 0;
   qed_debug ("%s: reclaimed %" PRIu64 " leaked clusters (%" PRIu64
@@ -818,9 +822,9 @@ check_pass (struct checker *ck, unsigned pass)
     j = bm_find (&ck->used, i, n, true);
     res->leaks += j - i;
     /* The free-cluster list is rebuilt from these (offset, count). */
-    if (img->leak_sink && !ck->repair &&
-        (offset_list_append (img->leak_sink, qed_cluster_start (img, i)) == -1 ||
-         offset_list_append (img->leak_sink, j - i) == -1))
+    if (ck->leaks && !ck->repair &&
+        (offset_list_append (ck->leaks, qed_cluster_start (img, i)) == -1 ||
+         offset_list_append (ck->leaks, j - i) == -1))
       return -1;
   }
   if (res->leaks > 0)
@@ -897,7 +901,7 @@ check_finish (struct checker *ck, bool all_clean)
   /* Clean only when no leaked cluster is left either.  After a limited
    * compaction, leaks may remain: the caller lists them before the
    * image is marked clean. */
-  if (ck->repair && img->reclaim_budget == RECLAIM_UNLIMITED) {
+  if (ck->repair && *ck->budget == RECLAIM_UNLIMITED) {
     img->leaking = res->leaks > res->leaks_fixed;
     if (img->need_check && !img->leaking &&
         qed_clear_need_check (img) == -1)
@@ -917,6 +921,13 @@ static _Thread_local const char *check_what;
 int
 qed_check (struct qed_image *img, bool repair, struct qed_check_result *res)
 {
+  return qed_check_reclaim (img, repair, RECLAIM_UNLIMITED, NULL, res);
+}
+
+int
+qed_check_reclaim (struct qed_image *img, bool repair, uint64_t budget,
+                   struct offset_list *leaks, struct qed_check_result *res)
+{
   struct checker ck[MAX_RECLAIM_PASSES + 1];
   struct qed_check_result later[MAX_RECLAIM_PASSES];
   struct qed_progress pg;
@@ -930,6 +941,7 @@ qed_check (struct qed_image *img, bool repair, struct qed_check_result *res)
     ck[n] = (struct checker) {
       .img = img, .repair = (n == 0 ? repair : true) && !img->readonly,
       .res = n == 0 ? res : &later[n - 1], .pg = &pg,
+      .budget = &budget, .leaks = leaks,
     };
     r = check_pass (&ck[n], n);
     check_pass_free (&ck[n]);
@@ -975,14 +987,14 @@ qed_check (struct qed_image *img, bool repair, struct qed_check_result *res)
 /* At close: everything is written back and no request runs.  The
  * clusters freed by zero and trim are leaks now; reclaim them. */
 int
-qed_compact (struct qed_image *img)
+qed_compact (struct qed_image *img, uint64_t budget)
 {
   struct qed_check_result res;
   int r;
 
   qed_cache_drop (img);
   check_what = "compaction";
-  r = qed_check (img, true, &res);
+  r = qed_check_reclaim (img, true, budget, NULL, &res);
   check_what = NULL;
   if (r == -1)
     return -1;

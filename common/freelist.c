@@ -28,6 +28,10 @@
  * writable open, so a list it may have allocated over is never trusted
  * again: the next writable open rebuilds the free space from the tables.
  * Listed clusters stay punched.
+ *
+ * Locking: publishing runs with img->lock held (asserted), from the
+ * idle writeback or close with no request running; rebuild and demote
+ * run at open and close, taking the lock around what they change.
  */
 
 #include <stdio.h>
@@ -137,8 +141,8 @@ read_record (struct qed_image *img, struct record *r)
 static bool
 valid_free_range (const struct qed_image *img, uint64_t off, uint64_t n)
 {
-  return n > 0 && n <= (img->file_end >> img->cs_bits) &&
-    valid_cluster_offset (img, off, n << img->cs_bits);
+  return n > 0 && n <= qed_cluster_index (img, img->file_end) &&
+    valid_cluster_offset (img, off, qed_clusters_to_bytes (img, n));
 }
 
 /* Check the list against the record and the file.  Returns the runs
@@ -147,22 +151,22 @@ static uint64_t *
 read_runs (struct qed_image *img, const struct record *r, const char **why)
 {
   uint64_t nruns = r->list_bytes / RUN_BYTES, total = 0, prev_end = 0;
-  uint64_t list_clusters = (r->list_bytes + img->cs - 1) >> img->cs_bits;
+  uint64_t list_clusters = qed_bytes_to_clusters (img, r->list_bytes);
   uint64_t valid_end = qed_valid_end (img);
   uint64_t *runs;
 
   *why = NULL;
   if (r->list_bytes == 0 || r->list_bytes % RUN_BYTES ||
-      nruns > (img->file_end >> img->cs_bits) ||
+      nruns > qed_cluster_index (img, img->file_end) ||
       !valid_free_range (img, r->list_offset, list_clusters)) {
     *why = "the list's place or length is invalid";
     return NULL;
   }
   /* Loaded, the list costs 8 bytes a cluster: only what a valid image
    * of this size can hold is trusted (the rest is rebuilt, bounded). */
-  if (r->free_clusters > (valid_end >> img->cs_bits) ||
-      nruns > (valid_end >> img->cs_bits) ||
-      r->list_offset + (list_clusters << img->cs_bits) > valid_end) {
+  if (r->free_clusters > qed_cluster_index (img, valid_end) ||
+      nruns > qed_cluster_index (img, valid_end) ||
+      r->list_offset + qed_clusters_to_bytes (img, list_clusters) > valid_end) {
     *why = "it lists more than an image of this size can hold";
     return NULL;
   }
@@ -184,13 +188,13 @@ read_runs (struct qed_image *img, const struct record *r, const char **why)
     runs[2*i] = off;
     runs[2*i+1] = n;
     if (!valid_free_range (img, off, n) || off < prev_end ||
-        off + (n << img->cs_bits) > valid_end ||
-        (off < r->list_offset + (list_clusters << img->cs_bits) &&
-         r->list_offset < off + (n << img->cs_bits))) {
+        off + qed_clusters_to_bytes (img, n) > valid_end ||
+        (off < r->list_offset + qed_clusters_to_bytes (img, list_clusters) &&
+         r->list_offset < off + qed_clusters_to_bytes (img, n))) {
       *why = "a run is out of place";
       goto bad;
     }
-    prev_end = off + (n << img->cs_bits);
+    prev_end = off + qed_clusters_to_bytes (img, n);
     total += n;
   }
   if (total != r->free_clusters) {
@@ -211,7 +215,8 @@ static int
 push_run (struct qed_image *img, uint64_t off, uint64_t n)
 {
   for (uint64_t i = n; i-- > 0; )
-    if (offset_list_append (&img->free_list, off + (i << img->cs_bits)) == -1)
+    if (offset_list_append (&img->free_list,
+                            off + qed_clusters_to_bytes (img, i)) == -1)
       return -1;
   return 0;
 }
@@ -252,7 +257,7 @@ qed_freelist_open (struct qed_image *img, bool *rebuild)
   /* The list's own clusters are free too, once the bit is cleared:
    * queued first, they are reused last. */
   if (push_run (img, r.list_offset,
-                (r.list_bytes + img->cs - 1) >> img->cs_bits) == -1)
+                qed_bytes_to_clusters (img, r.list_bytes)) == -1)
     return -1;
   for (uint64_t i = nruns; i-- > 0; )
     if (push_run (img, runs[2*i], runs[2*i+1]) == -1)
@@ -314,7 +319,8 @@ build_runs (struct qed_image *img, uint64_t **runs_out, uint64_t *total)
     if (i > 0 && all[i] == all[i-1])
       continue;
     if (nruns > 0 &&
-        runs[2*nruns-2] + (runs[2*nruns-1] << img->cs_bits) == all[i])
+        runs[2*nruns-2] + qed_clusters_to_bytes (img, runs[2*nruns-1])
+        == all[i])
       runs[2*nruns-1]++;
     else {
       runs[2*nruns] = all[i];
@@ -339,7 +345,7 @@ place_list (struct qed_image *img, uint64_t *runs, uint64_t nruns,
     if (runs[2*i+1] <= need)
       continue;
     *where = runs[2*i];
-    runs[2*i] += need << img->cs_bits;
+    runs[2*i] += qed_clusters_to_bytes (img, need);
     runs[2*i+1] -= need;
     *total -= need;
     return 0;
@@ -348,12 +354,14 @@ place_list (struct qed_image *img, uint64_t *runs, uint64_t nruns,
     return -1;
   *where = img->file_end;
   if (qed_io_truncate (img->fd,
-                       img->file_end + (need << img->cs_bits)) == -1) {
+                       img->file_end + qed_clusters_to_bytes (img, need))
+      == -1) {
     qed_error ("%s: cannot grow the file for the free-cluster list: %m",
                img->filename);
     return -1;
   }
-  img->file_end = img->alloc_end = *where + (need << img->cs_bits);
+  img->file_end = img->alloc_end =
+    *where + qed_clusters_to_bytes (img, need);
   /* Free again as soon as the bit is cleared. */
   return push_run (img, *where, need);
 }
@@ -367,6 +375,7 @@ qed_freelist_publish (struct qed_image *img)
   uint64_t total, nruns, need, where;
   int64_t n;
 
+  assert (qed_lock_is_held (&img->lock));
   if (img->h.autoclear_features & QED_AF_FREELIST)
     return 0;                   /* the list on disk is still current */
   n = build_runs (img, &runs, &total);
@@ -384,7 +393,7 @@ qed_freelist_publish (struct qed_image *img)
     return erase_record (img);
   }
   /* Taking the list's room from a run never adds or removes one. */
-  need = (nruns * RUN_BYTES + img->cs - 1) >> img->cs_bits;
+  need = qed_bytes_to_clusters (img, nruns * RUN_BYTES);
   if (place_list (img, runs, nruns, &total, need, &where) == -1)
     return -1;
   r.list_offset = where;
@@ -427,9 +436,7 @@ qed_freelist_rebuild (struct qed_image *img)
   uint64_t valid_end = qed_valid_end (img), past = 0;
   int r;
 
-  img->leak_sink = &leaks;
-  r = qed_check (img, false, &res);
-  img->leak_sink = NULL;
+  r = qed_check_reclaim (img, false, RECLAIM_UNLIMITED, &leaks, &res);
   if (r == 0 && res.check_errors > 0) {
     errno = EIO;
     r = -1;
@@ -438,7 +445,8 @@ qed_freelist_rebuild (struct qed_image *img)
   img->pending_free.len = img->flushed_free.len = img->free_list.len = 0;
   /* A last run that ends the file: cut. */
   if (r == 0 && leaks.len >= 2 &&
-      leaks.ptr[leaks.len - 2] + (leaks.ptr[leaks.len - 1] << img->cs_bits)
+      leaks.ptr[leaks.len - 2] +
+      qed_clusters_to_bytes (img, leaks.ptr[leaks.len - 1])
       == img->file_end) {
     uint64_t start = leaks.ptr[leaks.len - 2];
     if (qed_io_truncate (img->fd, start) == 0) {
@@ -456,15 +464,15 @@ qed_freelist_rebuild (struct qed_image *img)
       past += n;
       continue;
     }
-    if (off + (n << img->cs_bits) > valid_end) {
-      uint64_t keep = (valid_end - off) >> img->cs_bits;
+    if (off + qed_clusters_to_bytes (img, n) > valid_end) {
+      uint64_t keep = qed_cluster_index (img, valid_end - off);
       past += n - keep;
       n = keep;
     }
     if (n == 0)
       continue;
     if (qed_io_fallocate (img->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                          off, n << img->cs_bits) == -1 &&
+                          off, qed_clusters_to_bytes (img, n)) == -1 &&
         errno != EOPNOTSUPP && errno != ENOSYS) {
       qed_error ("%s: fallocate: %m", img->filename);
       r = -1;
@@ -497,7 +505,7 @@ qed_demote_zero_clusters (struct qed_image *img)
     return 0;
   qed_progress_start (&pg, img->filename, "demote");
   for (uint64_t t = 0; t < img->l1_entries; ++t) {
-    uint64_t first = t << img->table_bits;
+    uint64_t first = qed_l1_first_cluster (img, t);
     qed_progress_step (&pg, "zero clusters to unallocated", t,
                        img->l1_entries);
     if (img->l1[t] == 0 || first >= img->nr_clusters)

@@ -104,7 +104,7 @@ qed_l1_pages (const struct qed_image *img)
 static inline uint64_t
 qed_table_reach (const struct qed_image *img, uint64_t l1i)
 {
-  uint64_t first = l1i << img->table_bits;
+  uint64_t first = qed_l1_first_cluster (img, l1i);
 
   if (first >= img->nr_clusters)
     return 0;

@@ -126,6 +126,59 @@ glue_note_write (void)
   qed_idle_timer_note_write (idle_timer);
 }
 
+unsigned
+glue_trim_flags (uint32_t flags, bool fua)
+{
+  return fua && (flags & NBDKIT_FLAG_FUA) ? QED_WRITE_FUA : 0;
+}
+
+unsigned
+glue_write_flags (uint32_t flags, bool fua, bool detect_zero)
+{
+  return glue_trim_flags (flags, fua) |
+    (detect_zero ? QED_WRITE_DETECT_ZERO : 0);
+}
+
+int
+glue_cor_fetch (struct qed_image *img, void *buf, uint64_t count,
+                uint64_t offset, uint64_t chunk, glue_fetch_fn *fetch,
+                void *opaque)
+{
+  uint64_t cs = qed_get_cluster_size (img);
+  uint64_t start = ROUND_DOWN (offset, cs);
+  uint64_t end = MIN (ROUND_UP (offset + count, cs), qed_get_size (img));
+  CLEANUP_FREE char *wbuf = NULL;
+
+  chunk = MAX (chunk, cs);
+  if (buf && start == offset && end == offset + count && end - start <= chunk)
+    return fetch (opaque, buf, start, end);
+  wbuf = malloc (MIN (chunk, end - start));
+  if (wbuf == NULL) {
+    nbdkit_error ("malloc: %m");
+    return -1;
+  }
+  for (uint64_t s = start, t; s < end; s = t) {
+    uint64_t from, to;
+
+    t = end - s <= chunk ? end : s + chunk;
+    if (fetch (opaque, wbuf, s, t) == -1)
+      return -1;
+    from = MAX (s, offset);
+    to = MIN (t, offset + count);
+    if (buf && from < to)
+      memcpy ((char *) buf + (from - offset), wbuf + (from - s), to - from);
+  }
+  return 0;
+}
+
+unsigned
+glue_zero_flags (uint32_t flags, bool fua)
+{
+  return glue_trim_flags (flags, fua) |
+    (flags & NBDKIT_FLAG_MAY_TRIM ? QED_ZERO_MAY_UNMAP : 0) |
+    (flags & NBDKIT_FLAG_FAST_ZERO ? QED_ZERO_FAST : 0);
+}
+
 struct qed_image *
 glue_cleanup (void)
 {

@@ -54,6 +54,28 @@ extern void glue_release_startup_locks (void);
 extern void glue_set_image (struct qed_image *img);
 /* A write happened (for the idle timer). */
 extern void glue_note_write (void);
+
+/* The core's flags (qed.h) for nbdkit's (NBDKIT_FLAG_*), one
+ * translation for both objects.  fua: whether FUA is honoured (not
+ * for the filter's temporary overlay, where it would only cost time);
+ * detect_zero: all-zero writes become zero clusters. */
+extern unsigned glue_write_flags (uint32_t flags, bool fua,
+                                  bool detect_zero);
+extern unsigned glue_zero_flags (uint32_t flags, bool fua);
+extern unsigned glue_trim_flags (uint32_t flags, bool fua);
+
+/* Copy-on-read, the part both objects share: the whole clusters around
+ * [offset, offset+count) are fetched from the layer beneath and stored
+ * by fetch (opaque, wbuf, start, end) (start cluster aligned, end too
+ * or the image's size), at most chunk bytes (at least a cluster) at a
+ * time, and the bytes asked for are copied to buf (NULL: a cache
+ * request, nothing to copy).  A read of whole clusters, no larger than
+ * chunk, is fetched into buf itself.  -1 if a fetch fails. */
+typedef int glue_fetch_fn (void *opaque, char *wbuf, uint64_t start,
+                           uint64_t end);
+extern int glue_cor_fetch (struct qed_image *img, void *buf, uint64_t count,
+                           uint64_t offset, uint64_t chunk,
+                           glue_fetch_fn *fetch, void *opaque);
 /* At cleanup: stop the idle timer, release the start-up locks, and
  * hand back the image for the caller to close (NULL if never opened). */
 extern struct qed_image *glue_cleanup (void);
@@ -79,14 +101,27 @@ extern int glue_fill (struct qed_image *img, const void *buf,
                       uint64_t count, uint64_t offset, bool detect_zero,
                       bool known_zero);
 
-/* For filter callbacks (which report errors in *err): the errno of a
- * failed call, EIO if it set none.  Always returns -1.  Clear errno
- * before the call. */
+/* For filter callbacks (which report errors in *err): the errno of the
+ * call that just failed.  Every core function sets errno when it fails
+ * (qed.h), and so do the filter's own callbacks beneath the core
+ * (qed_below) and nbdkit's functions, so the caller need not clear it
+ * first; EIO stands in should one ever leave it 0.  Returns -1. */
 static inline int
 glue_fail (int *err)
 {
   *err = errno ? errno : EIO;
   return -1;
+}
+
+/* The preferred block size both objects advertise: the cluster, the
+ * unit of allocation and of copying from the layer beneath (a smaller
+ * write into a new cluster copies the rest of it), up to the 32M that
+ * nbdkit accepts. */
+static inline uint32_t
+glue_preferred_block_size (uint32_t cluster_size)
+{
+  return cluster_size < 32u * 1024 * 1024 ? cluster_size
+    : 32u * 1024 * 1024;
 }
 
 #endif /* NBDKIT_QED_GLUE_NBDKIT_H */

@@ -10,8 +10,13 @@
  * names that overlap the 64-byte header, and we compute the maximum
  * image size without QEMU's 64-bit overflow.
  *
- * Updates rewrite only the field they change (8 bytes at offset 16 or
- * 32) and are made durable at once, never the bytes after the header.
+ * Updates rewrite only the fields they change (the three flag words,
+ * 24 bytes at offset 16, or the autoclear word at 32) and are made
+ * durable at once, never the bytes after the header.
+ *
+ * Locking: qed_mark_need_check runs with img->lock held (asserted: the
+ * allocator and the table code call it); the other writers run with it
+ * held or with no request running (open, the check, close).
  */
 
 #include <assert.h>
@@ -283,6 +288,7 @@ qed_write_flags (struct qed_image *img, uint64_t features, uint64_t compat,
 int
 qed_mark_need_check (struct qed_image *img)
 {
+  assert (qed_lock_is_held (&img->lock));
   if (img->need_check)
     return 0;
   if (img->readonly) {

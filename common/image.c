@@ -1,11 +1,14 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
-/* nbdkit-qed: creating, opening and closing images; flush and the
- * NEED_CHECK epoch.
+/* nbdkit-qed: creating, opening and closing images, the idle
+ * writeback and the NEED_CHECK epoch (qed_flush is table.c's).
  *
  * NEED_CHECK is set (and made durable) before the first change after a
  * clean state, and cleared only when everything is written back, no
  * request is running and no cluster is leaked: at close, and from the
  * host's idle timer (header.c writes the flag).
+ *
+ * Locking: create, open and close run with no other thread using the
+ * image; the idle writeback takes flush_lock, then img->lock.
  */
 
 #include <assert.h>
@@ -240,8 +243,16 @@ image_new (const char *filename, const struct qed_open_options *opts)
   }
   img->fd = opts->use_fd ? opts->fd : -1;
   img->dirfd = -1;
-  pthread_mutex_init (&img->lock, NULL);
-  pthread_mutex_init (&img->flush_lock, NULL);
+  {
+    /* Error-checking: see qed_lock_acquire (util.h). */
+    pthread_mutexattr_t attr;
+
+    pthread_mutexattr_init (&attr);
+    pthread_mutexattr_settype (&attr, PTHREAD_MUTEX_ERRORCHECK);
+    pthread_mutex_init (&img->lock, &attr);
+    pthread_mutex_init (&img->flush_lock, &attr);
+    pthread_mutexattr_destroy (&attr);
+  }
   pthread_cond_init (&img->cond, NULL);
   img->readonly = opts->readonly;
   img->can_punch = true;
@@ -249,7 +260,6 @@ image_new (const char *filename, const struct qed_open_options *opts)
   img->freelist = opts->freelist && !opts->demote;
   img->compact_limit = opts->compact_limit;
   img->cache_budget = opts->cache_budget;
-  img->reclaim_budget = RECLAIM_UNLIMITED;
   img->filename = strdup (filename);
   if (img->filename == NULL) {
     qed_error ("strdup: %m");
@@ -346,8 +356,12 @@ clear_unreachable_l1 (struct qed_image *img)
              img->readonly ? "ignored" : "ignored and cleared");
   if (img->readonly)
     return 0;
-  if ((img->l1_unreachable_in_file > 0 && qed_mark_need_check (img) == -1) ||
-      qed_scan_unreachable (img, img->l1_start + img->l1_reach * 8,
+  if (img->l1_unreachable_in_file > 0) {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
+    if (qed_mark_need_check (img) == -1)
+      return -1;
+  }
+  if (qed_scan_unreachable (img, img->l1_start + img->l1_reach * 8,
                             img->l1_end, true, &n, &in_file) == -1 ||
       qed_sync (img) == -1)
     return -1;
@@ -371,10 +385,10 @@ check_at_open (struct qed_image *img, const struct qed_open_options *opts)
              repair ? " and repairing it" : " (read-only: no repair)");
   /* With a list to write, leaks beyond the limit are listed, not
    * moved: a repair after a crash is as fast as a clean stop. */
-  if (repair && img->freelist)
-    img->reclaim_budget = qed_cluster_index (img, img->compact_limit);
-  r = qed_check (img, repair, &res);
-  img->reclaim_budget = RECLAIM_UNLIMITED;
+  r = qed_check_reclaim (img, repair,
+                         repair && img->freelist
+                         ? qed_cluster_index (img, img->compact_limit)
+                         : RECLAIM_UNLIMITED, NULL, &res);
   if (r == -1)
     return -1;
   /* Said once, as a notice: leaks are what an unclean stop leaves
@@ -561,10 +575,9 @@ close_compact (struct qed_image *img)
       return -1;
   }
   /* (With no room for the list's record, compact completely.) */
-  if (img->freelist && qed_freelist_record_offset (img) != 0)
-    img->reclaim_budget = qed_cluster_index (img, img->compact_limit);
-  r = qed_compact (img);
-  img->reclaim_budget = RECLAIM_UNLIMITED;
+  r = qed_compact (img, img->freelist && qed_freelist_record_offset (img) != 0
+                   ? qed_cluster_index (img, img->compact_limit)
+                   : RECLAIM_UNLIMITED);
   if (r == 0 && img->freelist)
     r = qed_freelist_rebuild (img);
   return r;

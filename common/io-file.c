@@ -73,3 +73,9 @@ qed_io_close (int fd)
 {
   return close (fd);
 }
+
+int
+qed_io_lock (int fd, int cmd, struct flock *fl)
+{
+  return fcntl (fd, cmd, fl);
+}

@@ -4,6 +4,8 @@
  * The bottom of the core: every byte the core moves goes through these,
  * which retry on EINTR and on short transfers.  Nothing here knows the
  * format.
+ *
+ * Locking: none taken, none needed (qed_sync's sticky error is atomic).
  */
 
 #include <stdlib.h>

@@ -56,7 +56,7 @@ lock_byte (int fd, off_t byte, int cmd, short type)
   struct flock fl = {
     .l_type = type, .l_whence = SEEK_SET, .l_start = byte, .l_len = 1,
   };
-  if (fcntl (fd, cmd, &fl) == -1)
+  if (qed_io_lock (fd, cmd, &fl) == -1)
     return -1;
   return cmd == F_OFD_GETLK ? fl.l_type != F_UNLCK : 0;
 }
@@ -71,6 +71,8 @@ unsupported (int e)
 
 /* Protection that silently went away is said once (in the log). */
 static bool warned_off, warned_unsupported;
+
+static void unlock_file (int fd);
 
 int
 qed_lock_file (int fd, const char *filename, enum qed_lock_role role,
@@ -148,15 +150,15 @@ qed_lock_file (int fd, const char *filename, enum qed_lock_role role,
       qed_warning ("%s: this file system has no OFD locks (%m): the "
                    "image is not locked, so QEMU or another nbdkit could "
                    "write it at the same time", filename);
-    qed_unlock_file (fd);
+    unlock_file (fd);
     return 0;
   }
   qed_error ("%s: cannot lock the image: %m", filename);
-  qed_unlock_file (fd);
+  unlock_file (fd);
   return -1;
 
  conflict:
-  qed_unlock_file (fd);
+  unlock_file (fd);
   errno = EAGAIN;
   return -1;
 }
@@ -200,14 +202,15 @@ qed_hold_reader_locks (const char *filename, enum qed_locking locking)
   return fd;
 }
 
-void
-qed_unlock_file (int fd)
+/* Drop every lock byte this open file description holds. */
+static void
+unlock_file (int fd)
 {
   struct flock fl = {
     .l_type = F_UNLCK, .l_whence = SEEK_SET,
     .l_start = PERM_BASE, .l_len = SHARED_BASE + 8 - PERM_BASE,
   };
   int e = errno;
-  fcntl (fd, F_OFD_SETLK, &fl);
+  qed_io_lock (fd, F_OFD_SETLK, &fl);
   errno = e;
 }

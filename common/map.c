@@ -4,6 +4,9 @@
  * qed_map answers, from the tables alone, what the run of clusters at
  * an offset is (data at a file offset, a zero cluster, or unallocated);
  * reads, extents and the filter's copy-on-read are built on it.
+ *
+ * Locking: called without img->lock; qed_map takes it for each lookup,
+ * and data is read without it.
  */
 
 #include <assert.h>
@@ -95,17 +98,6 @@ read_run (struct qed_image *img, const struct qed_below *below,
   abort ();
 }
 
-/* Preserves errno. */
-static void
-op_end (struct qed_image *img)
-{
-  int err = errno;
-  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
-
-  qed_op_end (img);
-  errno = err;
-}
-
 int
 qed_read (struct qed_image *img, const struct qed_below *below,
           void *buf, uint64_t count, uint64_t offset)
@@ -127,7 +119,7 @@ qed_read (struct qed_image *img, const struct qed_below *below,
     offset += m.length;
     count -= m.length;
   }
-  op_end (img);
+  qed_op_end (img);
   return r;
 }
 

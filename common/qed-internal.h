@@ -5,8 +5,12 @@
  *
  * img->lock guards all metadata in memory (the L1, the L2 page cache,
  * the allocation pointer, the free lists, the reservations and the
- * NEED_CHECK state).  Data I/O is done without it.  Loading an L2 page
- * (one 4K pread) is done with it held.
+ * NEED_CHECK state).  Data I/O is done without it.  What runs with it
+ * held: loading an L2 page (one 4K pread), and in the allocator
+ * (alloc.c) setting NEED_CHECK before the first change (a 24-byte
+ * header write and an fdatasync), growing the file (ftruncate) and
+ * punching reused free clusters again (fallocate); all rare next to
+ * the requests they serve.
  *
  * A request that changes the mapping of clusters (an allocating write,
  * a zero or trim, a copy-on-read fill) first *reserves* the run of
@@ -17,7 +21,11 @@
  * clusters proceed in parallel.  A request holds at most one reserved
  * run and never waits while holding one, so there is no deadlock.
  *
- * img->flush_lock serialises metadata writeback (table.c).
+ * img->flush_lock serialises metadata writeback (table.c).  A thread
+ * that needs both takes flush_lock first.  Both are error-checking
+ * mutexes: taking one the thread already holds aborts (util.h), and the
+ * functions that need img->lock held assert it.  Each core file states
+ * its rules in its head comment.
  *
  * About crash safety:
  *
@@ -51,7 +59,6 @@
 enum qed_lock_role { QED_LOCK_WRITER, QED_LOCK_READER, QED_LOCK_BACKING };
 extern int qed_lock_file (int fd, const char *filename,
                           enum qed_lock_role role, enum qed_locking locking);
-extern void qed_unlock_file (int fd);
 
 /* L2 tables are cached in 4K pages (512 entries), so that a cache miss
  * costs one small read and the cache covers many tables sparsely.
@@ -168,17 +175,14 @@ struct qed_image {
   bool demote;
   bool list_record;             /* a list record is on disk */
   bool list_trusted;            /* the list was loaded into free_list */
-  uint64_t reclaim_budget;      /* clusters reclaim may still move */
-  /* A check without repair lists leaks here, as runs: pairs (file
-   * offset, clusters). */
-  struct offset_list *leak_sink;
 };
 
-/* reclaim_budget when compaction is not limited. */
+/* A reclaim budget when compaction is not limited. */
 #define RECLAIM_UNLIMITED UINT64_MAX
 
-/* The core's files, bottom up; each calls only the ones above it in
- * this list (HACKING.md walks a request through them).
+/* The core's files, bottom up (lock.c, with no call into the core,
+ * is declared first); each calls only the ones above it in HACKING.md's
+ * list.
  */
 
 /* io.c: whole transfers, retrying EINTR and short writes. */
@@ -215,7 +219,6 @@ extern int qed_alloc_clusters (struct qed_image *img, uint64_t n,
  * clusters are reused a run at a time).  Lock held. */
 extern int qed_alloc_run (struct qed_image *img, uint64_t n,
                           uint64_t *offset, uint64_t *got);
-extern void qed_recycle_free (struct qed_image *img);     /* lock held */
 /* Writeback made the unlinking of the first n clusters of pending_free
  * durable: they may be reused once no request that saw them runs.
  * Lock not held. */
@@ -224,10 +227,12 @@ extern void qed_free_durable (struct qed_image *img, size_t n);
 extern void qed_note_leak (struct qed_image *img, const char *why);
 
 /* Requests in progress (freed clusters are reused only when none
- * runs).  qed_op_begin takes the lock; qed_op_end is called with it
- * held, so that a caller can look at the image in the same section. */
+ * runs).  Both take the lock (not held); qed_op_end preserves errno
+ * and returns whether dirty table pages fill half the L2 cache, read
+ * in the same section (a request that changed the image then writes
+ * them back). */
 extern void qed_op_begin (struct qed_image *img);
-extern void qed_op_end (struct qed_image *img);
+extern bool qed_op_end (struct qed_image *img);
 
 /* table.c */
 extern int qed_tables_init (struct qed_image *img, uint64_t cache_bytes);
@@ -251,13 +256,23 @@ extern int qed_scan_unreachable (struct qed_image *img, uint64_t from,
                                  uint64_t *in_file);
 
 /* check.c */
+/* qed_check (qed.h) with what the core's own callers add: a repair
+ * moves at most budget clusters of data (RECLAIM_UNLIMITED: no limit;
+ * a limited repair leaves clearing NEED_CHECK to its caller, which
+ * lists the leaks left), and a check without repair appends each run
+ * of leaked clusters to leaks as a pair (file offset, clusters) (NULL:
+ * not listed). */
+extern int qed_check_reclaim (struct qed_image *img, bool repair,
+                              uint64_t budget, struct offset_list *leaks,
+                              struct qed_check_result *result);
 /* Give back free clusters at a clean stop (no request runs), moving at
- * most img->reclaim_budget clusters of data. */
-extern int qed_compact (struct qed_image *img);
+ * most budget clusters of data. */
+extern int qed_compact (struct qed_image *img, uint64_t budget);
 
 /* freelist.c: the free-cluster list (autoclear bit 0x1) and demote. */
 extern uint32_t qed_crc32 (const void *buf, size_t len);
-/* Where the list record is (0: no room for one). */
+/* Where the list record is (0: no room for one: a clean stop then
+ * compacts completely). */
 extern uint64_t qed_freelist_record_offset (const struct qed_image *img);
 /* At open: load a trusted list into free_list; *rebuild says that the
  * free space must be rebuilt from the tables instead. */

@@ -1,8 +1,11 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
 /* nbdkit-qed: the QED format core.
  *
- * This is the only interface the plugin, the filter and the unit tests
- * use.  The core knows nothing of nbdkit: messages go out through the
+ * This is the interface the plugin, the filter and the unit tests use,
+ * with safe-open.h beside it for opening files that someone else may
+ * have named or planted (the filter opens its overlay with it; those
+ * rules are kept in one header of their own).  The core knows nothing
+ * of nbdkit: messages go out through the
  * seam in seam.h, and the layer beneath an image (its backing file, or
  * the filter's backend) is reached through struct qed_below.
  *

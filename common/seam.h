@@ -7,10 +7,13 @@
  * are built with -fvisibility=hidden, so each binds to its own copy.
  *
  * Nor does the core call the kernel on an image's descriptor directly:
- * every transfer, sync, resize, hole and stat of an open image goes
- * through the qed_io_* functions below.  common/io-file.c implements
+ * every transfer, sync, resize, hole, stat and lock of an open image
+ * goes through the qed_io_* functions below.  common/io-file.c implements
  * them over the file; the fuzz target links an in-memory file instead
  * (tests/fuzz-io-mem.c), so that no input costs a system call.
+ * Opening a file by name is not in the seam (open, and clearing the
+ * O_NONBLOCK it was opened with, in image.c, lock.c and safe-open.c):
+ * a replacement hands its files in as descriptors (qed_open's use_fd).
  */
 
 #ifndef NBDKIT_QED_SEAM_H
@@ -20,6 +23,8 @@
 #include <sys/types.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
+
+struct flock;                   /* <fcntl.h> */
 
 /* An error the user should see.  Must preserve errno. */
 extern void qed_error (const char *fs, ...)
@@ -59,9 +64,10 @@ extern int qed_verbose_enabled (void);
 
 /* Only in the nbdkit seam (seam-nbdkit.c), for the plugin and the
  * filter: the calling thread's last qed_error message ("" after
- * qed_clear_last_error), and one log line when the first connection
- * cannot open the image: "WHAT: FILE: cannot open the image: CAUSE"
- * (nbdkit 1.32 sends the client no message). */
+ * qed_clear_last_error; glue_fill's warning quotes it), and one log
+ * line when the first connection cannot open the image: "WHAT: FILE:
+ * cannot open the image: CAUSE", CAUSE being that message (nbdkit
+ * 1.32 sends the client no message). */
 extern const char *qed_last_error (void);
 extern void qed_clear_last_error (void);
 extern void qed_open_failed (const char *what, const char *filename);
@@ -70,7 +76,9 @@ extern void qed_open_failed (const char *what, const char *filename);
  * named after, errno included: pread, pwrite, pwritev, fdatasync,
  * ftruncate, fallocate (mode: FALLOC_FL_*), lseek (whence: SEEK_END,
  * SEEK_DATA or SEEK_HOLE), fstat and close.  qed_io_advise is
- * posix_fadvise (POSIX_FADV_WILLNEED): a hint, it cannot fail. */
+ * posix_fadvise (POSIX_FADV_WILLNEED): a hint, it cannot fail.
+ * qed_io_lock is fcntl with an OFD lock command (F_OFD_SETLK or
+ * F_OFD_GETLK, lock.c). */
 extern ssize_t qed_io_pread (int fd, void *buf, size_t count, uint64_t off);
 extern ssize_t qed_io_pwrite (int fd, const void *buf, size_t count,
                               uint64_t off);
@@ -83,5 +91,6 @@ extern off_t qed_io_seek (int fd, off_t off, int whence);
 extern void qed_io_advise (int fd, uint64_t off, uint64_t len);
 extern int qed_io_fstat (int fd, struct stat *st);
 extern int qed_io_close (int fd);
+extern int qed_io_lock (int fd, int cmd, struct flock *fl);
 
 #endif /* NBDKIT_QED_SEAM_H */

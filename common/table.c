@@ -7,6 +7,14 @@
  * never evicted; they leave the dirty list only through writeback,
  * which follows the ordering described in qed-internal.h.  qed_flush
  * is writeback plus the free lists' step that it makes safe.
+ *
+ * Locking: the cache and entry functions run with img->lock held
+ * (asserted in qed_get_entry, qed_set_entry and qed_table_absent);
+ * writeback runs with flush_lock held and img->lock not held, taking
+ * it for each step that touches the cache; qed_flush takes flush_lock.
+ * Init, free, qed_cache_drop and qed_scan_unreachable run with no
+ * request running.  Every acquisition asserts that the thread does not
+ * hold the lock already (error-checking mutexes, util.h).
  */
 
 #include <assert.h>
@@ -324,6 +332,7 @@ get_page (struct qed_image *img, uint64_t offset, bool fresh)
 bool
 qed_table_absent (struct qed_image *img, uint64_t cluster)
 {
+  assert (qed_lock_is_held (&img->lock));
   return img->l1[qed_l1_index (img, cluster)] == 0;
 }
 
@@ -351,6 +360,7 @@ qed_get_entry (struct qed_image *img, uint64_t cluster, uint64_t *entry)
   uint64_t t, idx, e;
   struct l2_page *p;
 
+  assert (qed_lock_is_held (&img->lock));
   assert (qed_l1_index (img, cluster) < img->l1_entries);
   if (get_table (img, cluster, &t) == -1)
     return -1;
@@ -428,6 +438,7 @@ qed_set_entry (struct qed_image *img, uint64_t cluster, uint64_t entry)
   struct l2_page *p;
   bool fresh = false;
 
+  assert (qed_lock_is_held (&img->lock));
   assert (l1i < img->l1_entries);
   if (qed_mark_need_check (img) == -1 || get_table (img, cluster, &t) == -1)
     return -1;

@@ -6,6 +6,7 @@
 #ifndef NBDKIT_QED_UTIL_H
 #define NBDKIT_QED_UTIL_H
 
+#include <assert.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -111,16 +112,54 @@ parse_bool_word (const char *value)
   return -1;
 }
 
+/* The directory part of path ("." if it has none), malloced (NULL
+ * with errno set if out of memory). */
+static inline char *
+dir_of (const char *path)
+{
+  const char *slash = strrchr (path, '/');
+
+  if (slash == NULL)
+    return strdup (".");
+  if (slash == path)
+    return strdup ("/");
+  return strndup (path, slash - path);
+}
+
 static inline void
 cleanup_unlock (pthread_mutex_t **ptr)
 {
   pthread_mutex_unlock (*ptr);
+}
+
+/* Lock m.  The core's image locks are error-checking mutexes, so a
+ * thread that takes one it already holds aborts here rather than
+ * deadlocking: every acquisition asserts "not held by this thread". */
+static inline void
+qed_lock_acquire (pthread_mutex_t *m)
+{
+  int r = pthread_mutex_lock (m);
+
+  assert (r == 0);
+  (void) r;
+}
+
+/* True if some thread holds m (for asserts that the caller does: a
+ * lock held by another thread passes too, so this catches a missing
+ * lock, not a lock held by the wrong thread). */
+static inline bool
+qed_lock_is_held (pthread_mutex_t *m)
+{
+  if (pthread_mutex_trylock (m) != 0)
+    return true;
+  pthread_mutex_unlock (m);
+  return false;
 }
 #define QED_CONCAT_(a, b) a##b
 #define QED_CONCAT(a, b) QED_CONCAT_ (a, b)
 #define ACQUIRE_LOCK_FOR_CURRENT_SCOPE(mutex)                           \
   pthread_mutex_t *QED_CONCAT (_lock_, __LINE__)                        \
     __attribute__ ((cleanup (cleanup_unlock), unused)) = (mutex);       \
-  pthread_mutex_lock (QED_CONCAT (_lock_, __LINE__))
+  qed_lock_acquire (QED_CONCAT (_lock_, __LINE__))
 
 #endif /* NBDKIT_QED_UTIL_H */

@@ -15,6 +15,11 @@
  * zero cluster (if there is a layer beneath whose data must stay
  * hidden) or unallocated (if not), and a data cluster's space is given
  * back to the host with FALLOC_FL_PUNCH_HOLE.
+ *
+ * Locking: the entry points are called without img->lock.  Each step
+ * takes it around lookups, reservations and commits and drops it for
+ * data I/O, so each function says which it is ("Lock held" or "Lock
+ * not held"); the table and allocator functions it calls assert it.
  */
 
 #include <assert.h>
@@ -622,20 +627,16 @@ write_detect_zero (struct qed_image *img, const struct qed_below *below,
   return 0;
 }
 
-/* End a request.  Dirty table pages cannot be evicted, so when they
- * fill half the cache, write them back now: memory stays bounded by
- * l2-cache however much is written between flushes. */
+/* End a request that changed the image (r: its result).  Dirty
+ * table pages cannot be evicted, so when they fill half the cache,
+ * write them back now: memory stays bounded by l2-cache however much
+ * is written between flushes. */
 static int
-op_end (struct qed_image *img, int r)
+end_change (struct qed_image *img, int r)
 {
   int err = errno;
-  bool too_dirty;
+  bool too_dirty = qed_op_end (img);
 
-  {
-    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
-    qed_op_end (img);
-    too_dirty = img->ndirty > img->max_pages / 2;
-  }
   /* After a failed fdatasync every flush fails (qed_sync), but the
    * writeback still cleaned the pages: not this request's error. */
   if (r == 0 && too_dirty && qed_flush (img) == -1 && !img->sync_error)
@@ -644,11 +645,11 @@ op_end (struct qed_image *img, int r)
   return r;
 }
 
-/* op_end, then the flush that FUA asks for. */
+/* end_change, then the flush that FUA asks for. */
 static int
 finish_request (struct qed_image *img, int r, unsigned flags)
 {
-  r = op_end (img, r);
+  r = end_change (img, r);
   if (r == 0 && (flags & QED_WRITE_FUA))
     r = qed_flush (img);
   return r;
@@ -825,5 +826,5 @@ qed_fill (struct qed_image *img, const void *buf, uint64_t count,
                   known_zero);
     c += k;
   }
-  return op_end (img, r);
+  return end_change (img, r);
 }

@@ -305,17 +305,6 @@ qed_filter_config_complete (nbdkit_next_config_complete *next,
   return next (nxdata);
 }
 
-/* The directory part of a path (for an early permission check). */
-static char *
-dir_of (const char *path)
-{
-  const char *slash = strrchr (path, '/');
-
-  if (slash == NULL || slash == path)
-    return strdup (slash ? "/" : ".");
-  return strndup (path, slash - path);
-}
-
 /* Sanity check now, rather than waiting for the first client: an
  * existing overlay must be a valid QED image (read only, nothing is
  * written), a new one must be creatable.  The size check must wait
@@ -921,8 +910,7 @@ qed_filter_block_size (nbdkit_next *next, void *handle,
     : cluster_size ? cluster_size : QED_DEFAULT_CLUSTER_SIZE;
 
   *minimum = 1;
-  /* nbdkit accepts preferred sizes up to 32M. */
-  *preferred = MIN (cs, 32u * 1024 * 1024);
+  *preferred = glue_preferred_block_size (cs);
   *maximum = 0xffffffff;
   return 0;
 }
@@ -1077,46 +1065,23 @@ prefetch_fetch (nbdkit_next *next, char *buf, uint64_t start, uint64_t end,
   return fetch_clusters_counted (next, buf, start, end, nread, nholes);
 }
 
+static int
+fetch_into (void *next, char *wbuf, uint64_t start, uint64_t end)
+{
+  return fetch_clusters (next, wbuf, start, end);
+}
+
 /* Copy-on-read: read [offset, offset+count) (an unallocated run) from
  * the plugin, widened to whole clusters which are stored in the
- * overlay.  buf may be NULL (cache).
+ * overlay (glue_cor_fetch).  buf may be NULL (cache).  A read is
+ * fetched in one go, so that a failure stores nothing of it; cache
+ * requests can be up to 4G: they go in chunks.
  */
 static int
 cor_fetch (nbdkit_next *next, void *buf, uint64_t count, uint64_t offset)
 {
-  struct qed_image *img = glue_image ();
-  uint64_t cs = qed_get_cluster_size (img);
-  uint64_t isize = qed_get_size (img);
-  uint64_t start = ROUND_DOWN (offset, cs);
-  uint64_t end = MIN (ROUND_UP (offset + count, cs), isize);
-  CLEANUP_FREE char *bounce = NULL;
-
-  if (buf && start == offset && end == offset + count)
-    return fetch_clusters (next, buf, start, end);
-
-  if (buf == NULL) {
-    /* Cache requests can be up to 4G: go in chunks. */
-    uint64_t chunk = MAX ((uint64_t) cs, (uint64_t) CACHE_CHUNK);
-    bounce = malloc (MIN (chunk, end - start));
-    if (bounce == NULL) {
-      nbdkit_error ("malloc: %m");
-      return -1;
-    }
-    for (uint64_t s = start; s < end; s += chunk)
-      if (fetch_clusters (next, bounce, s, MIN (s + chunk, end)) == -1)
-        return -1;
-    return 0;
-  }
-
-  bounce = malloc (end - start);
-  if (bounce == NULL) {
-    nbdkit_error ("malloc: %m");
-    return -1;
-  }
-  if (fetch_clusters (next, bounce, start, end) == -1)
-    return -1;
-  memcpy (buf, bounce + (offset - start), count);
-  return 0;
+  return glue_cor_fetch (glue_image (), buf, count, offset,
+                         buf ? UINT64_MAX : CACHE_CHUNK, fetch_into, next);
 }
 
 /* Fetch [start, fetch_end), the clusters of the read [offset,
@@ -1257,20 +1222,12 @@ qed_filter_pread (nbdkit_next *next, void *handle,
   else if (__atomic_load_n (&h->pipelined_for, __ATOMIC_RELAXED) > 0)
     __atomic_sub_fetch (&h->pipelined_for, 1, __ATOMIC_RELAXED);
   req.pipelined = __atomic_load_n (&h->pipelined_for, __ATOMIC_RELAXED) > 0;
-  errno = 0;
   if (qed_read (glue_image (), b, buf, count, offset) == -1)
     r = glue_fail (err);
   __atomic_sub_fetch (&h->reads_in_progress, 1, __ATOMIC_RELAXED);
   origin_put (locked);
   prefetch_guest_end ();
   return r;
-}
-
-/* FUA on a temporary overlay would only cost time. */
-static unsigned
-fua_flag (uint32_t flags)
-{
-  return (flags & NBDKIT_FLAG_FUA) && overlay ? QED_WRITE_FUA : 0;
 }
 
 static int
@@ -1281,12 +1238,12 @@ qed_filter_pwrite (nbdkit_next *next, void *handle,
   bool locked;
   nbdkit_next *o = origin_get (next, &locked);
   struct qed_below below = { .read = backend_read, .opaque = o };
-  unsigned f = fua_flag (flags) | (zero_detect ? QED_WRITE_DETECT_ZERO : 0);
+  /* FUA on a temporary overlay would only cost time. */
+  unsigned f = glue_write_flags (flags, overlay != NULL, zero_detect);
   int r = 0;
 
   prefetch_guest_begin ();
   glue_note_write ();
-  errno = 0;
   if (qed_write (glue_image (), is_detached () ? NULL
                  : o ? &below : &away_below, buf, count, offset, f) == -1)
     r = glue_fail (err);
@@ -1303,13 +1260,10 @@ qed_filter_zero (nbdkit_next *next, void *handle,
   bool locked;
   nbdkit_next *o = origin_get (next, &locked);
   struct qed_below below = { .read = backend_read, .opaque = o };
-  unsigned f = fua_flag (flags) |
-    (flags & NBDKIT_FLAG_MAY_TRIM ? QED_ZERO_MAY_UNMAP : 0) |
-    (flags & NBDKIT_FLAG_FAST_ZERO ? QED_ZERO_FAST : 0);
+  unsigned f = glue_zero_flags (flags, overlay != NULL);
   int r = 0;
 
   glue_note_write ();
-  errno = 0;
   if (qed_zero (glue_image (), is_detached () ? NULL
                 : o ? &below : &away_below, count, offset, f) == -1) {
     r = glue_fail (err);
@@ -1332,10 +1286,9 @@ qed_filter_trim (nbdkit_next *next, void *handle,
   int r = 0;
 
   glue_note_write ();
-  errno = 0;
   if (qed_trim (glue_image (), is_detached () ? NULL
                 : o ? &below : &away_below, count, offset,
-                fua_flag (flags)) == -1)
+                glue_trim_flags (flags, overlay != NULL)) == -1)
     r = glue_fail (err);
   origin_put (locked);
   return r;
@@ -1346,7 +1299,6 @@ qed_filter_flush (nbdkit_next *next, void *handle, uint32_t flags, int *err)
 {
   if (overlay == NULL)
     return 0;
-  errno = 0;
   if (qed_flush (glue_image ()) == -1)
     return glue_fail (err);
   return 0;
@@ -1370,7 +1322,6 @@ qed_filter_cache (nbdkit_next *next, void *handle,
       return 0;
     return next->cache (next, count, offset, 0, err);
   }
-  errno = 0;
   if (qed_prefetch (glue_image (), &below, count, offset) == -1)
     return glue_fail (err);
   return 0;

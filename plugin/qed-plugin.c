@@ -580,7 +580,7 @@ qed_plugin_block_size (void *handle,
   struct plugin_export *e = handle;
 
   *minimum = 1;
-  *preferred = MAX (4096u, MIN (qed_get_cluster_size (e->img), 2u << 20));
+  *preferred = glue_preferred_block_size (qed_get_cluster_size (e->img));
   *maximum = 0xffffffff;
   return 0;
 }
@@ -624,9 +624,9 @@ get_below (struct plugin_export *e)
 #define COR_CHUNK (32u * 1024 * 1024)
 
 static int
-cor_fill_chunk (struct plugin_export *e, char *wbuf, uint64_t start,
-                uint64_t end)
+cor_fill_chunk (void *opaque, char *wbuf, uint64_t start, uint64_t end)
 {
+  struct plugin_export *e = opaque;
   uint64_t pos = start;
 
   while (pos < end) {
@@ -659,24 +659,9 @@ static int
 cor_fetch (struct plugin_export *e, void *buf, uint64_t count,
            uint64_t offset)
 {
-  uint64_t cs = qed_get_cluster_size (e->img);
-  uint64_t start = ROUND_DOWN (offset, cs);
-  uint64_t end = MIN (ROUND_UP (offset + count, cs), qed_get_size (e->img));
-  uint64_t chunk = MAX ((uint64_t) COR_CHUNK, cs);
-  CLEANUP_FREE char *wbuf = malloc (MIN (chunk, end - start));
-
-  if (wbuf == NULL) {
-    nbdkit_error ("malloc: %m");
+  if (glue_cor_fetch (e->img, buf, count, offset, COR_CHUNK,
+                      cor_fill_chunk, e) == -1)
     return -1;
-  }
-  for (uint64_t s = start; s < end; s += chunk) {
-    uint64_t t = MIN (s + chunk, end);
-    uint64_t from = MAX (s, offset), to = MIN (t, offset + count);
-    if (cor_fill_chunk (e, wbuf, s, t) == -1)
-      return -1;
-    if (buf && from < to)
-      memcpy ((char *) buf + (from - offset), wbuf + (from - s), to - from);
-  }
   note_write (e);
   return 0;
 }
@@ -720,8 +705,7 @@ qed_plugin_pwrite (void *handle, const void *buf, uint32_t count,
                    uint64_t offset, uint32_t flags)
 {
   struct plugin_export *e = handle;
-  unsigned f = (flags & NBDKIT_FLAG_FUA ? QED_WRITE_FUA : 0) |
-    (opts.zero_detect ? QED_WRITE_DETECT_ZERO : 0);
+  unsigned f = glue_write_flags (flags, true, opts.zero_detect);
 
   note_write (e);
   return qed_write (e->img, get_below (e), buf, count, offset, f);
@@ -732,9 +716,7 @@ qed_plugin_zero (void *handle, uint32_t count, uint64_t offset,
                  uint32_t flags)
 {
   struct plugin_export *e = handle;
-  unsigned f = (flags & NBDKIT_FLAG_FUA ? QED_WRITE_FUA : 0) |
-    (flags & NBDKIT_FLAG_MAY_TRIM ? QED_ZERO_MAY_UNMAP : 0) |
-    (flags & NBDKIT_FLAG_FAST_ZERO ? QED_ZERO_FAST : 0);
+  unsigned f = glue_zero_flags (flags, true);
 
   note_write (e);
   return qed_zero (e->img, get_below (e), count, offset, f);
@@ -748,7 +730,7 @@ qed_plugin_trim (void *handle, uint32_t count, uint64_t offset,
 
   note_write (e);
   return qed_trim (e->img, get_below (e), count, offset,
-                   flags & NBDKIT_FLAG_FUA ? QED_WRITE_FUA : 0);
+                   glue_trim_flags (flags, true));
 }
 
 static int

@@ -652,7 +652,10 @@ class Server:
         self.log.flush()
         self.p = subprocess.Popen(cmd, stdout=self.log, stderr=self.log,
                                   env=env)
-        for _ in range(2000):
+        # Until the socket answers (a loaded machine starts slowly: the
+        # bound only stops a server that never listens).
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
             if os.path.exists(self.sock):
                 s = socket.socket(socket.AF_UNIX)
                 try:
@@ -696,7 +699,7 @@ class Server:
             return self.p.returncode if self.p else 0
         self.p.send_signal(signal.SIGTERM)
         try:
-            self.p.wait(60)
+            self.p.wait(300)
         except subprocess.TimeoutExpired:
             self.p.kill()
             self.p.wait()

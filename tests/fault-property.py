@@ -77,7 +77,10 @@ class Server:
             os.unlink(sock)
         self.p = subprocess.Popen(cmd, env=e, stdout=self.logf,
                                   stderr=self.logf)
-        for _ in range(300):
+        # A loaded machine starts slowly: the bound only stops a server
+        # that never listens.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
             if os.path.exists(sock) or self.p.poll() is not None:
                 break
             time.sleep(0.02)
@@ -90,7 +93,7 @@ class Server:
     def stop(self):
         self.p.send_signal(signal.SIGTERM)
         try:
-            rc = self.p.wait(60)
+            rc = self.p.wait(300)
         except subprocess.TimeoutExpired:
             self.p.kill()
             rc = "hang"
@@ -100,13 +103,14 @@ class Server:
 
 def connect(uri):
     # The socket file appears just before nbdkit listens on it.
-    for i in range(50):
+    deadline = time.monotonic() + 60
+    while True:
         h = nbd.NBD()
         try:
             h.connect_uri(uri)
             return h
         except nbd.Error as e:
-            if e.errnum != errno.ECONNREFUSED or i == 49:
+            if e.errnum != errno.ECONNREFUSED or time.monotonic() > deadline:
                 raise
         time.sleep(0.05)
 

@@ -23,20 +23,41 @@ skip () { echo "SKIP: $*"; exit 77; }
 fail () { echo "FAIL: $*" >&2; exit 1; }
 requires () { "$@" >/dev/null 2>&1 || skip "requires: $*"; }
 
+# wait_until SECONDS CMD...: run CMD every 0.05 s until it succeeds;
+# returns 1 if it still fails after SECONDS.  For events nothing
+# notifies us of (a timer in the server, a pidfile, a process gone):
+# a pass costs only the time to the event, so the bound is generous
+# (a machine loaded with other work is many times slower).
+wait_until () {
+  local n=$(( $1 * 20 )); shift
+  until "$@"; do
+    n=$((n - 1)); [ $n -gt 0 ] || return 1
+    sleep 0.05
+  done
+}
 # start_nbdkit NAME ARGS...: daemonise nbdkit on $tmp/NAME.sock, with a
 # pidfile $tmp/NAME.pid; it is killed (SIGTERM, waited for) at exit.
+# The parent returns once the socket listens; the daemon writes the
+# pidfile just after, so wait for it (not for a fixed time).
 start_nbdkit () {
   local name=$1; shift
   rm -f "$tmp/$name.sock" "$tmp/$name.pid"
   nbdkit -v -U "$tmp/$name.sock" -P "$tmp/$name.pid" "$@" 2>>"$tmp/$name.log" \
     || { cat "$tmp/$name.log" >&2; fail "nbdkit $name did not start"; }
-  for _ in $(seq 1 300); do [ -s "$tmp/$name.pid" ] && break; sleep 0.1; done
-  [ -s "$tmp/$name.pid" ] || fail "nbdkit $name: no pidfile"
+  wait_until 120 test -s "$tmp/$name.pid" || fail "nbdkit $name: no pidfile"
   cleanup_fn stop_nbdkit "$name"
 }
-# _alive PID: running and not a zombie (daemons are reparented to PID 1,
-# which may reap them late; a zombie has finished all its I/O).
-_alive () { kill -0 "$1" 2>/dev/null && ! grep -q '^[0-9]* ([^)]*) Z' "/proc/$1/stat" 2>/dev/null; }
+# _alive PID: the process, or any of its threads, still runs.  Daemons
+# are reparented to PID 1, which may reap them late, so a zombie counts
+# as gone, but only once it is the last of its threads: the thread
+# group's leader turns zombie as soon as it exits itself, while the
+# other threads may still be exiting, holding the descriptors (and with
+# them an image's locks) until the last one is gone.
+_alive () {
+  kill -0 "$1" 2>/dev/null || return 1
+  grep -q '^[0-9]* ([^)]*) Z' "/proc/$1/stat" 2>/dev/null || return 0
+  [ "$(ls "/proc/$1/task" 2>/dev/null | wc -l)" -gt 1 ]
+}
 # stop_nbdkit NAME: SIGTERM and wait until it has exited (it flushes,
 # reclaims space and clears NEED_CHECK on the way out).
 stop_nbdkit () {
@@ -44,16 +65,17 @@ stop_nbdkit () {
   [ -s "$tmp/$name.pid" ] || return 0
   pid=$(cat "$tmp/$name.pid")
   kill "$pid" 2>/dev/null || true
-  for _ in $(seq 1 600); do _alive "$pid" || break; sleep 0.05; done
-  _alive "$pid" && fail "nbdkit $name did not exit"
+  wait_until 300 _gone "$pid" || fail "nbdkit $name did not exit"
   rm -f "$tmp/$name.pid"
 }
+_gone () { ! _alive "$1"; }
 # kill9_nbdkit NAME: simulate a crash.
 kill9_nbdkit () {
   local name=$1 pid
   pid=$(cat "$tmp/$name.pid")
   kill -9 "$pid" 2>/dev/null || true
-  for _ in $(seq 1 200); do _alive "$pid" || break; sleep 0.05; done
+  # Its locks go only when it is gone: the next step may reopen.
+  wait_until 120 _gone "$pid" || fail "nbdkit $name survived SIGKILL"
   rm -f "$tmp/$name.pid"
 }
 uri () { echo "nbd+unix:///?socket=$tmp/$1.sock"; }
@@ -177,18 +199,46 @@ socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1)' "$port" \
 http_body_bytes () {
   awk '$1 == "GET" { n += $3 } END { print n + 0 }' "$tmp/nginx/access.log"; }
 
+# expect_fail WHAT PATTERN NBDKIT-ARGS...: nbdkit must refuse to start
+# (or fail its first connection), saying PATTERN ($tmp/err.txt).
+expect_fail () {
+  local what=$1 pattern=$2; shift 2
+  if nbdkit -U - "$@" --run 'nbdinfo --size "$uri"' >"$tmp/out.txt" \
+       2>"$tmp/err.txt"; then
+    fail "$what: nbdkit succeeded"
+  fi
+  grep -q -- "$pattern" "$tmp/err.txt" ||
+    { cat "$tmp/err.txt"; fail "$what: no message '$pattern'"; }
+}
+
+# as_nobody CMD...: run CMD as the user nobody (the tests run as root).
+as_nobody () { runuser -u nobody -- "$@"; }
+
+# same_data QED RAW: the QED image reads as RAW does (qemu-img compare).
+same_data () {
+  qemu-img compare -f qed -F raw "$1" "$2" >/dev/null || fail "$1 differs from $2"
+}
+
+# The free-cluster list tool (tests/freelist-tool.py): flags FILE prints
+# the features, compat and autoclear words; autoclear FILE its bit 0x1.
+FREELIST_TOOL="/usr/bin/python3 $TOP/tests/freelist-tool.py"
+flags () { $FREELIST_TOOL flags "$1"; }
+autoclear () { set -- $(flags "$1"); echo $(( $3 & 1 )); }
+
+# build_helper NAME: the helper program tests/NAME, built (or found up
+# to date) by the Makefile, which holds every helper's build rule.
+build_helper () {
+  make -s -C "$TOP" "tests/$1" >/dev/null || fail "cannot build tests/$1"
+}
+
 # Fault injection (tests/faultsim.c): build_faultsim builds the shim and
 # sets $FAULTSIM; with FAULTSIM_FILE and FAULTSIM_DIR exported and
 # LD_PRELOAD=$FAULTSIM, `inject KIND SPEC` makes calls of KIND
 # (pread|pwrite|fdatasync|ftruncate|fallocate) on that file fail,
 # `uninject KIND` stops it, `fault_hits KIND` counts injected failures.
 build_faultsim () {
+  build_helper faultsim.so
   FAULTSIM=$TOP/tests/faultsim.so
-  if [ ! -f "$FAULTSIM" ] || [ "$TOP/tests/faultsim.c" -nt "$FAULTSIM" ]; then
-    gcc -O2 -Wall -shared -fPIC -o "$FAULTSIM.$$" "$TOP/tests/faultsim.c" \
-        -ldl || fail "cannot build the fault shim"
-    mv -f "$FAULTSIM.$$" "$FAULTSIM"
-  fi
   export FAULTSIM_DIR=$tmp/faults
   mkdir -p "$FAULTSIM_DIR"
 }

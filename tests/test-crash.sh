@@ -24,13 +24,7 @@ requires gcc --version
 requires /usr/bin/python3 -c 'import nbd'
 [ -f "$PLUGIN" ] || skip "the plugin is not built"
 
-# Build the shim (into tests/, atomically: runs may overlap).
-shim=$TOP/tests/crashsim.so
-if [ ! -f "$shim" ] || [ "$TOP/tests/crashsim.c" -nt "$shim" ]; then
-  gcc -O2 -Wall -shared -fPIC -o "$shim.$$" "$TOP/tests/crashsim.c" -ldl ||
-    fail "cannot build the crash shim"
-  mv -f "$shim.$$" "$shim"
-fi
+build_helper crashsim.so
 
 [ -f "$FILTER" ] || fail "the filter is not built (make builds both)"
 # --min: the time limit stops starting trials, but never below these

@@ -55,14 +55,14 @@ nbdkit () {
   [ $has_u = 1 ] || args=(-U "$tmp/run/default.sock" "${args[@]}")
   rm -f "$tmp/ex$n_servers.pid"
   command nbdkit -P "$tmp/ex$n_servers.pid" "${args[@]}" || return
-  for _ in $(seq 1 100); do [ -s "$tmp/ex$n_servers.pid" ] && break; sleep 0.1; done
+  wait_until 120 test -s "$tmp/ex$n_servers.pid" || fail "no pidfile: $*"
   cleanup_fn stop_example $n_servers
 }
 stop_example () {
   local pid
   [ -s "$tmp/ex$1.pid" ] || return 0
   pid=$(cat "$tmp/ex$1.pid"); kill "$pid" 2>/dev/null || true
-  for _ in $(seq 1 200); do _alive "$pid" || break; sleep 0.05; done
+  wait_until 300 _gone "$pid" || fail "example server $1 did not exit"
   rm -f "$tmp/ex$1.pid"
 }
 stop_last () { stop_example $n_servers; rm -f "$tmp/run/default.sock"; }
@@ -267,7 +267,7 @@ rm -f "$listen"
 systemd-socket-activate -l "$listen" bash -c "exec $cmd" > sa.log 2>&1 &
 sa_pid=$!
 cleanup_fn "kill $sa_pid 2>/dev/null; wait $sa_pid 2>/dev/null"
-for _ in $(seq 1 100); do [ -S "$listen" ] && break; sleep 0.1; done
+wait_until 120 test -S "$listen" || fail "socket activation: no socket"
 [ -e images/disk.qed ] && fail "the image exists before the first connection"
 nbdsh -u "nbd+unix:///?socket=$listen" -c 'h.pwrite(b"activated", 0)' ||
   { cat sa.log; fail "socket activation: no NBD server"; }
@@ -280,7 +280,7 @@ rm -f "$listen"
 systemd-socket-activate -l "$listen" bash -c "exec $cmd" > sa2.log 2>&1 &
 sa_pid=$!
 cleanup_fn "kill $sa_pid 2>/dev/null; wait $sa_pid 2>/dev/null"
-for _ in $(seq 1 100); do [ -S "$listen" ] && break; sleep 0.1; done
+wait_until 120 test -S "$listen" || fail "socket activation: no socket"
 nbdsh -u "nbd+unix:///?socket=$listen" -c 'assert h.pread(9, 0) == b"activated"' ||
   { cat sa2.log; fail "socket activation: the restart lost the data"; }
 kill "$sa_pid"; wait "$sa_pid" 2>/dev/null || true

@@ -20,8 +20,9 @@ nbdsh -u "$(uri p)" -c 'h.pwrite(b"A" * 65536, 0); h.flush()'
 [ "$(need_check disk.qed)" = 1 ] || fail "NEED_CHECK not set by a write"
 # The next fdatasync after a header update (the clear) fails, once.
 inject fdatasync "EIO 0 1 lastwrite=16"
-sleep 3
-[ "$(fault_hits fdatasync)" = 1 ] || fail "the header fdatasync fault was not hit"
+# The idle timer (1 s) tries the clear; wait for it to reach the fault.
+hit_once () { [ "$(fault_hits fdatasync)" = 1 ]; }
+wait_until 120 hit_once || fail "the header fdatasync fault was not hit"
 uninject fdatasync
 
 # An allocating write: NEED_CHECK must be set in the file before it.

@@ -21,7 +21,16 @@ nbdsh -u "$(uri p)" -c '
 import errno, os, subprocess, time
 h.pwrite(b"A" * 65536, 0)
 h.flush()
-time.sleep(2.5)                 # idle timer: clean
+def need_check():
+    with open(os.environ["FAULTSIM_FILE"], "rb") as f:
+        f.seek(16)
+        return int.from_bytes(f.read(8), "little") & 2
+for i in range(2400):           # the idle timer (1 s) cleans it
+    if not need_check():
+        break
+    time.sleep(0.05)
+else:
+    raise SystemExit("FAIL: the idle timer did not clear NEED_CHECK")
 def inject(kind, spec):
     with open(os.environ["FAULTSIM_DIR"] + "/" + kind + ".new", "w") as f:
         f.write(spec + "\n")

@@ -28,7 +28,7 @@ rm -f s.sock
 nbdkit -f -r -U "$tmp/s.sock" "$PLUGIN" "$tmp/disk.qed" 2> nbdkit.log &
 pid=$!
 cleanup_fn "kill $pid 2>/dev/null"
-for _ in $(seq 100); do [ -S s.sock ] && break; sleep 0.1; done
+wait_until 120 test -S s.sock || fail "nbdkit did not listen"
 nbdinfo --size "nbd+unix:///?socket=$tmp/s.sock" > /dev/null 2>&1 &&
   fail "a corrupt image with NEED_CHECK was served read-only"
 kill $pid; wait $pid || true

@@ -13,7 +13,6 @@ requires /usr/bin/python3 -c 'import nbd'
 TOOL="/usr/bin/python3 $TOP/tests/freelist-tool.py"
 M=$((1024 * 1024))
 
-autoclear () { set -- $($TOOL flags "$1"); echo $(( $3 & 1 )); }
 check_rc () {
   local rc=0
   qemu-img check "$1" >"$tmp/check.out" 2>&1 || rc=$?

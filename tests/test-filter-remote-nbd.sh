@@ -82,14 +82,14 @@ print('DONE', flush=True)
 " > "nbdsh-$stack.out" 2>&1 &
   nbdsh_pid=$!
   exec 7>cmd.fifo                        # opened once nbdsh reads it
-  for _ in $(seq 1 100); do grep -q READY "nbdsh-$stack.out" && break; sleep 0.1; done
-  grep -q READY "nbdsh-$stack.out" || { cat "nbdsh-$stack.out"; fail "$stack: no READY"; }
+  wait_until 120 grep -q READY "nbdsh-$stack.out" ||
+    { cat "nbdsh-$stack.out"; fail "$stack: no READY"; }
   kill9_nbdkit server                    # gone, as a host or network dies
   rm -f server.sock
   echo DOWN >&7
   want=MISS-FAILED; [ $stack = retry ] && want=MISS-WAITING
-  for _ in $(seq 1 100); do grep -q $want "nbdsh-$stack.out" && break; sleep 0.1; done
-  grep -q $want "nbdsh-$stack.out" || { cat "nbdsh-$stack.out"; fail "$stack: no $want"; }
+  wait_until 120 grep -q $want "nbdsh-$stack.out" ||
+    { cat "nbdsh-$stack.out"; fail "$stack: no $want"; }
   if [ $stack = plain ]; then
     [ "$(stored "$stack.qed" $((8*M)))" = 0 ] || fail "a failed miss was stored"
   else

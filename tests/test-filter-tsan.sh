@@ -13,10 +13,8 @@ libtsan=$(ls /usr/lib/x86_64-linux-gnu/libtsan.so.2 2>/dev/null) ||
   skip "libtsan not installed"
 cd "$tmp"
 
-so=$tmp/tsan-filter.so
-gcc -O1 -g -std=gnu11 -D_GNU_SOURCE -fPIC -fvisibility=hidden -pthread \
-    -I"$TOP/common" -fsanitize=thread -shared -o "$so" \
-    "$TOP"/filter/*.c "$TOP"/common/*.c
+build_helper tsan-filter.so
+so=$TOP/tests/tsan-filter.so
 
 M=$((1024*1024))
 head -c $((6*M)) /dev/urandom > base.raw
@@ -29,7 +27,7 @@ LD_PRELOAD=$libtsan TSAN_OPTIONS="log_path=$tmp/tsan.log halt_on_error=0" \
   rdelay=1ms qed-overlay="$tmp/ov.qed" qed-cluster-size=16K &
 pid=$!
 cleanup_fn "kill $pid 2>/dev/null"
-for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
+wait_until 120 test -S "$sock" || fail "nbdkit (TSan) did not listen"
 
 fio --name=a --ioengine=nbd --uri="nbd+unix:///?socket=$sock" \
     --rw=randrw --bs=6k --size=8M --iodepth=16 --numjobs=2 \

@@ -9,9 +9,5 @@
 source "$(dirname "$0")/functions.sh"
 requires cc --version
 small_fs "$tmp/fs" 64m
-cc -O1 -g -std=gnu11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter \
-   -fsanitize=address,undefined -fno-sanitize-recover=undefined \
-   -I"$TOP/common" -I"$TOP/tests" -o "$tmp/fuzz-io-mem-test" \
-   "$TOP/tests/fuzz-io-mem-test.c" "$TOP/tests/fuzz-io-mem.c" ||
-  fail "cannot build tests/fuzz-io-mem-test.c"
-"$tmp/fuzz-io-mem-test" "$tmp/fs" 300 || fail "the in-memory file differs"
+build_helper fuzz-io-mem-test
+"$TOP/tests/fuzz-io-mem-test" "$tmp/fs" 300 || fail "the in-memory file differs"

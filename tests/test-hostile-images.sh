@@ -137,7 +137,9 @@ run_one () {
   fi
   pid=$!
   started=0 client=""
-  for i in $(seq 1 ${START_WAIT:-200}); do
+  # Until it listens or exits (refused): the bound only stops a server
+  # that does neither, so it is generous (a loaded machine is slow).
+  for i in $(seq 1 ${START_WAIT:-2400}); do
     if [ -S "$sock" ]; then started=1; break; fi
     kill -0 $pid 2>/dev/null || break
     sleep 0.05
@@ -358,7 +360,7 @@ if [ "${HOSTILE_VALGRIND:-1}" != 0 ] && command -v valgrind >/dev/null; then
     line=$(grep -P "^$name\t" "$cat/manifest.tsv")
     ero=$(echo "$line" | cut -f2) erw=$(echo "$line" | cut -f3)
     VALGRIND="valgrind -q --error-exitcode=99 --leak-check=no"
-    START_WAIT=600
+    START_WAIT=2400
     run_one ro "$cat/$name.qed" "$tmp/$name.vg-ro.log" -r "$PLUGIN" \
       "$cat/$name.qed"
     v_ro=$(judge "$ero" "$tmp/$name.vg-ro.log") || {

@@ -10,17 +10,6 @@ requires nbdkit --version
 requires qemu-img --version
 cd "$tmp"
 
-# expect_fail WHAT PATTERN NBDKIT-ARGS...: nbdkit must refuse to start,
-# saying PATTERN.
-expect_fail () {
-  local what=$1 pattern=$2; shift 2
-  if nbdkit -U - "$@" --run 'nbdinfo --size "$uri"' >out.txt 2>err.txt; then
-    fail "$what: nbdkit succeeded"
-  fi
-  grep -q -- "$pattern" err.txt ||
-    { cat err.txt; fail "$what: no message '$pattern'"; }
-}
-
 # Boolean errors name the parameter.
 qemu-img create -f qed img.qed 4M >/dev/null
 expect_fail "plugin bool" "zero-detect: expected true or false" \

@@ -148,8 +148,8 @@ EOF
   if [ $idle = 3 ]; then
     [ "$(need_check "$img")" = 1 ] || fail "idle: NEED_CHECK not set after writes"
   fi
-  for _ in $(seq 1 150); do [ "$(need_check "$img")" = 0 ] && break; sleep 0.1; done
-  [ "$(need_check "$img")" = 0 ] || fail "idle-clean=$idle: NEED_CHECK still set after 15 s"
+  clean () { [ "$(need_check "$img")" = 0 ]; }
+  wait_until 120 clean || fail "idle-clean=$idle: NEED_CHECK still set after 120 s"
   _alive "$(cat "$tmp/i.pid")" || fail "idle: the server is gone"
   # The file on disk is clean and complete while the server still runs:
   # QEMU can read it, and a crash now loses nothing.

@@ -110,6 +110,11 @@ expect_refusal 'QEMU' cs64m.qed create=true size=1G cluster-size=64M table-size=
 # ...while the largest ones QEMU can open are accepted (and it opens them).
 same_as_qemu cs4m2 cluster-size=4M table-size=2 size=1G \
   -- -o cluster_size=4M,table_size=2 1G
+# The preferred block size is the cluster (up to 32M), as the filter's.
+run_nbdkit -r "$PLUGIN" "$tmp/cs4m2.qed" --run 'nbdinfo --no-content "$uri"' \
+  > cs4m2.info || fail "cs4m2: nbdinfo"
+[ "$(info_field cs4m2.info block_size_preferred)" = 4194304 ] ||
+  { cat cs4m2.info; fail "cs4m2: preferred block size"; }
 # Bad create parameters.
 expect_refusal 'size' nosize.qed create=true
 expect_refusal 'cluster.size' cs.qed create=true size=1M cluster-size=1000

@@ -13,9 +13,6 @@ requires /usr/bin/python3 -c 'import nbd'
 TOOL="/usr/bin/python3 $TOP/tests/freelist-tool.py"
 M=$((1024 * 1024))
 
-flags () { $TOOL flags "$1"; }
-same_data () {
-  qemu-img compare -f qed -F raw "$1" "$2" >/dev/null || fail "$1 differs from $2"; }
 # zero_map IMG: guest ranges QEMU maps as zero clusters (present, no data).
 zero_map () {
   qemu-img map --output=json "$1" | /usr/bin/python3 -c '

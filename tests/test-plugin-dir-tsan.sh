@@ -12,10 +12,8 @@ requires /usr/bin/python3 -c 'import nbd'
 libtsan=$(ls /usr/lib/x86_64-linux-gnu/libtsan.so.2 2>/dev/null) ||
   skip "libtsan not installed"
 
-so=$tmp/tsan-plugin.so
-gcc -O1 -g -std=gnu11 -D_GNU_SOURCE -fPIC -fvisibility=hidden -pthread \
-    -I"$TOP/common" -I"$TOP/plugin" -fsanitize=thread -shared -o "$so" \
-    "$TOP"/plugin/*.c "$TOP"/common/*.c
+build_helper tsan-plugin.so
+so=$TOP/tests/tsan-plugin.so
 
 D=$tmp/disks
 mkdir -p "$D"

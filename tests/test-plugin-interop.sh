@@ -26,7 +26,7 @@ stop_qemu_nbd () {
   [ -s "$tmp/$1.pid" ] || return 0
   pid=$(cat "$tmp/$1.pid")
   kill "$pid" 2>/dev/null || true
-  for _ in $(seq 1 200); do _alive "$pid" || break; sleep 0.05; done
+  wait_until 300 _gone "$pid" || fail "server $1 did not exit"
   rm -f "$tmp/$1.pid"
 }
 

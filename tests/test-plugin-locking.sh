@@ -21,12 +21,14 @@ lock_bytes () {
     print $4, $7 "-" $8 }' /proc/locks | sort -u | sort -t' ' -k2n | tr '\n' ' '
 }
 # qemu_nbd_locks IMAGE [qemu-nbd args]: the lock bytes qemu-nbd holds.
+# unlocked FILE: no process holds a lock byte of FILE.
+unlocked () { [ -z "$(lock_bytes "$1")" ]; }
 qemu_nbd_locks () {
   local img=$1; shift
   qemu-nbd -t --fork --pid-file="$tmp/q.pid" -k "$tmp/q.sock" "$@" "$img"
   lock_bytes "$img"
   kill "$(cat "$tmp/q.pid")"
-  for _ in $(seq 1 100); do [ -z "$(lock_bytes "$img")" ] && break; sleep 0.05; done
+  wait_until 120 unlocked "$img" || fail "$img: still locked"
 }
 expect_refused () {             # expect_refused WHAT PATTERN CMD...
   local what=$1 pat=$2 out; shift 2
@@ -102,7 +104,7 @@ expect_refused "nbdkit -r on an image qemu-nbd writes" 'lock' \
 run_nbdkit -r "$PLUGIN" "$tmp/a.qed" locking=off \
   --run 'nbdinfo --size "$uri"' >/dev/null || fail "locking=off refused"
 kill "$(cat "$tmp/q.pid")"
-for _ in $(seq 1 100); do [ -z "$(lock_bytes "$tmp/a.qed")" ] && break; sleep 0.05; done
+wait_until 120 unlocked "$tmp/a.qed" || fail "$tmp/a.qed: still locked"
 
 qemu-nbd -r -t --fork --pid-file="$tmp/q.pid" -k "$tmp/q.sock" -f qed "$tmp/a.qed"
 run_nbdkit -r "$PLUGIN" "$tmp/a.qed" --run 'nbdinfo --size "$uri"' >/dev/null ||
@@ -114,7 +116,7 @@ fi
 grep -q 'failed to get the "write" lock' <<<"$out" ||
   fail "writable open next to qemu-nbd -r: unexpected message: $out"
 kill "$(cat "$tmp/q.pid")"
-for _ in $(seq 1 100); do [ -z "$(lock_bytes "$tmp/a.qed")" ] && break; sleep 0.05; done
+wait_until 120 unlocked "$tmp/a.qed" || fail "$tmp/a.qed: still locked"
 [ "$(md5sum < "$tmp/a.qed")" = "$sum" ] || fail "refused opens modified the image"
 echo "ok: QEMU's locks are honoured"
 
@@ -132,7 +134,7 @@ qemu-img create -q -f qed -b base.raw -F raw "$tmp/o.qed" 16M
 want_base=$(qemu-nbd -t --fork --pid-file="$tmp/q.pid" -k "$tmp/q.sock" \
               -f qed "$tmp/o.qed" && lock_bytes "$tmp/base.raw"
             kill "$(cat "$tmp/q.pid")")
-for _ in $(seq 1 100); do [ -z "$(lock_bytes "$tmp/base.raw")" ] && break; sleep 0.05; done
+wait_until 120 unlocked "$tmp/base.raw" || fail "$tmp/base.raw: still locked"
 start_nbdkit ob "$PLUGIN" "$tmp/o.qed"
 nbdinfo --size "$(uri ob)" >/dev/null
 got=$(lock_bytes "$tmp/base.raw")

@@ -19,7 +19,6 @@ secret=$tmp/secret
 chmod 600 "$secret"
 mkdir "$tmp/u"
 chown nobody: "$tmp/u"
-as_nobody () { runuser -u nobody -- "$@"; }
 
 # no_secret NAME ARGS...: nbdkit ARGS must not start, or must serve no
 # byte of the secret; its log is $tmp/NAME.err.

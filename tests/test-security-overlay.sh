@@ -13,7 +13,6 @@ source "$(dirname "$0")/functions.sh"
 id nobody >/dev/null 2>&1 || skip "requires the user nobody"
 
 chmod 755 "$tmp"
-as_nobody () { runuser -u nobody -- "$@"; }
 qemu-img create -q -f raw "$tmp/src.raw" 1M
 qemu-io -f raw -c "write -P 0x11 0 1M" "$tmp/src.raw" >/dev/null
 # root's private image, an overlay of a disk the size of src.raw.
@@ -115,38 +114,15 @@ run_nbdkit -r "$PLUGIN" "$tmp/a.qed" locking=off --run 'nbdinfo --size "$uri"' \
 [ "$(grep -c 'warning: .*locking is off: another writer .* can corrupt' \
       "$tmp/off.err")" = 1 ] || { cat "$tmp/off.err"; fail "locking=off: no warning"; }
 # A file system without OFD locks (a shim makes them fail with ENOLCK).
-cat > "$tmp/nolock.c" <<'EOF'
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <errno.h>
-#include <fcntl.h>
-#include <stdarg.h>
-static int
-shim (const char *name, int fd, int cmd, void *arg)
-{
-  int (*real) (int, int, ...) = dlsym (RTLD_NEXT, name);
-  if (cmd == F_OFD_SETLK || cmd == F_OFD_GETLK || cmd == F_OFD_SETLKW) {
-    errno = ENOLCK;
-    return -1;
-  }
-  return real (fd, cmd, arg);
-}
-int fcntl (int fd, int cmd, ...)
-{ va_list a; va_start (a, cmd); void *p = va_arg (a, void *); va_end (a);
-  return shim ("fcntl", fd, cmd, p); }
-int fcntl64 (int fd, int cmd, ...)
-{ va_list a; va_start (a, cmd); void *p = va_arg (a, void *); va_end (a);
-  return shim ("fcntl64", fd, cmd, p); }
-EOF
-cc -shared -fPIC -o "$tmp/nolock.so" "$tmp/nolock.c" -ldl || fail "shim build"
+build_helper nolock.so
 rm -f "$tmp/run.sock"
-LD_PRELOAD=$tmp/nolock.so nbdkit -U "$tmp/run.sock" "$PLUGIN" "$tmp/a.qed" \
+LD_PRELOAD=$TOP/tests/nolock.so nbdkit -U "$tmp/run.sock" "$PLUGIN" "$tmp/a.qed" \
   --run 'nbdsh -u "$uri" -c "h.pwrite(b\"x\" * 512, 0)"' \
   >/dev/null 2>"$tmp/auto.err" || { cat "$tmp/auto.err"; fail "locking=auto without locks"; }
 [ "$(grep -c 'warning: .*no OFD locks' "$tmp/auto.err")" = 1 ] \
   || { cat "$tmp/auto.err"; fail "locking=auto without locks: not one warning"; }
 rm -f "$tmp/run.sock"
-LD_PRELOAD=$tmp/nolock.so nbdkit -U "$tmp/run.sock" "$PLUGIN" "$tmp/a.qed" \
+LD_PRELOAD=$TOP/tests/nolock.so nbdkit -U "$tmp/run.sock" "$PLUGIN" "$tmp/a.qed" \
   locking=on --run true 2>"$tmp/on.err" && fail "locking=on without locks served"
 grep -q "cannot lock the image" "$tmp/on.err" || { cat "$tmp/on.err"; fail "locking=on message"; }
 echo "ok: locking warnings"

@@ -8,10 +8,8 @@ requires fio --version
 libtsan=$(ls /usr/lib/x86_64-linux-gnu/libtsan.so.2 2>/dev/null) ||
   skip "libtsan not installed"
 
-so=$tmp/tsan-plugin.so
-gcc -O1 -g -std=gnu11 -D_GNU_SOURCE -fPIC -fvisibility=hidden -pthread \
-    -I"$TOP/common" -I"$TOP/plugin" -fsanitize=thread -shared -o "$so" \
-    "$TOP"/plugin/*.c "$TOP"/common/*.c
+build_helper tsan-plugin.so
+so=$TOP/tests/tsan-plugin.so
 
 # 4K clusters, table size 2: each L2 table maps 4 MiB.  12 MiB stays
 # below QEMU's phantom-leak threshold (cluster_size-1 clusters).
@@ -22,7 +20,7 @@ LD_PRELOAD=$libtsan TSAN_OPTIONS="log_path=$tmp/tsan.log halt_on_error=0" \
   nbdkit -f -U "$sock" "$so" "$tmp/t.qed" idle-clean=1 &
 pid=$!
 cleanup_fn "kill $pid 2>/dev/null"
-for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
+wait_until 120 test -S "$sock" || fail "nbdkit (TSan) did not listen"
 
 # Two fio jobs with odd block sizes so requests straddle clusters and
 # tables, racing over the same 12 MiB; a third connection zeroes and
