@@ -98,9 +98,11 @@ tests/unit-tests-asan: $(UNIT_SRCS) $(UNIT_HDRS) $(CORE_SRCS) $(CORE_HDRS)
 # script asks for the one it needs (build_helper in tests/functions.sh),
 # so that running one script alone builds it too.  LD_PRELOAD shims:
 # crashsim.so (power loss), faultsim.so (failing calls), nolock.so
-# (file systems without OFD locks); ThreadSanitizer builds of the plugin
-# and the filter; the in-memory file's test.
+# (file systems without OFD locks), slow-pread.so (a slow disk),
+# syslog-record.so (syslog into a file); ThreadSanitizer builds of the
+# plugin and the filter; the in-memory file's test.
 TEST_HELPERS = tests/crashsim.so tests/faultsim.so tests/nolock.so \
+               tests/slow-pread.so tests/syslog-record.so \
                tests/fuzz-io-mem-test
 # Built only by the tests that need them (they skip without libtsan).
 TSAN_HELPERS = tests/tsan-plugin.so tests/tsan-filter.so

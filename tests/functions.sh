@@ -69,6 +69,17 @@ stop_nbdkit () {
   rm -f "$tmp/$name.pid"
 }
 _gone () { ! _alive "$1"; }
+# wait_log NAME PATTERN: wait until the log of start_nbdkit NAME has a
+# line matching PATTERN (an event the server logs); fails if the server
+# exits first.
+wait_log () {
+  local pid
+  pid=$(cat "$tmp/$1.pid")
+  until grep -q "$2" "$tmp/$1.log"; do
+    _alive "$pid" || { cat "$tmp/$1.log"; fail "$1 exited before '$2'"; }
+    sleep 0.1
+  done
+}
 # kill9_nbdkit NAME: simulate a crash.
 kill9_nbdkit () {
   local name=$1 pid

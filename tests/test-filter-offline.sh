@@ -30,14 +30,6 @@ serve () {
   start_nbdkit "$n" --log=stderr --filter="$FILTER" nbd socket="$tmp/o.sock" \
     qed-overlay="$ov" qed-backing-name=base.raw
 }
-wait_log () {
-  local pid
-  pid=$(cat "$1.pid")
-  until grep -q "$2" "$1.log"; do
-    _alive "$pid" || { cat "$1.log"; fail "$1 exited before '$2'"; }
-    sleep 0.1
-  done
-}
 
 # 1. A complete overlay, the origin stopped: new connections are served.
 origin_up

@@ -21,16 +21,6 @@ head -c $((16*M)) /dev/urandom >> base.raw
 DATA=$((80*M))
 HOLE_START=$((64*M)) HOLE_END=$((88*M))
 
-# wait_log NAME PATTERN: wait until NAME.log has a line matching it (or
-# the server died).
-wait_log () {
-  local pid
-  pid=$(cat "$1.pid")
-  until grep -q "$2" "$1.log"; do
-    _alive "$pid" || { cat "$1.log"; fail "$1 exited before '$2'"; }
-    sleep 0.1
-  done
-}
 # log_read_bytes FILE: bytes of the Read requests in a log filter file.
 log_read_bytes () {
   /usr/bin/python3 -c '

@@ -10,11 +10,11 @@
 #   3. where the lines go, as nbdkit's own errors: --log=null hides
 #      them, --log=syslog and the background (no -f, stderr at
 #      /dev/null) send them to syslog at LOG_NOTICE / LOG_WARNING (a
-#      shim records syslog calls), stderr otherwise.
+#      shim, tests/syslog-record.c, records syslog calls), stderr
+#      otherwise.
 source "$(dirname "$0")/functions.sh"
 requires qemu-img --version
 requires nbdsh --version
-requires cc --version
 requires nbdkit pattern --version
 [ -f "$PLUGIN" ] || skip "the plugin is not built"
 [ -f "$FILTER" ] || skip "the filter is not built"
@@ -58,35 +58,11 @@ cat err
 ! grep -qi error err || fail "locking=off: an error line"
 
 # ---- 3. Where the lines go.
-cat > syslog.c <<'SHIM'
-#define _GNU_SOURCE
-#include <stdarg.h>
-#include <stdio.h>
-#include <stdlib.h>
-static void
-record (int pri, const char *fs, va_list a)
-{
-  FILE *f = fopen (getenv ("SYSLOG_FILE"), "a");
-  if (f) {
-    fprintf (f, "<%d> ", pri & 7);
-    vfprintf (f, fs, a);
-    fputc ('\n', f);
-    fclose (f);
-  }
-}
-void syslog (int pri, const char *fs, ...)
-{ va_list a; va_start (a, fs); record (pri, fs, a); va_end (a); }
-void __syslog_chk (int pri, int flag, const char *fs, ...)
-{ va_list a; va_start (a, fs); record (pri, fs, a); va_end (a); }
-void vsyslog (int pri, const char *fs, va_list a) { record (pri, fs, a); }
-void __vsyslog_chk (int pri, int flag, const char *fs, va_list a)
-{ record (pri, fs, a); }
-SHIM
-cc -shared -fPIC -o syslog.so syslog.c || fail "shim build"
+build_helper syslog-record.so
 export SYSLOG_FILE=$tmp/syslog.txt
 for log in null syslog; do
   rm -f syslog.txt
-  LD_PRELOAD=$tmp/syslog.so nbdkit -f --log=$log -U - "$PLUGIN" a.qed \
+  LD_PRELOAD=$TOP/tests/syslog-record.so nbdkit -f --log=$log -U - "$PLUGIN" a.qed \
     locking=off --run 'nbdinfo --size "$uri"' > out 2> err ||
     { cat err; fail "--log=$log"; }
   ! grep -q 'locking is off' err || fail "--log=$log: on stderr"
@@ -101,7 +77,7 @@ done
 rm -f syslog.txt
 printf '\x02' | dd of=a.qed bs=1 seek=16 conv=notrunc status=none
 truncate -s +64K a.qed
-LD_PRELOAD=$tmp/syslog.so nbdkit -U "$tmp/bg.sock" -P "$tmp/bg.pid" "$PLUGIN" \
+LD_PRELOAD=$TOP/tests/syslog-record.so nbdkit -U "$tmp/bg.sock" -P "$tmp/bg.pid" "$PLUGIN" \
   a.qed 2> err || { cat err; fail "background start"; }
 for _ in $(seq 1 100); do [ -s bg.pid ] && break; sleep 0.1; done
 cleanup_fn "kill \$(cat '$tmp/bg.pid') 2>/dev/null"

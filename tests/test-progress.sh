@@ -10,45 +10,13 @@
 source "$(dirname "$0")/functions.sh"
 requires qemu-img --version
 requires qemu-io --version
-requires cc --version
 requires nbdinfo --version
 [ -f "$PLUGIN" ] || skip "the plugin is not built"
 cd "$tmp"
 
-# The shim: pread of a file named *slow.qed sleeps 40 ms first.
-cat > slow.c <<'SHIM'
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <stdio.h>
-#include <string.h>
-#include <unistd.h>
-#include <sys/types.h>
-static int
-is_slow (int fd)
-{
-  char link[64], path[4096];
-  ssize_t n;
-  snprintf (link, sizeof link, "/proc/self/fd/%d", fd);
-  n = readlink (link, path, sizeof path - 1);
-  if (n < 8)
-    return 0;
-  path[n] = '\0';
-  return strcmp (path + n - 8, "slow.qed") == 0;
-}
-#define SHIM_PREAD(name)                                                \
-  ssize_t name (int fd, void *buf, size_t count, off_t off)             \
-  {                                                                     \
-    static ssize_t (*real) (int, void *, size_t, off_t);                \
-    if (!real)                                                          \
-      real = dlsym (RTLD_NEXT, #name);                                  \
-    if (is_slow (fd))                                                   \
-      usleep (40000);                                                   \
-    return real (fd, buf, count, off);                                  \
-  }
-SHIM_PREAD (pread)
-SHIM_PREAD (pread64)
-SHIM
-cc -shared -fPIC -o slow.so slow.c -ldl || fail "shim build"
+# The shim (tests/slow-pread.c): pread of a file named *slow.qed
+# sleeps 40 ms first.
+build_helper slow-pread.so
 
 # 256 L2 tables: 4K clusters, 16K tables, each table 8M of the disk.
 qemu-img create -q -f qed -o cluster_size=4096,table_size=4 slow.qed 2G
@@ -63,7 +31,7 @@ cp slow.qed slow2.qed.orig
 
 t0=$(date +%s)
 # (freelist=false: the free-cluster list would walk the tables again.)
-LD_PRELOAD=$tmp/slow.so nbdkit -f -v -U - "$PLUGIN" slow.qed freelist=false \
+LD_PRELOAD=$TOP/tests/slow-pread.so nbdkit -f -v -U - "$PLUGIN" slow.qed freelist=false \
   --run 'nbdinfo --size "$uri"' > out.log 2> err.log ||
   { tail -n 20 err.log; fail "nbdkit failed"; }
 secs=$(( $(date +%s) - t0 ))
