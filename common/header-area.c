@@ -9,6 +9,11 @@
  * format uses them, and QEMU writes only the header and the name
  * (qemu-img rebase -u: a longer name may reach further), so bytes in
  * between survive any QEMU writer that keeps the name short enough.
+ *
+ * Locking: the functions that read or change the header's fields
+ * (qed_header_area_free, qed_update_compat, qed_detach_backing) take
+ * img->lock themselves, so the caller must not hold it; the free bytes
+ * belong to the caller, which orders its own reads and writes of them.
  */
 
 #include <stdio.h>
