@@ -79,7 +79,7 @@ printf '\x02' | dd of=a.qed bs=1 seek=16 conv=notrunc status=none
 truncate -s +64K a.qed
 LD_PRELOAD=$TOP/tests/syslog-record.so nbdkit -U "$tmp/bg.sock" -P "$tmp/bg.pid" "$PLUGIN" \
   a.qed 2> err || { cat err; fail "background start"; }
-for _ in $(seq 1 100); do [ -s bg.pid ] && break; sleep 0.1; done
+wait_until 120 test -s bg.pid || fail "background: no pidfile"
 cleanup_fn "kill \$(cat '$tmp/bg.pid') 2>/dev/null"
 nbdinfo --size "nbd+unix:///?socket=$tmp/bg.sock" >/dev/null || fail "nbdinfo"
 grep -q '^<5> qed: .*a\.qed: repaired 0 corruptions and reclaimed 1 leaked clusters' syslog.txt ||

@@ -26,7 +26,7 @@ LD_PRELOAD=$libtsan TSAN_OPTIONS="log_path=$tmp/tsan.log halt_on_error=0" \
   nbdkit -f -U "$sock" "$so" dir="$D" idle-clean=0 l2-cache=64K &
 pid=$!
 cleanup_fn "kill $pid 2>/dev/null"
-for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
+wait_until 120 test -S "$sock" || fail "the TSan server did not start"
 
 /usr/bin/python3 - "$sock" <<'EOF2' || fail "clients"
 import nbd, random, sys, threading

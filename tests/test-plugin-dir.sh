@@ -55,12 +55,9 @@ sock=$tmp/s.sock
 u () { echo "nbd+unix:///${1:-}?socket=$sock"; }
 # wait_closed IMG: wait for the event "the server released IMG" (its
 # last connection ended and idle-clean passed): QEMU can lock it.
+_released () { qemu-img check -q "$1" >/dev/null 2>&1; }
 wait_closed () {
-  for _ in $(seq 1 600); do
-    qemu-img check -q "$1" >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  fail "the server kept $1 open"
+  wait_until 120 _released "$1" || fail "the server kept $1 open"
 }
 
 # ---- nbdinfo --list: the images, with their sizes.
@@ -154,7 +151,7 @@ wait_closed "$D/held.qed"               # nbdinfo --list opened it
 qemu-nbd -f qed -k "$tmp/qemu.sock" --persistent "$D/held.qed" &
 qpid=$!
 cleanup_fn "kill $qpid 2>/dev/null; wait $qpid 2>/dev/null"
-for _ in $(seq 1 100); do [ -S "$tmp/qemu.sock" ] && break; sleep 0.1; done
+wait_until 120 test -S "$tmp/qemu.sock" || fail "qemu-nbd did not start"
 if nbdinfo --size "$(u held)" 2>"$tmp/held.err"; then
   fail "an image QEMU holds writable was served"
 fi
