@@ -4,6 +4,9 @@
 #   make check      run the test suite (ends with "N passed, M failed")
 #   make check-debian13   the same against Debian 13's nbdkit 1.42 and
 #                   QEMU 10 in an mmdebstrap root (root only)
+#   make check-packages   the Debian packages (debian/) built, linted,
+#                   installed and smoke-tested on Debian 12 and 13 in
+#                   mmdebstrap roots (root only)
 #   make run        build, create a demo image and serve it
 #   make install    install into nbdkit's plugin and filter directories
 #                   and the man pages under $(PREFIX)/share/man
@@ -33,12 +36,13 @@ MANLINKS  = nbdkit-qed-plugin.1 nbdkit-qed-filter.1
 # The core, bottom layer first (HACKING.md).
 # io-file.c is the I/O seam over the kernel (seam.h): the fuzz target
 # links an in-memory file in its place.
-CORE_SRCS = common/io-file.c common/io.c common/header.c common/alloc.c \
+CORE_SRCS = common/io-file.c common/notice.c common/progress.c \
+            common/io.c common/header.c common/alloc.c \
             common/table.c common/write.c common/map.c common/check.c \
             common/freelist.c common/image.c common/header-area.c \
             common/backing.c common/idle.c common/lock.c common/safe-open.c
 CORE_HDRS = common/qed.h common/qed-internal.h common/geometry.h \
-            common/defaults.h \
+            common/progress.h common/defaults.h \
             common/seam.h common/util.h common/safe-open.h
 
 PLUGIN = plugin/nbdkit-qed-plugin.so
@@ -60,8 +64,8 @@ PLUGIN_HDRS = plugin/options.h plugin/dir.h plugin/export.h \
 
 $(PLUGIN): $(PLUGIN_SRCS) $(PLUGIN_HDRS) $(CORE_SRCS) $(SEAM_SRC) \
            $(CORE_HDRS) $(SEAM_HDRS)
-	$(CC) $(CFLAGS) $(QED_CFLAGS) $(NBDKIT_CFLAGS) -Iplugin -shared \
-	  -o $@ $(PLUGIN_SRCS) $(CORE_SRCS) $(SEAM_SRC)
+	$(CC) $(CPPFLAGS) $(CFLAGS) $(QED_CFLAGS) $(NBDKIT_CFLAGS) -Iplugin \
+	  -shared $(LDFLAGS) -o $@ $(PLUGIN_SRCS) $(CORE_SRCS) $(SEAM_SRC)
 
 FILTER_SRCS = filter/qed-filter.c filter/readahead.c filter/origin.c \
               filter/prefetch.c filter/offline.c
@@ -69,7 +73,7 @@ FILTER_SRCS = filter/qed-filter.c filter/readahead.c filter/origin.c \
 $(FILTER): $(FILTER_SRCS) filter/readahead.h filter/origin.h filter/prefetch.h \
            filter/offline.h $(CORE_SRCS) $(SEAM_SRC) \
            $(CORE_HDRS) $(SEAM_HDRS)
-	$(CC) $(CFLAGS) $(QED_CFLAGS) $(NBDKIT_CFLAGS) -shared \
+	$(CC) $(CPPFLAGS) $(CFLAGS) $(QED_CFLAGS) $(NBDKIT_CFLAGS) -shared $(LDFLAGS) \
 	  -o $@ $(FILTER_SRCS) $(CORE_SRCS) $(SEAM_SRC)
 
 nbdkit-qed.1: nbdkit-qed.pod
@@ -98,6 +102,10 @@ check:
 # tests/check-debian13.sh.
 check-debian13:
 	@bash tests/check-debian13.sh
+
+# The Debian packages on Debian 12 and 13: see tests/check-packages.sh.
+check-packages:
+	@bash tests/check-packages.sh
 
 install: all
 	@test -n "$(PLUGINDIR)" -a -n "$(FILTERDIR)" || \
@@ -164,6 +172,6 @@ clean:
 	rm -f $(PLUGIN) $(FILTER) nbdkit-qed.1 tests/unit-tests \
 	  tests/unit-tests-asan
 
-.PHONY: all check check-debian13 install uninstall run deps clean crash-test \
+.PHONY: all check check-debian13 check-packages install uninstall run deps clean crash-test \
         fault-test fuzz fuzz-file bench \
         print-core-srcs

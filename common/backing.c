@@ -268,11 +268,11 @@ open_qed_layer (struct walk *w, struct layer *l, bool probed,
    * plugin opens the chain at start-up and again for its first client. */
   if (probed && !namer->as_server && !__atomic_test_and_set (&warned_probe,
                                                  __ATOMIC_RELAXED))
-    qed_error ("warning: %s names %s without a format, which was probed "
-               "as QED and names a backing file of its own (%s); if %s is "
-               "a raw disk, record that: qemu-img rebase -u -f qed -F raw "
-               "-b %s %s", namer->path, l->path, name, l->path, l->path,
-               namer->path);
+    qed_warning ("%s names %s without a format, which was probed "
+                 "as QED and names a backing file of its own (%s); if %s is "
+                 "a raw disk, record that: qemu-img rebase -u -f qed -F raw "
+                 "-b %s %s", namer->path, l->path, name, l->path, l->path,
+                 namer->path);
   return open_below (w, l, name, qed_get_backing_raw (l->qed), &next, me);
 }
 

@@ -33,6 +33,7 @@
 
 #include "qed-internal.h"
 #include "geometry.h"
+#include "progress.h"
 #include "seam.h"
 #include "util.h"
 
@@ -102,6 +103,7 @@ struct checker {
   bool wrote;                   /* repairs were written */
   bool again;                   /* reclaim made room for another pass */
   bool diverged;                /* the L1 in memory is not the file's */
+  struct qed_progress *pg;      /* progress lines (progress.h) */
 };
 
 static uint64_t
@@ -335,13 +337,17 @@ walk (struct checker *ck)
 {
   struct qed_image *img = ck->img;
   bool l1_changed = false;
+  uint64_t tables = 0, seen = 0;
 
+  for (uint64_t i = 0; i < img->l1_entries; ++i)
+    tables += img->l1[i] != 0;
   for (uint64_t i = 0; i < img->l1_entries; ++i) {
     uint64_t t = img->l1[i];
     uint64_t guest = qed_cluster_start (img, qed_l1_first_cluster (img, i));
 
     if (t == 0)
       continue;
+    qed_progress_step (ck->pg, "reading the tables", seen++, tables);
     if (!valid_cluster_offset (img, t, img->table_bytes) ||
         range_used (ck, t, img->h.table_size)) {
       bool valid = valid_cluster_offset (img, t, img->table_bytes);
@@ -666,9 +672,12 @@ apply_moves (struct checker *ck, struct reclaim_plan *pl)
     qed_error ("malloc: %m");
     return -1;
   }
-  for (uint64_t k = 0; k < pl->nmoves; ++k)
+  for (uint64_t k = 0; k < pl->nmoves; ++k) {
+    qed_progress_step (ck->pg, "moving data", k, pl->nmoves);
     if (copy_cluster (img, pl->moves[k].src, pl->moves[k].dst, tmp) == -1)
       return -1;
+  }
+  ck->pg->bytes += pl->nmoves * img->cs;
   if (qed_sync (img) == -1) {
     qed_error ("%s: fdatasync: %m", img->filename);
     return -1;
@@ -831,8 +840,8 @@ check_pass (struct checker *ck, unsigned pass)
       return -1;
     }
     if (k == -1) {
-      qed_error ("%s: could not reclaim all leaked clusters (%m): they "
-                 "are kept, and NEED_CHECK stays set", img->filename);
+      qed_warning ("%s: could not reclaim all leaked clusters (%m): they "
+                   "are kept, and NEED_CHECK stays set", img->filename);
       ck->again = false;
       ck->wrote = true;
       k = 0;
@@ -902,19 +911,25 @@ check_finish (struct checker *ck, bool all_clean)
  * leaks that the later passes did not leave.  What a later pass could
  * not fix (a table it could not read) is added to *res, so the caller
  * sees it as if the first pass had found it. */
+/* What qed_check's progress lines call the work (qed_compact's). */
+static _Thread_local const char *check_what;
+
 int
 qed_check (struct qed_image *img, bool repair, struct qed_check_result *res)
 {
   struct checker ck[MAX_RECLAIM_PASSES + 1];
   struct qed_check_result later[MAX_RECLAIM_PASSES];
+  struct qed_progress pg;
   unsigned n = 0;
   bool all_clean;
 
+  qed_progress_start (&pg, img->filename, check_what ? check_what
+                      : repair && !img->readonly ? "repair" : "check");
   do {
     int r;
     ck[n] = (struct checker) {
       .img = img, .repair = (n == 0 ? repair : true) && !img->readonly,
-      .res = n == 0 ? res : &later[n - 1],
+      .res = n == 0 ? res : &later[n - 1], .pg = &pg,
     };
     r = check_pass (&ck[n], n);
     check_pass_free (&ck[n]);
@@ -951,6 +966,9 @@ qed_check (struct qed_image *img, bool repair, struct qed_check_result *res)
     if (check_finish (&ck[i], all_clean) == -1)
       return -1;
   }
+  qed_progress_end (&pg, "%" PRIu64 " corruptions repaired, %" PRIu64
+                    " clusters freed", res->corruptions_fixed,
+                    res->leaks_fixed);
   return 0;
 }
 
@@ -960,9 +978,13 @@ int
 qed_compact (struct qed_image *img)
 {
   struct qed_check_result res;
+  int r;
 
   qed_cache_drop (img);
-  if (qed_check (img, true, &res) == -1)
+  check_what = "compaction";
+  r = qed_check (img, true, &res);
+  check_what = NULL;
+  if (r == -1)
     return -1;
   qed_cache_drop (img);
   qed_debug ("%s: compacted: reclaimed %" PRIu64 " freed clusters",

@@ -43,6 +43,7 @@
 
 #include "qed-internal.h"
 #include "geometry.h"
+#include "progress.h"
 #include "seam.h"
 #include "util.h"
 
@@ -242,7 +243,8 @@ qed_freelist_open (struct qed_image *img, bool *rebuild)
     return 0;                   /* nothing is allocated */
   runs = read_runs (img, &r, &why);
   if (runs == NULL) {
-    qed_error ("%s: the free-cluster list is not used: %s", img->filename, why);
+    qed_warning ("%s: the free-cluster list is not used: %s", img->filename,
+                 why);
     *rebuild = true;
     return 0;
   }
@@ -488,12 +490,16 @@ int
 qed_demote_zero_clusters (struct qed_image *img)
 {
   uint64_t changed = 0;
+  struct qed_progress pg;
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&img->lock);
 
   if (img->has_backing)
     return 0;
+  qed_progress_start (&pg, img->filename, "demote");
   for (uint64_t t = 0; t < img->l1_entries; ++t) {
     uint64_t first = t << img->table_bits;
+    qed_progress_step (&pg, "zero clusters to unallocated", t,
+                       img->l1_entries);
     if (img->l1[t] == 0 || first >= img->nr_clusters)
       continue;
     for (uint64_t c = first; c < MIN (first + img->table_entries,
@@ -508,9 +514,8 @@ qed_demote_zero_clusters (struct qed_image *img)
       changed++;
     }
   }
-  if (changed)
-    qed_debug ("%s: demote: %" PRIu64 " zero clusters now unallocated",
-               img->filename, changed);
+  qed_progress_end (&pg, "%" PRIu64 " zero clusters now unallocated",
+                    changed);
   return 0;
 }
 

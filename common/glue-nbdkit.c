@@ -15,6 +15,7 @@
 #include <nbdkit-plugin.h>
 
 #include "glue-nbdkit.h"
+#include "seam.h"
 #include "util.h"
 
 int
@@ -167,4 +168,26 @@ glue_extents (struct qed_image *img, uint64_t count, uint64_t offset,
       break;
   }
   return 0;
+}
+
+/* Copy-on-read stores what was read; when it cannot (a full disk), the
+ * request still succeeds with the data read, so this is no error: one
+ * warning the first time, every failure under -D qed.verbose=1. */
+int
+glue_fill (struct qed_image *img, const void *buf, uint64_t count,
+           uint64_t offset, bool detect_zero, bool known_zero)
+{
+  static bool warned;
+  int r;
+
+  qed_clear_last_error ();
+  qed_soft_errors (1);
+  r = qed_fill (img, buf, count, offset, detect_zero, known_zero);
+  qed_soft_errors (0);
+  if (r == -1 && !__atomic_test_and_set (&warned, __ATOMIC_RELAXED))
+    qed_warning ("copy-on-read: %s: what was read is not stored in the "
+                 "image, and reads still come from beneath it (said "
+                 "once: every failure under -D qed.verbose=1)",
+                 *qed_last_error () ? qed_last_error () : "failed");
+  return r;
 }

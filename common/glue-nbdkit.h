@@ -73,6 +73,12 @@ extern int glue_extents (struct qed_image *img, uint64_t count,
                          struct nbdkit_extents *extents,
                          glue_unallocated_fn *unallocated, void *opaque);
 
+/* qed_fill for copy-on-read: a failure (a full disk) is said once as a
+ * warning, not as an error: the read itself succeeds. */
+extern int glue_fill (struct qed_image *img, const void *buf,
+                      uint64_t count, uint64_t offset, bool detect_zero,
+                      bool known_zero);
+
 /* For filter callbacks (which report errors in *err): the errno of a
  * failed call, EIO if it set none.  Always returns -1.  Clear errno
  * before the call. */

@@ -377,10 +377,13 @@ check_at_open (struct qed_image *img, const struct qed_open_options *opts)
   img->reclaim_budget = RECLAIM_UNLIMITED;
   if (r == -1)
     return -1;
+  /* Said once, as a notice: leaks are what an unclean stop leaves
+   * (routine); a corruption repaired means something else damaged the
+   * image, and the manual tells operators to alert on it. */
   if (res.corruptions_fixed > 0 || res.leaks_fixed > 0)
-    qed_error ("%s: repaired %" PRIu64 " corruptions and reclaimed %"
-               PRIu64 " leaked clusters", filename,
-               res.corruptions_fixed, res.leaks_fixed);
+    qed_notice ("%s: repaired %" PRIu64 " corruptions and reclaimed %"
+                PRIu64 " leaked clusters", filename,
+                res.corruptions_fixed, res.leaks_fixed);
   if (res.check_errors > 0) {
     qed_error ("%s: the consistency check failed with I/O errors",
                filename);

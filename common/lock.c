@@ -80,8 +80,8 @@ qed_lock_file (int fd, const char *filename, enum qed_lock_role role,
 
   if (locking == QED_LOCKING_OFF) {
     if (!__atomic_test_and_set (&warned_off, __ATOMIC_RELAXED))
-      qed_error ("warning: %s: locking is off: another writer (QEMU, "
-                 "qemu-img, another nbdkit) can corrupt the image", filename);
+      qed_warning ("%s: locking is off: another writer (QEMU, "
+                   "qemu-img, another nbdkit) can corrupt the image", filename);
     return 0;
   }
   switch (role) {
@@ -145,9 +145,9 @@ qed_lock_file (int fd, const char *filename, enum qed_lock_role role,
  lock_error:
   if (locking == QED_LOCKING_AUTO && unsupported (errno)) {
     if (!__atomic_test_and_set (&warned_unsupported, __ATOMIC_RELAXED))
-      qed_error ("warning: %s: this file system has no OFD locks (%m): the "
-                 "image is not locked, so QEMU or another nbdkit could "
-                 "write it at the same time", filename);
+      qed_warning ("%s: this file system has no OFD locks (%m): the "
+                   "image is not locked, so QEMU or another nbdkit could "
+                   "write it at the same time", filename);
     qed_unlock_file (fd);
     return 0;
   }

@@ -29,6 +29,27 @@ extern void qed_error (const char *fs, ...)
 extern void qed_debug (const char *fs, ...)
   __attribute__ ((__format__ (__printf__, 1, 2)));
 
+/* Events an operator should see once, without the word "error"
+ * (nbdkit has no level between error and debug): a routine one
+ * (qed_notice: a repair after an unclean stop) or one that weakens a
+ * guarantee by configuration or environment (qed_warning: locking
+ * off).  The nbdkit seam logs them where nbdkit logs its errors, as
+ * "nbdkit: qed: notice: ..." / "... warning: ..." on stderr, or at
+ * syslog's LOG_NOTICE / LOG_WARNING.  Hosts that define only qed_error
+ * and qed_debug get defaults that use qed_debug (notice.c).  Must
+ * preserve errno. */
+extern void qed_notice (const char *fs, ...)
+  __attribute__ ((__format__ (__printf__, 1, 2)));
+extern void qed_warning (const char *fs, ...)
+  __attribute__ ((__format__ (__printf__, 1, 2)));
+
+/* Soft errors: while on in a thread (qed_soft_errors (1) ... (0)),
+ * qed_error there only records the message (qed_last_error) and logs
+ * it under -D qed.verbose=1.  For work no request fails with (a
+ * copy-on-read fill), whose caller says what happened once.  Only in
+ * the nbdkit seam. */
+extern void qed_soft_errors (int on);
+
 /* One line per decision the core makes (allocation, copy from the
  * backing file, copy-on-read fill or skip, L2 cache miss, writeback),
  * logged only when the host asks for it (-D qed.verbose=1). */

@@ -1053,8 +1053,8 @@ fetch_clusters_counted (nbdkit_next *next, char *wbuf, uint64_t start,
     for (j = i + 1; j < n && zero[j] == zero[i]; ++j)
       ;
     t = MIN (start + j * cs, end);
-    if (qed_fill (img, zero[i] ? NULL : wbuf + (s - start), t - s, s,
-                  zero_detect, zero[i]) == -1)
+    if (glue_fill (img, zero[i] ? NULL : wbuf + (s - start), t - s, s,
+                   zero_detect, zero[i]) == -1)
       stored = false;
   }
   ra_note_stored (stored);

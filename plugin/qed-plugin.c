@@ -460,20 +460,22 @@ maintenance_at_exit (void)
   qed_close (probe);
   if (work == NULL)
     return;
+  /* Nothing fails (the image is as it was, and the next writable
+   * open does the work): warnings, not errors (LOGGING). */
   if (cmdline_ro_known && cmdline_ro) {
-    nbdkit_error ("%s: %s not done: nbdkit -r (read-only), nothing "
-                  "written", opts.filename, work);
+    qed_warning ("%s: %s not done: nbdkit -r (read-only), nothing "
+                 "written", opts.filename, work);
     return;
   }
   if (!cmdline_ro_known) {
-    nbdkit_error ("%s: %s not done: cannot tell whether nbdkit runs "
-                  "with -r (%s), nothing written", opts.filename, work,
-                  cmdline_ro_why);
+    qed_warning ("%s: %s not done: cannot tell whether nbdkit runs "
+                 "with -r (%s), nothing written", opts.filename, work,
+                 cmdline_ro_why);
     return;
   }
   if (access (opts.filename, W_OK) == -1) {
-    nbdkit_error ("%s: %s not done: the file is not writable (%m), "
-                  "nothing written", opts.filename, work);
+    qed_warning ("%s: %s not done: the file is not writable (%m), "
+                 "nothing written", opts.filename, work);
     return;
   }
   nbdkit_debug ("%s: no connection wrote to the image: doing %s at exit",
@@ -645,9 +647,9 @@ cor_fill_chunk (struct plugin_export *e, char *wbuf, uint64_t start,
       return -1;
     pos += len;
   }
-  /* A failed fill is logged by the core and leaves the clusters as
-   * they were: the data read is still right. */
-  qed_fill (e->img, wbuf, end - start, start, true, false);
+  /* A failed fill leaves the clusters as they were (the data read is
+   * still right): said once, as a warning (glue_fill). */
+  glue_fill (e->img, wbuf, end - start, start, true, false);
   return 0;
 }
 

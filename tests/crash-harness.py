@@ -669,18 +669,19 @@ class Server:
         raise StartError('nbdkit did not create its socket')
 
     def log_errors(self, image):
-        """Error messages about the image in this server's log, except
-        the note that leaked clusters were reclaimed (expected after a
-        crash).  Any corruption found in a crashed image is a failure:
-        a crash may only leak clusters."""
+        """Error messages about the image in this server's log, and
+        the notice of a repair that found corruptions (not the one that
+        only reclaimed leaked clusters, expected after a crash).  Any
+        corruption found in a crashed image is a failure: a crash may
+        only leak clusters."""
         try:
             with open(self.logname, 'rb') as f:
                 lines = f.read().decode(errors='replace').splitlines()
         except OSError:
             return []
-        return [l for l in lines if 'error' in l and image in l and
-                not re.search(r'repaired 0 corruptions and reclaimed \d+ '
-                              r'leaked clusters', l)]
+        return [l for l in lines if image in l and
+                ('error' in l or re.search(r'repaired [1-9]\d* corruptions',
+                                           l))]
 
     def tail(self, n=6):
         try:

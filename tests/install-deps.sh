@@ -8,7 +8,8 @@
 set -eu
 run_pkgs="gcc make pkg-config perl nbdkit nbdkit-plugin-dev libnbd-bin qemu-utils"
 test_pkgs="python3-libnbd fio bc time procps valgrind clang libclang-rt-14-dev nginx-light
-           libguestfs-tools linux-image-amd64 qemu-system-x86 systemd mmdebstrap"
+           libguestfs-tools linux-image-amd64 qemu-system-x86 systemd mmdebstrap
+           git dpkg-dev debhelper fakeroot lintian"
 pkgs=$run_pkgs
 [ "${1:-}" = --run ] || pkgs="$run_pkgs $test_pkgs"
 

@@ -60,11 +60,14 @@ data_intact "no fault"
 echo "ok: two passes, clean"
 
 # The second pass's first table read fails (the first pass read the
-# table twice: its walk, then the relink of the parked copy).
+# table twice: its walk, then the relink of the parked copy), and so
+# does every table read after it: the maintenance at exit (which
+# repairs an image no connection could open) fails too, instead of
+# repairing after the fault has passed.
 for fl in false true; do
   make_image disk.qed
   rm -f "$FAULTSIM_DIR"/*
-  inject pread "EIO 2 1 len>=8192 len<8193"
+  inject pread "EIO 2 -1 len>=8192 len<8193"
   if serve fault.log freelist=$fl; then
     cat fault.log; echo "fault.log above"
     [ "$(need_check disk.qed)" = 1 ] || fail "freelist=$fl: NEED_CHECK cleared" \
@@ -72,7 +75,7 @@ for fl in false true; do
     fail "freelist=$fl: the open succeeded although the check failed"
   fi
   uninject pread
-  [ "$(fault_hits pread)" = 1 ] || fail "freelist=$fl: the fault was not hit"
+  [ "$(fault_hits pread)" -ge 1 ] || fail "freelist=$fl: the fault was not hit"
   # It hit the second pass: after the first pass's moves and truncation.
   grep -q "reclaimed 0 leaked clusters (2 moved)" fault.log &&
     grep -A100 "reclaimed 0 leaked clusters (2 moved)" fault.log |

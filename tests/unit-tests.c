@@ -54,6 +54,40 @@ qed_error (const char *fs, ...)
   errno = e;
 }
 
+/* Notices and warnings are messages the user sees too: counted with the
+ * errors (nr_errors), as they were when they went through qed_error. */
+static void
+message (const char *level, const char *fs, va_list args)
+{
+  char msg[4096];
+  int e = errno;
+
+  vsnprintf (msg, sizeof msg, fs, args);
+  nr_errors++;
+  fprintf (stderr, "  [qed_%s] %s\n", level, msg);
+  errno = e;
+}
+
+void
+qed_notice (const char *fs, ...)
+{
+  va_list args;
+
+  va_start (args, fs);
+  message ("notice", fs, args);
+  va_end (args);
+}
+
+void
+qed_warning (const char *fs, ...)
+{
+  va_list args;
+
+  va_start (args, fs);
+  message ("warning", fs, args);
+  va_end (args);
+}
+
 void
 qed_debug (const char *fs, ...)
 {
