@@ -50,6 +50,7 @@
 #include <nbdkit-filter.h>
 
 #include "qed.h"
+#include "seam.h"
 #include "util.h"
 #include "origin.h"
 
@@ -395,7 +396,7 @@ origin_open (struct qed_image *img, nbdkit_next *next, int64_t size,
   if (check_names_fit (exportname) == -1)
     return -1;
   if (rec_at == 0) {
-    nbdkit_debug ("qed-overlay: %s: no room for the origin record in the "
+    qed_warning ("qed-overlay: %s: no room for the origin record in the "
                   "header clusters (a long backing file name): the origin "
                   "is not checked", path);
     return 0;
@@ -404,7 +405,7 @@ origin_open (struct qed_image *img, nbdkit_next *next, int64_t size,
     /* The bit says there is a record, but neither slot checks out:
      * something else wrote there.  The origin cannot be checked. */
     if (changed_mode == ORIGIN_DISCARD) {
-      nbdkit_debug ("qed-overlay: %s: its origin record is damaged: "
+      qed_notice ("qed-overlay: %s: its origin record is damaged: "
                     "discarding the overlay (qed-origin-changed=discard)",
                     path);
       return 1;
@@ -417,7 +418,7 @@ origin_open (struct qed_image *img, nbdkit_next *next, int64_t size,
                     "%s.stale and start a new one", path, path);
       return -1;
     }
-    nbdkit_debug ("qed-overlay: %s: its origin record is damaged: a new "
+    qed_warning ("qed-overlay: %s: its origin record is damaged: a new "
                   "one is made (qed-origin-changed=keep)", path);
   }
   if (r == 0) {
@@ -490,7 +491,7 @@ origin_open (struct qed_image *img, nbdkit_next *next, int64_t size,
     return 0;
   }
   if (changed_mode == ORIGIN_DISCARD) {
-    nbdkit_debug ("qed-overlay: %s: the origin changed (%s): discarding "
+    qed_notice ("qed-overlay: %s: the origin changed (%s): discarding "
                   "the overlay (qed-origin-changed=discard)", path, what);
     return 1;
   }
@@ -500,7 +501,7 @@ origin_open (struct qed_image *img, nbdkit_next *next, int64_t size,
     set_names (exportname);
     if (write_record (img) == -1)
       return -1;
-    nbdkit_debug ("qed-overlay: %s: the origin changed (%s): serving the "
+    qed_warning ("qed-overlay: %s: the origin changed (%s): serving the "
                   "overlay as it is and recording the new origin "
                   "(qed-origin-changed=keep)", path, what);
     active = true;
@@ -656,7 +657,7 @@ origin_discard (struct qed_image *img, const char *path)
     goto out;
   }
   fsync (dfd);
-  nbdkit_debug ("qed-overlay: the origin changed: %s renamed to %s.stale "
+  qed_notice ("qed-overlay: the origin changed: %s renamed to %s.stale "
                 "(qed-origin-changed=discard); starting a new overlay",
                 path, path);
   r = 0;

@@ -53,6 +53,7 @@
 #include "glue-nbdkit.h"
 #include "seam.h"
 #include "util.h"
+#include "progress.h"
 #include "readahead.h"
 #include "prefetch.h"
 
@@ -63,7 +64,6 @@
  * down rather than stops it). */
 #define GUEST_QUIET_MS 10
 #define GUEST_WAIT_MS  100
-#define PROGRESS_SECS  2
 #define BACKOFF_MAX    60
 
 static uint64_t rate;           /* bytes/s, 0 = unlimited */
@@ -212,7 +212,8 @@ prefetch_thread (void *arg)
   struct qed_image *img = image;
   uint64_t cs = qed_get_cluster_size (img), isize = qed_get_size (img);
   uint64_t offset = 0, fetched = 0, holes = 0, unflushed = 0;
-  double t0 = now (), last_log = t0;
+  double t0 = now ();
+  struct qed_progress progress;
   unsigned backoff = 1;
   nbdkit_next *next = NULL;
   bool prepared = false, failing = false;
@@ -224,6 +225,7 @@ prefetch_thread (void *arg)
   }
   nbdkit_debug ("qed-prefetch: started: warming %s (%" PRIu64 " bytes)",
                 qed_get_filename (img), isize);
+  qed_progress_start (&progress, qed_get_filename (img), "prefetch");
   while (offset < isize && !is_stopping ()) {
     struct qed_map m;
     uint64_t start, end, chunk, r = 0, h = 0;
@@ -235,7 +237,7 @@ prefetch_thread (void *arg)
       if (!prepared || next->get_size (next) == -1) {
         close_context (&next, prepared);
         if (!failing)
-          nbdkit_debug ("qed-prefetch: cannot open the plugin: paused, "
+          qed_warning ("qed-prefetch: cannot open the plugin: paused, "
                         "retrying in %u s", backoff);
         failing = true;
         pause_for (backoff);
@@ -269,7 +271,8 @@ prefetch_thread (void *arg)
     err = fetch_fn (next, buf, start, end, &r, &h);
     ra_done (start, end, true);
     if (err == -1) {
-      nbdkit_debug ("qed-prefetch: the origin failed at %" PRIu64
+      if (!failing)
+        qed_warning ("qed-prefetch: the origin failed at %" PRIu64
                     ": paused, retrying in %u s", start, backoff);
       failing = true;
       /* The context may be dead (a lost connection): a new one. */
@@ -279,7 +282,7 @@ prefetch_thread (void *arg)
       continue;
     }
     if (failing)
-      nbdkit_debug ("qed-prefetch: the origin is back: resuming at %"
+      qed_notice ("qed-prefetch: the origin is back: resuming at %"
                     PRIu64, start);
     failing = false;
     backoff = 1;
@@ -292,12 +295,10 @@ prefetch_thread (void *arg)
       if (qed_flush (img) == 0)
         unflushed = 0;
     }
-    if (qed_verbose_enabled () && now () - last_log >= PROGRESS_SECS) {
-      last_log = now ();
-      qed_verbose ("qed-prefetch: %" PRIu64 " of %" PRIu64 " bytes scanned "
-                   "(%.0f%%), %" PRIu64 " fetched, %" PRIu64 " holes",
-                   offset, isize, 100.0 * offset / isize, fetched, holes);
-    }
+    /* The common progress line (at most every 2 s), under
+     * -D qed.verbose=1: bytes of the disk gone through. */
+    if (qed_verbose_enabled ())
+      qed_progress_step (&progress, "copying missing clusters", offset, isize);
     if (rate) {
       /* Hold the average at the rate. */
       double ahead = (double) fetched / rate - (now () - t0);
@@ -308,7 +309,7 @@ prefetch_thread (void *arg)
   if (offset >= isize) {
     if (persistent)
       qed_flush (img);
-    nbdkit_debug ("qed-prefetch: done: %" PRIu64 " bytes fetched, %" PRIu64
+    qed_notice ("qed-prefetch: done: %" PRIu64 " bytes fetched, %" PRIu64
                   " bytes found as holes, in %.1f s", fetched, holes,
                   now () - t0);
   }

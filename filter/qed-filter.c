@@ -147,6 +147,8 @@ static uint64_t detach_cursor;
 static bool verified;
 /* The export's size and name, from the first connection. */
 static int64_t export_size = -1;
+/* The origin's absence was logged (a warning, once until it is back). */
+static bool away_said;
 static char *export_name;
 
 /* A temporary overlay is created in its own private directory, made
@@ -491,8 +493,13 @@ qed_filter_open (nbdkit_next_open *next, nbdkit_context *context,
      * again in the background (offline.c). */
     if (overlay == NULL)
       return NULL;
-    nbdkit_debug ("the plugin cannot be opened: serving the overlay %s "
-                  "without its origin until it is back", overlay);
+    /* Said once until the origin is back; each connection in debug. */
+    if (!__atomic_exchange_n (&away_said, true, __ATOMIC_RELAXED))
+      qed_warning ("the plugin cannot be opened: serving the overlay %s "
+                   "without its origin until it is back", overlay);
+    else
+      nbdkit_debug ("the plugin cannot be opened: serving the overlay %s "
+                    "without its origin until it is back", overlay);
     offline = true;
   }
   if (prefetch &&
@@ -668,7 +675,7 @@ detach_poll (void)
     if (origin_detach (img) == 0 &&
         qed_detach_backing (img, 0) == 0) {
       __atomic_store_n (&detached, true, __ATOMIC_RELEASE);
-      nbdkit_debug ("qed-detach: %s holds every cluster of the disk: the "
+      qed_notice ("qed-detach: %s holds every cluster of the disk: the "
                     "origin is removed from its header; it is a "
                     "standalone QED image now", overlay);
     }
@@ -731,7 +738,8 @@ origin_back (nbdkit_next *ctx, int64_t size)
                   "above): missing clusters stay unreadable", overlay);
     return -1;
   }
-  nbdkit_debug ("qed-overlay: %s: the origin is back: missing clusters are "
+  __atomic_store_n (&away_said, false, __ATOMIC_RELAXED);
+  qed_notice ("qed-overlay: %s: the origin is back: missing clusters are "
                 "fetched again", overlay);
   return 0;
 }
