@@ -36,7 +36,7 @@ MANLINKS  = nbdkit-qed-plugin.1 nbdkit-qed-filter.1
 # The core, bottom layer first (HACKING.md).
 # io-file.c is the I/O seam over the kernel (seam.h): the fuzz target
 # links an in-memory file in its place.
-CORE_SRCS = common/io-file.c common/notice.c common/progress.c \
+CORE_SRCS = common/io-file.c common/progress.c \
             common/io.c common/lock.c common/safe-open.c \
             common/header.c common/alloc.c common/table.c common/map.c \
             common/write.c common/check.c common/freelist.c common/image.c \

@@ -95,6 +95,40 @@ qed_debug (const char *fs, ...)
   errno = e;
 }
 
+/* Notices and warnings are debug lines here, with their level. */
+static void
+vlog_level (const char *level, const char *fs, va_list args)
+{
+  int e = errno;
+
+  if (verbose) {
+    fprintf (stderr, "qed_debug: %s: ", level);
+    vfprintf (stderr, fs, args);
+    fprintf (stderr, "\n");
+  }
+  errno = e;
+}
+
+void
+qed_notice (const char *fs, ...)
+{
+  va_list args;
+
+  va_start (args, fs);
+  vlog_level ("notice", fs, args);
+  va_end (args);
+}
+
+void
+qed_warning (const char *fs, ...)
+{
+  va_list args;
+
+  va_start (args, fs);
+  vlog_level ("warning", fs, args);
+  va_end (args);
+}
+
 int
 qed_verbose_enabled (void)
 {

@@ -41,8 +41,7 @@ qed_error (const char *fs, ...)
 }
 
 /* Notices and warnings are messages the user sees too: counted with the
- * errors (nr_errors), as they were when they went through qed_error.
- * These override notice.c's weak ones. */
+ * errors (nr_errors), as they were when they went through qed_error. */
 static void
 message (const char *level, const char *fs, va_list args)
 {
