@@ -299,9 +299,10 @@ ovl_close_all (ovl_close_fn *close)
 }
 
 /* nbdinfo --list: the overlays that exist in DIR (regular files
- * NAME.qed with a name a client may ask for). */
+ * NAME.qed with a name a client may ask for), but except (a path: the
+ * shared cache, when it is in DIR). */
 int
-ovl_list (struct nbdkit_exports *exports)
+ovl_list (struct nbdkit_exports *exports, const char *except)
 {
   DIR *d = opendir (dir);
   struct dirent *ent;
@@ -321,6 +322,10 @@ ovl_list (struct nbdkit_exports *exports)
         strcmp (ent->d_name + len - sl, SUFFIX) != 0 ||
         fstatat (dirfd (d), ent->d_name, &st, AT_SYMLINK_NOFOLLOW) == -1 ||
         !S_ISREG (st.st_mode))
+      continue;
+    if (except && strncmp (except, dir, strlen (dir)) == 0 &&
+        except[strlen (dir)] == '/' &&
+        strcmp (except + strlen (dir) + 1, ent->d_name) == 0)
       continue;
     name = strndup (ent->d_name, len - sl);
     if (name == NULL) {

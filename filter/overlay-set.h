@@ -31,6 +31,6 @@ extern void ovl_release (struct ovl *o, ovl_close_fn *close);
 extern void ovl_close_all (ovl_close_fn *close);
 
 struct nbdkit_exports;
-extern int ovl_list (struct nbdkit_exports *exports);
+extern int ovl_list (struct nbdkit_exports *exports, const char *except);
 
 #endif /* NBDKIT_QED_OVERLAY_SET_H */

@@ -9,6 +9,8 @@
  *          [qed-freelist=BOOL]
  *          [qed-origin-id=STRING] [qed-origin-changed=error|keep|discard]
  *          [qed-detach=BOOL]
+ *   nbdkit --filter=qed PLUGIN [plugin args] qed-overlay-dir=DIR
+ *          [qed-max-exports=N] [qed-shared-cache=FILE] [the keys above]
  *
  * Behaviour notes (why things are the way they are):
  *
@@ -81,8 +83,11 @@
  *   readahead.c (read-ahead and the extents cache), origin.c (the
  *   origin guard and its record), prefetch.c (qed-prefetch, a thread
  *   with its own plugin context), offline.c (serving while the plugin
- *   cannot be opened, reopening it in the background).  qed-detach is
- *   here (detach_poll): a scan and one header write.
+ *   cannot be opened, reopening it in the background), overlay-set.c
+ *   (qed-overlay-dir: the per-export overlays, each connection's in
+ *   h->ovl) and shared-cache.c (qed-shared-cache: served here as the
+ *   one overlay is, beneath the per-export ones: struct layers).
+ *   qed-detach is here (detach_poll): a scan and one header write.
  */
 
 #include <stdio.h>
@@ -110,6 +115,7 @@
 #include "prefetch.h"
 #include "offline.h"
 #include "overlay-set.h"
+#include "shared-cache.h"
 
 /* The largest single read passed to the plugin. */
 #define MAX_BACKEND_READ (32u * 1024 * 1024)
@@ -179,6 +185,7 @@ qed_filter_unload (void)
 {
   free (overlay);
   free (backing_name);
+  sc_unload ();
   free (tmp_parent);
   free (tmp_dir);
   /* Called once per layer when stacked twice (ready_done). */
@@ -205,6 +212,8 @@ qed_filter_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
   }
   else if (strcmp (key, "qed-overlay-dir") == 0)
     return ovl_set_dir (value);
+  else if (strcmp (key, "qed-shared-cache") == 0)
+    return sc_set (value);
   else if (strcmp (key, "qed-max-exports") == 0)
     return ovl_set_max (key, value);
   else if (strcmp (key, "qed-copy-on-read") == 0)
@@ -280,6 +289,9 @@ qed_filter_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
   "                           (instead of qed-overlay).\n" \
   "qed-max-exports=<N>        With qed-overlay-dir: at most N exports\n" \
   "                           open at once (default 64).\n" \
+  "qed-shared-cache=<FILE>    With qed-overlay-dir: one QED image beneath\n" \
+  "                           every overlay keeps what is copied from\n" \
+  "                           the plugin (each origin cluster once).\n" \
   "qed-copy-on-read=<BOOL>    Store data read from the plugin in the\n" \
   "                           overlay (default true).\n" \
   "qed-zero-detect=<BOOL>     All-zero clusters become zero clusters\n" \
@@ -328,15 +340,22 @@ qed_filter_config_complete (nbdkit_next_config_complete *next,
     return -1;
   }
   if (ovl_dir ()) {
+    /* Without the shared cache, nothing keeps an origin record. */
     const char *no = overlay ? "qed-overlay"
-      : detach ? "qed-detach" : prefetch ? "qed-prefetch"
-      : origin_keys ? "qed-origin-id and qed-origin-changed" : NULL;
+      : detach ? "qed-detach"
+      : sc_path () ? NULL
+      : prefetch ? "qed-prefetch (it fills qed-shared-cache)"
+      : origin_keys ? "qed-origin-id and qed-origin-changed (they guard "
+        "qed-shared-cache)" : NULL;
 
     if (no) {
       nbdkit_error ("qed-overlay-dir: cannot be combined with %s", no);
       return -1;
     }
   }
+  /* The shared cache is served as qed-overlay's one image is. */
+  if (sc_config_complete (ovl_dir (), cs, &overlay) == -1)
+    return -1;
   return next (nxdata);
 }
 
@@ -358,8 +377,10 @@ qed_filter_get_ready (int thread_model)
   ready_done = true;
   origin_set_parallel (thread_model == NBDKIT_THREAD_MODEL_PARALLEL);
   offline_set_parallel (thread_model == NBDKIT_THREAD_MODEL_PARALLEL);
-  if (ovl_dir ())
-    return ovl_get_ready ();
+  if (ovl_dir () && ovl_get_ready () == -1)
+    return -1;
+  if (ovl_dir () && overlay == NULL)
+    return 0;
   if (detach && overlay == NULL) {
     nbdkit_error ("qed-detach: needs qed-overlay (a temporary overlay is "
                   "deleted at exit)");
@@ -516,7 +537,7 @@ qed_filter_list_exports (nbdkit_next_list_exports *next,
                          struct nbdkit_exports *exports)
 {
   if (ovl_dir ())
-    return ovl_list (exports);
+    return ovl_list (exports, sc_path ());
   return next (nxdata, readonly, exports);
 }
 
@@ -587,7 +608,7 @@ qed_filter_open (nbdkit_next_open *next, nbdkit_context *context,
   }
   if (prefetch &&
       prefetch_note_backend (nbdkit_context_get_backend (context),
-                             exportname) == -1)
+                             ovl_dir () ? "" : exportname) == -1)
     return NULL;
   h = calloc (1, sizeof *h);
   if (h == NULL || (h->exportname = strdup (exportname)) == NULL) {
@@ -641,11 +662,14 @@ make_tmp_dir (void)
 static int
 create_overlay (const char *path, int64_t size)
 {
+  /* A per-export overlay over the shared cache names it (QED). */
+  bool over_shared = sc_backing () && !sc_is (path);
+  const char *bname = over_shared ? sc_backing () : backing_name;
   struct qed_create_options co = {
     .size = size,
     .cluster_size = cluster_size,
-    .backing_name = backing_name,
-    .backing_raw = true,
+    .backing_name = bname,
+    .backing_raw = !over_shared,
     .private_file = true,
   };
   uint32_t cs = cluster_size ? cluster_size : QED_DEFAULT_CLUSTER_SIZE;
@@ -662,8 +686,7 @@ create_overlay (const char *path, int64_t size)
     return -1;
   nbdkit_debug ("created overlay %s: size %" PRIu64 ", cluster size %"
                 PRIu32 "%s%s", path, ROUND_UP ((uint64_t) size, 512), cs,
-                backing_name ? ", backing file " : "",
-                backing_name ? backing_name : "");
+                bname ? ", backing file " : "", bname ? bname : "");
   return 0;
 }
 
@@ -729,12 +752,19 @@ open_dir_overlay (const char *path, void *opaque)
 {
   int64_t size = *(int64_t *) opaque;
   uint64_t want = ROUND_UP ((uint64_t) size, 512);
-  struct qed_image *i = open_overlay_at (path, size);
+  struct qed_image *i;
+  const char *want_name = sc_backing () ? sc_backing () : backing_name;
+  const char *name;
 
+  if (sc_is (path)) {
+    nbdkit_error ("qed-overlay-dir: %s is qed-shared-cache, not an "
+                  "export's overlay", path);
+    return NULL;
+  }
+  i = open_overlay_at (path, size);
   if (i == NULL)
     return NULL;
-  const char *name = qed_get_backing_name (i);
-
+  name = qed_get_backing_name (i);
   if (qed_get_size (i) != want) {
     nbdkit_error ("qed-overlay-dir: %s is an overlay of a %" PRIu64 "-byte "
                   "disk, but the plugin's disk is %" PRIi64 " bytes "
@@ -743,10 +773,12 @@ open_dir_overlay (const char *path, void *opaque)
     qed_close (i);
     return NULL;
   }
-  if (backing_name && (name == NULL || strcmp (name, backing_name) != 0)) {
+  if (want_name && (name == NULL || strcmp (name, want_name) != 0)) {
     nbdkit_error ("qed-overlay-dir: %s records %s%s%s as its backing file, "
-                  "not qed-backing-name=%s", path, name ? "\"" : "",
-                  name ? name : "no name", name ? "\"" : "", backing_name);
+                  "not %s=%s", path, name ? "\"" : "",
+                  name ? name : "no name", name ? "\"" : "",
+                  sc_backing () ? "qed-shared-cache" : "qed-backing-name",
+                  want_name);
     qed_close (i);
     return NULL;
   }
@@ -915,19 +947,24 @@ prepare_offline (struct qed_handle *h)
   return 0;
 }
 
+static int prepare_image (nbdkit_next *next, const char *exportname,
+                          int64_t size);
+
 static int
 qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
 {
   struct qed_handle *h = handle;
-  struct qed_image *img;
   int64_t size;
-  uint64_t want;
 
   if (ovl_dir ()) {
     if (h->ovl)
       return 0;
     size = next->get_size (next);
     if (size == -1)
+      return -1;
+    /* qed-shared-cache: the shared image first (the per-export
+     * overlays' backing file), opened as qed-overlay's one. */
+    if (overlay && prepare_image (next, "", size) == -1)
       return -1;
     h->ovl = ovl_acquire (h->exportname, open_dir_overlay, &size);
     return h->ovl ? 0 : -1;
@@ -949,7 +986,17 @@ qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
   size = next->get_size (next);
   if (size == -1)
     return -1;
-  want = ROUND_UP ((uint64_t) size, 512);
+  return prepare_image (next, h->exportname, size);
+}
+
+/* Open the one overlay (qed-overlay, a temporary one, or the shared
+ * cache) at the first connection, or check that this connection's
+ * plugin export fits it.  exportname is the plugin's export. */
+static int
+prepare_image (nbdkit_next *next, const char *exportname, int64_t size)
+{
+  struct qed_image *img;
+  uint64_t want = ROUND_UP ((uint64_t) size, 512);
 
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&glue_open_lock);
   img = glue_image ();
@@ -960,7 +1007,7 @@ qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
     if (i == NULL)
       return -1;
     if (overlay)
-      r = origin_open (i, next, size, h->exportname);
+      r = origin_open (i, next, size, exportname);
     if (r == 2) {
       /* Detached: a standalone image.  (Finish a header write that a
        * crash may have missed.) */
@@ -976,7 +1023,7 @@ qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
       i = open_overlay (size);
       if (i == NULL)
         return -1;
-      r = origin_open (i, next, size, h->exportname);
+      r = origin_open (i, next, size, exportname);
     }
     if (r != 0) {
       qed_close (i);
@@ -992,7 +1039,7 @@ qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
       return -1;
     }
     export_size = size;
-    export_name = strdup (h->exportname);
+    export_name = strdup (exportname);
     if (export_name == NULL) {
       nbdkit_error ("strdup: %m");
       qed_close (i);
@@ -1012,10 +1059,10 @@ qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
   else if (!__atomic_load_n (&verified, __ATOMIC_ACQUIRE)) {
     /* Opened while the origin was away: check it now, before this
      * connection fetches anything from it. */
-    if (verify_late (img, next, size, h->exportname) == -1)
+    if (verify_late (img, next, size, exportname) == -1)
       return -1;
   }
-  else if (overlay && origin_check_export (overlay, h->exportname) == -1)
+  else if (overlay && origin_check_export (overlay, exportname) == -1)
     return -1;
   return 0;
 }
@@ -1356,6 +1403,48 @@ away_read (void *opaque, void *buf, uint64_t count, uint64_t offset)
 
 static const struct qed_below away_below = { .read = away_read };
 
+/* The layers beneath a request's overlay.  Without qed-shared-cache it
+ * is the plugin (copy-on-read into the overlay itself when cor).  With
+ * it, a per-export overlay never copies what it reads: the layer
+ * beneath it is the shared cache (glue_image), and the shared cache's
+ * is the plugin, with copy-on-read into the shared cache (cor, as
+ * qed-copy-on-read says, for writes too), so that every origin
+ * cluster is fetched once, whichever export reads it; the core's fill
+ * rule (a fill lands only in clusters still unallocated) and the
+ * read-ahead's claims keep concurrent fills from several exports
+ * apart, as they do for the connections of one overlay. */
+struct layers {
+  struct qed_image *img;        /* the connection's overlay */
+  struct cor_request req;       /* a miss of the image that fetches */
+  struct qed_below fetch;       /* the plugin, beneath that image */
+  const struct qed_below *fb;   /* &fetch, away_below or NULL */
+  struct sc_below sc;           /* {fb}: beneath the shared cache */
+  struct qed_below shared;      /* the shared cache, beneath img */
+  const struct qed_below *b;    /* what is beneath img */
+};
+
+static void
+layers_init (struct layers *l, void *handle, nbdkit_next *o, bool cor)
+{
+  bool shared = sc_backing () != NULL;
+
+  l->img = handle_image (handle);
+  if (shared)
+    cor = copy_on_read;
+  l->req = (struct cor_request) {
+    .next = o, .img = shared ? glue_image () : l->img,
+  };
+  l->fetch = (struct qed_below) {
+    .read = cor ? cor_read : backend_read,
+    .opaque = cor ? (void *) &l->req : (void *) o,
+  };
+  /* A detached overlay holds every cluster: nothing falls through. */
+  l->fb = is_detached () ? NULL : o ? &l->fetch : &away_below;
+  l->sc = (struct sc_below) { .below = l->fb };
+  l->shared = (struct qed_below) { .read = sc_read, .opaque = &l->sc };
+  l->b = shared ? &l->shared : l->fb;
+}
+
 static int
 qed_filter_pread (nbdkit_next *next, void *handle,
                   void *buf, uint32_t count, uint64_t offset,
@@ -1364,25 +1453,19 @@ qed_filter_pread (nbdkit_next *next, void *handle,
   struct qed_handle *h = handle;
   bool locked;
   nbdkit_next *o = origin_get (next, &locked);
-  struct qed_image *img = handle_image (handle);
-  struct cor_request req = { .next = o, .img = img };
-  struct qed_below below = {
-    .read = copy_on_read ? cor_read : backend_read,
-    .opaque = copy_on_read ? (void *) &req : (void *) o,
-  };
+  struct layers l;
   int r = 0;
-  /* A detached overlay holds every cluster: nothing falls through. */
-  const struct qed_below *b = is_detached () ? NULL
-    : o ? &below : &away_below;
 
+  layers_init (&l, handle, o, copy_on_read);
   prefetch_guest_begin ();
 
   if (__atomic_add_fetch (&h->reads_in_progress, 1, __ATOMIC_RELAXED) > 1)
     __atomic_store_n (&h->pipelined_for, PIPELINED_READS, __ATOMIC_RELAXED);
   else if (__atomic_load_n (&h->pipelined_for, __ATOMIC_RELAXED) > 0)
     __atomic_sub_fetch (&h->pipelined_for, 1, __ATOMIC_RELAXED);
-  req.pipelined = __atomic_load_n (&h->pipelined_for, __ATOMIC_RELAXED) > 0;
-  if (qed_read (img, b, buf, count, offset) == -1)
+  l.req.pipelined = __atomic_load_n (&h->pipelined_for,
+                                     __ATOMIC_RELAXED) > 0;
+  if (qed_read (l.img, l.b, buf, count, offset) == -1)
     r = glue_fail (err);
   __atomic_sub_fetch (&h->reads_in_progress, 1, __ATOMIC_RELAXED);
   origin_put (locked);
@@ -1397,15 +1480,15 @@ qed_filter_pwrite (nbdkit_next *next, void *handle,
 {
   bool locked;
   nbdkit_next *o = origin_get (next, &locked);
-  struct qed_below below = { .read = backend_read, .opaque = o };
+  struct layers l;
   /* FUA on a temporary overlay would only cost time. */
   unsigned f = glue_write_flags (flags, persistent (), zero_detect);
   int r = 0;
 
+  layers_init (&l, handle, o, false);
   prefetch_guest_begin ();
   glue_note_write ();
-  if (qed_write (handle_image (handle), is_detached () ? NULL
-                 : o ? &below : &away_below, buf, count, offset, f) == -1)
+  if (qed_write (l.img, l.b, buf, count, offset, f) == -1)
     r = glue_fail (err);
   origin_put (locked);
   prefetch_guest_end ();
@@ -1419,13 +1502,13 @@ qed_filter_zero (nbdkit_next *next, void *handle,
 {
   bool locked;
   nbdkit_next *o = origin_get (next, &locked);
-  struct qed_below below = { .read = backend_read, .opaque = o };
+  struct layers l;
   unsigned f = glue_zero_flags (flags, persistent ());
   int r = 0;
 
+  layers_init (&l, handle, o, false);
   glue_note_write ();
-  if (qed_zero (handle_image (handle), is_detached () ? NULL
-                : o ? &below : &away_below, count, offset, f) == -1) {
+  if (qed_zero (l.img, l.b, count, offset, f) == -1) {
     r = glue_fail (err);
     /* ENOTSUP is only allowed as the answer to a fast zero. */
     if (!(flags & NBDKIT_FLAG_FAST_ZERO) &&
@@ -1442,12 +1525,12 @@ qed_filter_trim (nbdkit_next *next, void *handle,
 {
   bool locked;
   nbdkit_next *o = origin_get (next, &locked);
-  struct qed_below below = { .read = backend_read, .opaque = o };
+  struct layers l;
   int r = 0;
 
+  layers_init (&l, handle, o, false);
   glue_note_write ();
-  if (qed_trim (handle_image (handle), is_detached () ? NULL
-                : o ? &below : &away_below, count, offset,
+  if (qed_trim (l.img, l.b, count, offset,
                 glue_trim_flags (flags, persistent ())) == -1)
     r = glue_fail (err);
   origin_put (locked);
@@ -1468,7 +1551,11 @@ static int
 qed_filter_cache (nbdkit_next *next, void *handle,
                   uint32_t count, uint64_t offset, uint32_t flags, int *err)
 {
-  struct fetch_ctx f = { .next = next, .img = handle_image (handle) };
+  /* With qed-shared-cache, the range is copied into the shared cache
+   * (the export's own overlay keeps only writes). */
+  struct fetch_ctx f = {
+    .next = next, .img = sc_path () ? glue_image () : handle_image (handle),
+  };
   struct qed_below below = { .prefetch = cor_prefetch, .opaque = &f };
 
   /* A hint: nothing to do without an origin (or with a connection
@@ -1569,11 +1656,17 @@ qed_filter_extents (nbdkit_next *next, void *handle,
   bool locked;
   nbdkit_next *o = origin_get (next, &locked);
   struct extents_ctx x = { .next = o, .can_extents = o ? -1 : 0 };
+  /* With qed-shared-cache, an unallocated run of a per-export overlay
+   * is what the shared cache says of it (and the plugin beneath). */
+  struct sc_below sc = {
+    .unallocated = is_detached () ? NULL : below_extents, .opaque = &x,
+  };
   int r = 0;
 
   /* (Away, unallocated runs are reported as data.) */
   if (glue_extents (handle_image (handle), count, offset, req_one, extents,
-                    is_detached () ? NULL : below_extents, &x) == -1)
+                    sc_path () ? sc_extents : sc.unallocated,
+                    sc_path () ? (void *) &sc : (void *) &x) == -1)
     r = glue_fail (err);
   origin_put (locked);
   return r;
