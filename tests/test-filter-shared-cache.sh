@@ -16,6 +16,7 @@
 #     restart: every file checks clean apart from leaks of an image
 #     with NEED_CHECK set, every export reads as before, and after a
 #     clean stop every file checks clean.
+#  5. qed-prefetch fills the shared cache (and only it).
 . "$(dirname "$0")/functions.sh"
 requires nbdsh --version
 requires nbdcopy --version
@@ -152,6 +153,20 @@ for f in ov/*.qed; do
   qemu_check "$f"
   [ "$(need_check "$f")" = 0 ] || fail "$f still has NEED_CHECK"
 done
+
+# qed-prefetch fills the shared cache (the first connection starts it).
+rm -f ov/*.qed
+: > nginx/access.log
+serve p qed-prefetch=true
+nbdinfo --size "$(u p a)" >/dev/null
+wait_log p "qed-prefetch: done"
+stop_nbdkit p
+qemu_check ov/shared.qed
+qemu-img compare -f qed -F raw ov/shared.qed www/disk.img ||
+  fail "the prefetch did not fill the shared cache"
+[ "$(allocated ov/a.qed)" -le $((M)) ] || fail "the prefetch filled a.qed"
+[ "$(http_body_bytes)" -le $((size * 105 / 100)) ] ||
+  fail "the prefetch read $(http_body_bytes) bytes"
 
 # Bad combinations.
 expect_fail "no dir" "qed-shared-cache: needs qed-overlay-dir" \
