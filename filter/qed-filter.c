@@ -720,7 +720,10 @@ open_overlay_at (const char *ppath, int64_t size)
     made = true;
     oo.fd = qed_open_overlay_fd (path, true, &missing);
   }
-  glue_release_startup_locks ();
+  /* The start-up locks are the one overlay's (glue_open_lock held);
+   * a per-export overlay has none. */
+  if (ppath == NULL || ppath == overlay)
+    glue_release_startup_locks ();
   qed_clear_last_error ();
   if (oo.fd >= 0)
     i = qed_open (path, &oo);
