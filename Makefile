@@ -68,8 +68,10 @@ $(PLUGIN): $(PLUGIN_SRCS) $(PLUGIN_HDRS) $(CORE_SRCS) $(SEAM_SRC) \
 	  -shared $(LDFLAGS) -o $@ $(PLUGIN_SRCS) $(CORE_SRCS) $(SEAM_SRC)
 
 FILTER_SRCS = filter/qed-filter.c filter/readahead.c filter/origin.c \
+              filter/overlay-set.c filter/shared-cache.c \
               filter/prefetch.c filter/offline.c
 FILTER_HDRS = filter/readahead.h filter/origin.h filter/prefetch.h \
+              filter/overlay-set.h filter/shared-cache.h \
               filter/offline.h
 
 $(FILTER): $(FILTER_SRCS) $(FILTER_HDRS) $(CORE_SRCS) $(SEAM_SRC) \

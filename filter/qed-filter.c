@@ -9,6 +9,8 @@
  *          [qed-freelist=BOOL]
  *          [qed-origin-id=STRING] [qed-origin-changed=error|keep|discard]
  *          [qed-detach=BOOL]
+ *   nbdkit --filter=qed PLUGIN [plugin args] qed-overlay-dir=DIR
+ *          [qed-max-exports=N] [qed-shared-cache=FILE] [the keys above]
  *
  * Behaviour notes (why things are the way they are):
  *
@@ -81,8 +83,11 @@
  *   readahead.c (read-ahead and the extents cache), origin.c (the
  *   origin guard and its record), prefetch.c (qed-prefetch, a thread
  *   with its own plugin context), offline.c (serving while the plugin
- *   cannot be opened, reopening it in the background).  qed-detach is
- *   here (detach_poll): a scan and one header write.
+ *   cannot be opened, reopening it in the background), overlay-set.c
+ *   (qed-overlay-dir: the per-export overlays, each connection's in
+ *   h->ovl) and shared-cache.c (qed-shared-cache: served here as the
+ *   one overlay is, beneath the per-export ones: struct layers).
+ *   qed-detach is here (detach_poll): a scan and one header write.
  */
 
 #include <stdio.h>
@@ -109,6 +114,8 @@
 #include "origin.h"
 #include "prefetch.h"
 #include "offline.h"
+#include "overlay-set.h"
+#include "shared-cache.h"
 
 /* The largest single read passed to the plugin. */
 #define MAX_BACKEND_READ (32u * 1024 * 1024)
@@ -132,6 +139,7 @@ static uint64_t compact_limit = QED_DEFAULT_COMPACT_LIMIT;
 static bool freelist = true;
 static bool detach;
 static bool prefetch;
+static bool origin_keys;                /* qed-origin-id or -changed given */
 
 /* The overlay holds every cluster and no longer names its origin
  * (qed-detach): the plugin is never read again (atomic). */
@@ -162,13 +170,22 @@ static char *tmp_dir;
  * descriptor (and frees the parameters twice). */
 static bool ready_done, fork_done;
 
-/* The overlay itself, opened at the first prepare, is glue_image. */
+/* The overlay itself, opened at the first prepare, is glue_image;
+ * with qed-overlay-dir, each connection's is its export's (h->ovl). */
+
+/* The overlays outlive nbdkit (qed-overlay or qed-overlay-dir). */
+static bool
+persistent (void)
+{
+  return overlay != NULL || ovl_dir () != NULL;
+}
 
 static void
 qed_filter_unload (void)
 {
   free (overlay);
   free (backing_name);
+  sc_unload ();
   free (tmp_parent);
   free (tmp_dir);
   /* Called once per layer when stacked twice (ready_done). */
@@ -176,6 +193,7 @@ qed_filter_unload (void)
   ra_log_stats ();
   extcache_free ();
   origin_unload ();
+  ovl_unload ();
 }
 
 static int
@@ -192,6 +210,12 @@ qed_filter_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
     overlay = nbdkit_absolute_path (value);
     return overlay ? 0 : -1;
   }
+  else if (strcmp (key, "qed-overlay-dir") == 0)
+    return ovl_set_dir (value);
+  else if (strcmp (key, "qed-shared-cache") == 0)
+    return sc_set (value);
+  else if (strcmp (key, "qed-max-exports") == 0)
+    return ovl_set_max (key, value);
   else if (strcmp (key, "qed-copy-on-read") == 0)
     return glue_parse_bool (key, value, &copy_on_read);
   else if (strcmp (key, "qed-zero-detect") == 0)
@@ -235,10 +259,14 @@ qed_filter_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
   }
   else if (strcmp (key, "qed-freelist") == 0)
     return glue_parse_bool (key, value, &freelist);
-  else if (strcmp (key, "qed-origin-id") == 0)
+  else if (strcmp (key, "qed-origin-id") == 0) {
+    origin_keys = true;
     return origin_set_id (value);
-  else if (strcmp (key, "qed-origin-changed") == 0)
+  }
+  else if (strcmp (key, "qed-origin-changed") == 0) {
+    origin_keys = true;
     return origin_set_changed (value);
+  }
   else if (strcmp (key, "qed-detach") == 0)
     return glue_parse_bool (key, value, &detach);
   else if (strcmp (key, "qed-prefetch") == 0)
@@ -257,6 +285,13 @@ qed_filter_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
 #define qed_filter_config_help \
   "qed-overlay=<FILE>         The QED overlay (created if missing;\n" \
   "                           default: a temporary file in $TMPDIR).\n" \
+  "qed-overlay-dir=<DIR>      An overlay DIR/NAME.qed per export NAME\n" \
+  "                           (instead of qed-overlay).\n" \
+  "qed-max-exports=<N>        With qed-overlay-dir: at most N exports\n" \
+  "                           open at once (default 64).\n" \
+  "qed-shared-cache=<FILE>    With qed-overlay-dir: one QED image beneath\n" \
+  "                           every overlay keeps what is copied from\n" \
+  "                           the plugin (each origin cluster once).\n" \
   "qed-copy-on-read=<BOOL>    Store data read from the plugin in the\n" \
   "                           overlay (default true).\n" \
   "qed-zero-detect=<BOOL>     All-zero clusters become zero clusters\n" \
@@ -304,6 +339,23 @@ qed_filter_config_complete (nbdkit_next_config_complete *next,
                   strlen (backing_name));
     return -1;
   }
+  if (ovl_dir ()) {
+    /* Without the shared cache, nothing keeps an origin record. */
+    const char *no = overlay ? "qed-overlay"
+      : detach ? "qed-detach"
+      : sc_path () ? NULL
+      : prefetch ? "qed-prefetch (it fills qed-shared-cache)"
+      : origin_keys ? "qed-origin-id and qed-origin-changed (they guard "
+        "qed-shared-cache)" : NULL;
+
+    if (no) {
+      nbdkit_error ("qed-overlay-dir: cannot be combined with %s", no);
+      return -1;
+    }
+  }
+  /* The shared cache is served as qed-overlay's one image is. */
+  if (sc_config_complete (ovl_dir (), cs, &overlay) == -1)
+    return -1;
   return next (nxdata);
 }
 
@@ -325,6 +377,10 @@ qed_filter_get_ready (int thread_model)
   ready_done = true;
   origin_set_parallel (thread_model == NBDKIT_THREAD_MODEL_PARALLEL);
   offline_set_parallel (thread_model == NBDKIT_THREAD_MODEL_PARALLEL);
+  if (ovl_dir () && ovl_get_ready () == -1)
+    return -1;
+  if (ovl_dir () && overlay == NULL)
+    return 0;
   if (detach && overlay == NULL) {
     nbdkit_error ("qed-detach: needs qed-overlay (a temporary overlay is "
                   "deleted at exit)");
@@ -429,13 +485,22 @@ qed_filter_after_fork (nbdkit_backend *backend)
   if (fork_done)
     return 0;
   fork_done = true;
-  /* A temporary overlay is never read again: no point cleaning it. */
+  /* A temporary overlay is never read again: no point cleaning it.
+   * Per-export overlays are cleaned when their last connection ends. */
   if (overlay == NULL)
     return 0;
   fd = qed_hold_overlay_locks (overlay, locking);
   if (fd == -2)
     return -1;
   return glue_after_fork (fd, IDLE_CLEAN);
+}
+
+/* Close a per-export overlay (its last connection ended). */
+static void
+close_dir_overlay (struct qed_image *img, const char *path)
+{
+  if (qed_close (img) == -1)
+    nbdkit_error ("qed-overlay-dir: closing %s failed", path);
 }
 
 static void
@@ -445,6 +510,7 @@ qed_filter_cleanup (nbdkit_backend *backend)
 
   prefetch_stop ();             /* it uses the overlay and the plugin */
   offline_stop ();
+  ovl_close_all (close_dir_overlay);
   img = glue_cleanup ();
   free (export_name);
   export_name = NULL;
@@ -463,9 +529,31 @@ qed_filter_cleanup (nbdkit_backend *backend)
   }
 }
 
+/* With qed-overlay-dir the export names are the overlays' (the plugin
+ * is always opened with its default export). */
+static int
+qed_filter_list_exports (nbdkit_next_list_exports *next,
+                         nbdkit_backend *nxdata, int readonly, int is_tls,
+                         struct nbdkit_exports *exports)
+{
+  if (ovl_dir ())
+    return ovl_list (exports, sc_path ());
+  return next (nxdata, readonly, exports);
+}
+
+static const char *
+qed_filter_default_export (nbdkit_next_default_export *next,
+                           nbdkit_backend *nxdata, int readonly, int is_tls)
+{
+  if (ovl_dir ())
+    return "";                  /* default.qed */
+  return next (nxdata, readonly);
+}
+
 /* Per connection. */
 struct qed_handle {
   char *exportname;             /* the plugin export of this connection */
+  struct ovl *ovl;              /* qed-overlay-dir: its export's overlay */
   bool offline;                 /* the plugin could not be opened */
   unsigned reads_in_progress;   /* atomic */
   /* Reads to go before the connection counts as reading one at a time
@@ -477,6 +565,15 @@ struct qed_handle {
  * as one that keeps reads in flight (its queue drains now and then). */
 #define PIPELINED_READS 256
 
+/* The overlay a connection reads and writes. */
+static struct qed_image *
+handle_image (void *handle)
+{
+  struct qed_handle *h = handle;
+
+  return h->ovl ? ovl_image (h->ovl) : glue_image ();
+}
+
 static offline_back_fn origin_back;
 
 static void *
@@ -486,8 +583,15 @@ qed_filter_open (nbdkit_next_open *next, nbdkit_context *context,
   struct qed_handle *h;
   bool offline = false;
 
+  if (ovl_dir ()) {
+    /* Every overlay sits over the plugin's default export; the name
+     * chooses the overlay.  No offline serving: a connection needs
+     * the origin. */
+    if (!ovl_check_name (exportname) || next (context, 1, "") == -1)
+      return NULL;
+  }
   /* Always open the plugin read-only: it never receives a write. */
-  if (next (context, 1, exportname) == -1) {
+  else if (next (context, 1, exportname) == -1) {
     /* A persistent overlay is served without its origin (held
      * clusters read, missing ones fail), and the plugin is opened
      * again in the background (offline.c). */
@@ -504,7 +608,7 @@ qed_filter_open (nbdkit_next_open *next, nbdkit_context *context,
   }
   if (prefetch &&
       prefetch_note_backend (nbdkit_context_get_backend (context),
-                             exportname) == -1)
+                             ovl_dir () ? "" : exportname) == -1)
     return NULL;
   h = calloc (1, sizeof *h);
   if (h == NULL || (h->exportname = strdup (exportname)) == NULL) {
@@ -524,6 +628,8 @@ qed_filter_close (void *handle)
 {
   struct qed_handle *h = handle;
 
+  if (h->ovl)
+    ovl_release (h->ovl, close_dir_overlay);
   free (h->exportname);
   free (h);
 }
@@ -556,11 +662,14 @@ make_tmp_dir (void)
 static int
 create_overlay (const char *path, int64_t size)
 {
+  /* A per-export overlay over the shared cache names it (QED). */
+  bool over_shared = sc_backing () && !sc_is (path);
+  const char *bname = over_shared ? sc_backing () : backing_name;
   struct qed_create_options co = {
     .size = size,
     .cluster_size = cluster_size,
-    .backing_name = backing_name,
-    .backing_raw = true,
+    .backing_name = bname,
+    .backing_raw = !over_shared,
     .private_file = true,
   };
   uint32_t cs = cluster_size ? cluster_size : QED_DEFAULT_CLUSTER_SIZE;
@@ -577,27 +686,27 @@ create_overlay (const char *path, int64_t size)
     return -1;
   nbdkit_debug ("created overlay %s: size %" PRIu64 ", cluster size %"
                 PRIu32 "%s%s", path, ROUND_UP ((uint64_t) size, 512), cs,
-                backing_name ? ", backing file " : "",
-                backing_name ? backing_name : "");
+                bname ? ", backing file " : "", bname ? bname : "");
   return 0;
 }
 
-/* Create (if needed) and open the overlay for a plugin of this size.
- * An existing one must be ours (qed_open_overlay_fd).  glue_open_lock
- * held.
+/* Create (if needed) and open the overlay at ppath (NULL: a temporary
+ * one) for a plugin of this size.  An existing one must be ours
+ * (qed_open_overlay_fd).  glue_open_lock held, or the overlay is one
+ * of qed-overlay-dir's, OPENING in the set.
  */
 static struct qed_image *
-open_overlay (int64_t size)
+open_overlay_at (const char *ppath, int64_t size)
 {
   struct qed_open_options oo = { .readonly = false, .locking = locking,
                                  .use_fd = true, .freelist = freelist,
                                  .compact_limit = compact_limit };
   CLEANUP_FREE char *tmp_file = NULL;
   struct qed_image *i = NULL;
-  const char *path = overlay;
+  const char *path = ppath;
   bool missing = true, made = false;
 
-  if (overlay == NULL) {
+  if (ppath == NULL) {
     if (make_tmp_dir () == -1)
       return NULL;
     if (asprintf (&tmp_file, "%s/overlay.qed", tmp_dir) == -1) {
@@ -606,26 +715,75 @@ open_overlay (int64_t size)
     }
     path = tmp_file;
   }
-  oo.fd = overlay ? qed_open_overlay_fd (path, true, &missing) : -1;
+  oo.fd = ppath ? qed_open_overlay_fd (path, true, &missing) : -1;
   if (oo.fd == -1 && missing && create_overlay (path, size) == 0) {
     made = true;
     oo.fd = qed_open_overlay_fd (path, true, &missing);
   }
-  glue_release_startup_locks ();
+  /* The start-up locks are the one overlay's (glue_open_lock held);
+   * a per-export overlay has none. */
+  if (ppath == NULL || ppath == overlay)
+    glue_release_startup_locks ();
   qed_clear_last_error ();
   if (oo.fd >= 0)
     i = qed_open (path, &oo);
   if (i == NULL)
-    qed_open_failed ("qed-overlay", path);
-  if (i == NULL && made && overlay)
+    qed_open_failed (ovl_dir () ? "qed-overlay-dir" : "qed-overlay", path);
+  if (i == NULL && made && ppath)
     unlink (path);              /* the next connection starts afresh */
-  if (overlay == NULL) {
+  if (ppath == NULL) {
     /* Nothing of a temporary overlay outlives nbdkit (after a failure,
      * the next connection starts again). */
     unlink (path);
     rmdir (tmp_dir);
     free (tmp_dir);
     tmp_dir = NULL;
+  }
+  return i;
+}
+
+static struct qed_image *
+open_overlay (int64_t size)
+{
+  return open_overlay_at (overlay, size);
+}
+
+/* qed-overlay-dir: open (or create) an export's overlay over the
+ * plugin's default export, of *opaque bytes. */
+static struct qed_image *
+open_dir_overlay (const char *path, void *opaque)
+{
+  int64_t size = *(int64_t *) opaque;
+  uint64_t want = ROUND_UP ((uint64_t) size, 512);
+  struct qed_image *i;
+  const char *want_name = sc_backing () ? sc_backing () : backing_name;
+  const char *name;
+
+  if (sc_is (path)) {
+    nbdkit_error ("qed-overlay-dir: %s is qed-shared-cache, not an "
+                  "export's overlay", path);
+    return NULL;
+  }
+  i = open_overlay_at (path, size);
+  if (i == NULL)
+    return NULL;
+  name = qed_get_backing_name (i);
+  if (qed_get_size (i) != want) {
+    nbdkit_error ("qed-overlay-dir: %s is an overlay of a %" PRIu64 "-byte "
+                  "disk, but the plugin's disk is %" PRIi64 " bytes "
+                  "(%" PRIu64 " rounded up to 512)", path,
+                  qed_get_size (i), size, want);
+    qed_close (i);
+    return NULL;
+  }
+  if (want_name && (name == NULL || strcmp (name, want_name) != 0)) {
+    nbdkit_error ("qed-overlay-dir: %s records %s%s%s as its backing file, "
+                  "not %s=%s", path, name ? "\"" : "",
+                  name ? name : "no name", name ? "\"" : "",
+                  sc_backing () ? "qed-shared-cache" : "qed-backing-name",
+                  want_name);
+    qed_close (i);
+    return NULL;
   }
   return i;
 }
@@ -792,14 +950,28 @@ prepare_offline (struct qed_handle *h)
   return 0;
 }
 
+static int prepare_image (nbdkit_next *next, const char *exportname,
+                          int64_t size);
+
 static int
 qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
 {
   struct qed_handle *h = handle;
-  struct qed_image *img;
   int64_t size;
-  uint64_t want;
 
+  if (ovl_dir ()) {
+    if (h->ovl)
+      return 0;
+    size = next->get_size (next);
+    if (size == -1)
+      return -1;
+    /* qed-shared-cache: the shared image first (the per-export
+     * overlays' backing file), opened as qed-overlay's one. */
+    if (overlay && prepare_image (next, "", size) == -1)
+      return -1;
+    h->ovl = ovl_acquire (h->exportname, open_dir_overlay, &size);
+    return h->ovl ? 0 : -1;
+  }
   if (h->offline) {
     ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&glue_open_lock);
     if (glue_image () == NULL)
@@ -817,7 +989,17 @@ qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
   size = next->get_size (next);
   if (size == -1)
     return -1;
-  want = ROUND_UP ((uint64_t) size, 512);
+  return prepare_image (next, h->exportname, size);
+}
+
+/* Open the one overlay (qed-overlay, a temporary one, or the shared
+ * cache) at the first connection, or check that this connection's
+ * plugin export fits it.  exportname is the plugin's export. */
+static int
+prepare_image (nbdkit_next *next, const char *exportname, int64_t size)
+{
+  struct qed_image *img;
+  uint64_t want = ROUND_UP ((uint64_t) size, 512);
 
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&glue_open_lock);
   img = glue_image ();
@@ -828,7 +1010,7 @@ qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
     if (i == NULL)
       return -1;
     if (overlay)
-      r = origin_open (i, next, size, h->exportname);
+      r = origin_open (i, next, size, exportname);
     if (r == 2) {
       /* Detached: a standalone image.  (Finish a header write that a
        * crash may have missed.) */
@@ -844,7 +1026,7 @@ qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
       i = open_overlay (size);
       if (i == NULL)
         return -1;
-      r = origin_open (i, next, size, h->exportname);
+      r = origin_open (i, next, size, exportname);
     }
     if (r != 0) {
       qed_close (i);
@@ -860,7 +1042,7 @@ qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
       return -1;
     }
     export_size = size;
-    export_name = strdup (h->exportname);
+    export_name = strdup (exportname);
     if (export_name == NULL) {
       nbdkit_error ("strdup: %m");
       qed_close (i);
@@ -880,10 +1062,10 @@ qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
   else if (!__atomic_load_n (&verified, __ATOMIC_ACQUIRE)) {
     /* Opened while the origin was away: check it now, before this
      * connection fetches anything from it. */
-    if (verify_late (img, next, size, h->exportname) == -1)
+    if (verify_late (img, next, size, exportname) == -1)
       return -1;
   }
-  else if (overlay && origin_check_export (overlay, h->exportname) == -1)
+  else if (overlay && origin_check_export (overlay, exportname) == -1)
     return -1;
   return 0;
 }
@@ -913,7 +1095,7 @@ qed_filter_block_size (nbdkit_next *next, void *handle,
                        uint32_t *minimum, uint32_t *preferred,
                        uint32_t *maximum)
 {
-  struct qed_image *img = glue_image ();
+  struct qed_image *img = handle_image (handle);
   uint32_t cs = img ? qed_get_cluster_size (img)
     : cluster_size ? cluster_size : QED_DEFAULT_CLUSTER_SIZE;
 
@@ -999,10 +1181,10 @@ backend_read (void *opaque, void *buf, uint64_t count, uint64_t offset)
  * unallocated.
  */
 static int
-fetch_clusters_counted (nbdkit_next *next, char *wbuf, uint64_t start,
+fetch_clusters_counted (nbdkit_next *next, struct qed_image *img,
+                        char *wbuf, uint64_t start,
                         uint64_t end, uint64_t *nread, uint64_t *nholes)
 {
-  struct qed_image *img = glue_image ();
   uint64_t cs = qed_get_cluster_size (img);
   uint64_t n = (end - start + cs - 1) / cs, i, j;
   int64_t size = next->get_size (next);
@@ -1059,10 +1241,17 @@ fetch_clusters_counted (nbdkit_next *next, char *wbuf, uint64_t start,
   return 0;
 }
 
+/* The plugin context and the overlay of a fetch. */
+struct fetch_ctx {
+  nbdkit_next *next;
+  struct qed_image *img;
+};
+
 static int
-fetch_clusters (nbdkit_next *next, char *wbuf, uint64_t start, uint64_t end)
+fetch_clusters (nbdkit_next *next, struct qed_image *img, char *wbuf,
+                uint64_t start, uint64_t end)
 {
-  return fetch_clusters_counted (next, wbuf, start, end, NULL, NULL);
+  return fetch_clusters_counted (next, img, wbuf, start, end, NULL, NULL);
 }
 
 /* qed-prefetch's fetch: the same, through its own context. */
@@ -1070,13 +1259,16 @@ static int
 prefetch_fetch (nbdkit_next *next, char *buf, uint64_t start, uint64_t end,
                 uint64_t *nread, uint64_t *nholes)
 {
-  return fetch_clusters_counted (next, buf, start, end, nread, nholes);
+  return fetch_clusters_counted (next, glue_image (), buf, start, end,
+                                 nread, nholes);
 }
 
 static int
-fetch_into (void *next, char *wbuf, uint64_t start, uint64_t end)
+fetch_into (void *opaque, char *wbuf, uint64_t start, uint64_t end)
 {
-  return fetch_clusters (next, wbuf, start, end);
+  struct fetch_ctx *f = opaque;
+
+  return fetch_clusters (f->next, f->img, wbuf, start, end);
 }
 
 /* Copy-on-read: read [offset, offset+count) (an unallocated run) from
@@ -1086,10 +1278,13 @@ fetch_into (void *next, char *wbuf, uint64_t start, uint64_t end)
  * requests can be up to 4G: they go in chunks.
  */
 static int
-cor_fetch (nbdkit_next *next, void *buf, uint64_t count, uint64_t offset)
+cor_fetch (nbdkit_next *next, struct qed_image *img, void *buf,
+           uint64_t count, uint64_t offset)
 {
-  return glue_cor_fetch (glue_image (), buf, count, offset,
-                         buf ? UINT64_MAX : CACHE_CHUNK, fetch_into, next);
+  struct fetch_ctx f = { .next = next, .img = img };
+
+  return glue_cor_fetch (img, buf, count, offset,
+                         buf ? UINT64_MAX : CACHE_CHUNK, fetch_into, &f);
 }
 
 /* Fetch [start, fetch_end), the clusters of the read [offset,
@@ -1098,12 +1293,14 @@ cor_fetch (nbdkit_next *next, void *buf, uint64_t count, uint64_t offset)
  * fetches only what the client asked for.
  */
 static int
-fetch_ahead (nbdkit_next *next, void *buf, uint64_t count, uint64_t offset,
+fetch_ahead (nbdkit_next *next, struct qed_image *img, void *buf,
+             uint64_t count, uint64_t offset,
              uint64_t start, uint64_t fetch_end)
 {
   CLEANUP_FREE char *bounce = malloc (fetch_end - start);
 
-  if (bounce == NULL || fetch_clusters (next, bounce, start, fetch_end) == -1) {
+  if (bounce == NULL ||
+      fetch_clusters (next, img, bounce, start, fetch_end) == -1) {
     nbdkit_debug ("read-ahead of [%" PRIu64 ", %" PRIu64 ") failed: "
                   "reading only the request", start, fetch_end);
     return -1;
@@ -1115,6 +1312,7 @@ fetch_ahead (nbdkit_next *next, void *buf, uint64_t count, uint64_t offset,
 /* What a copy-on-read miss needs to know of its request. */
 struct cor_request {
   nbdkit_next *next;
+  struct qed_image *img;        /* the connection's overlay */
   /* The connection had other reads in progress when this one came,
    * or lately: the client keeps several in flight itself, which hide
    * the plugin's latency already, and a read-ahead would make them
@@ -1127,7 +1325,7 @@ cor_read (void *opaque, void *buf, uint64_t count, uint64_t offset)
 {
   struct cor_request *req = opaque;
   nbdkit_next *next = req->next;
-  struct qed_image *img = glue_image ();
+  struct qed_image *img = req->img;
   uint64_t cs = qed_get_cluster_size (img);
   uint64_t isize = qed_get_size (img);
   uint64_t start = ROUND_DOWN (offset, cs);
@@ -1151,11 +1349,11 @@ cor_read (void *opaque, void *buf, uint64_t count, uint64_t offset)
     return qed_read (img, &below, buf, count, offset);
   }
   if (fetch_end > end &&
-      fetch_ahead (next, buf, count, offset, start, fetch_end) == 0) {
+      fetch_ahead (next, img, buf, count, offset, start, fetch_end) == 0) {
     ra_done (start, fetch_end, true);
     return 0;
   }
-  r = cor_fetch (next, buf, count, offset);
+  r = cor_fetch (next, img, buf, count, offset);
   ra_done (start, fetch_end, fetch_end == end && r == 0);
   return r;
 }
@@ -1163,8 +1361,11 @@ cor_read (void *opaque, void *buf, uint64_t count, uint64_t offset)
 static int
 cor_prefetch (void *opaque, uint64_t count, uint64_t offset)
 {
-  return cor_fetch (opaque, NULL, count, offset);
+  struct fetch_ctx *f = opaque;
+
+  return cor_fetch (f->next, f->img, NULL, count, offset);
 }
+
 
 /* The plugin context a request reaches the origin through: the
  * connection's own, or for a connection that could not open the
@@ -1205,6 +1406,48 @@ away_read (void *opaque, void *buf, uint64_t count, uint64_t offset)
 
 static const struct qed_below away_below = { .read = away_read };
 
+/* The layers beneath a request's overlay.  Without qed-shared-cache it
+ * is the plugin (copy-on-read into the overlay itself when cor).  With
+ * it, a per-export overlay never copies what it reads: the layer
+ * beneath it is the shared cache (glue_image), and the shared cache's
+ * is the plugin, with copy-on-read into the shared cache (cor, as
+ * qed-copy-on-read says, for writes too), so that every origin
+ * cluster is fetched once, whichever export reads it; the core's fill
+ * rule (a fill lands only in clusters still unallocated) and the
+ * read-ahead's claims keep concurrent fills from several exports
+ * apart, as they do for the connections of one overlay. */
+struct layers {
+  struct qed_image *img;        /* the connection's overlay */
+  struct cor_request req;       /* a miss of the image that fetches */
+  struct qed_below fetch;       /* the plugin, beneath that image */
+  const struct qed_below *fb;   /* &fetch, away_below or NULL */
+  struct sc_below sc;           /* {fb}: beneath the shared cache */
+  struct qed_below shared;      /* the shared cache, beneath img */
+  const struct qed_below *b;    /* what is beneath img */
+};
+
+static void
+layers_init (struct layers *l, void *handle, nbdkit_next *o, bool cor)
+{
+  bool shared = sc_backing () != NULL;
+
+  l->img = handle_image (handle);
+  if (shared)
+    cor = copy_on_read;
+  l->req = (struct cor_request) {
+    .next = o, .img = shared ? glue_image () : l->img,
+  };
+  l->fetch = (struct qed_below) {
+    .read = cor ? cor_read : backend_read,
+    .opaque = cor ? (void *) &l->req : (void *) o,
+  };
+  /* A detached overlay holds every cluster: nothing falls through. */
+  l->fb = is_detached () ? NULL : o ? &l->fetch : &away_below;
+  l->sc = (struct sc_below) { .below = l->fb };
+  l->shared = (struct qed_below) { .read = sc_read, .opaque = &l->sc };
+  l->b = shared ? &l->shared : l->fb;
+}
+
 static int
 qed_filter_pread (nbdkit_next *next, void *handle,
                   void *buf, uint32_t count, uint64_t offset,
@@ -1213,24 +1456,19 @@ qed_filter_pread (nbdkit_next *next, void *handle,
   struct qed_handle *h = handle;
   bool locked;
   nbdkit_next *o = origin_get (next, &locked);
-  struct cor_request req = { .next = o };
-  struct qed_below below = {
-    .read = copy_on_read ? cor_read : backend_read,
-    .opaque = copy_on_read ? (void *) &req : (void *) o,
-  };
+  struct layers l;
   int r = 0;
-  /* A detached overlay holds every cluster: nothing falls through. */
-  const struct qed_below *b = is_detached () ? NULL
-    : o ? &below : &away_below;
 
+  layers_init (&l, handle, o, copy_on_read);
   prefetch_guest_begin ();
 
   if (__atomic_add_fetch (&h->reads_in_progress, 1, __ATOMIC_RELAXED) > 1)
     __atomic_store_n (&h->pipelined_for, PIPELINED_READS, __ATOMIC_RELAXED);
   else if (__atomic_load_n (&h->pipelined_for, __ATOMIC_RELAXED) > 0)
     __atomic_sub_fetch (&h->pipelined_for, 1, __ATOMIC_RELAXED);
-  req.pipelined = __atomic_load_n (&h->pipelined_for, __ATOMIC_RELAXED) > 0;
-  if (qed_read (glue_image (), b, buf, count, offset) == -1)
+  l.req.pipelined = __atomic_load_n (&h->pipelined_for,
+                                     __ATOMIC_RELAXED) > 0;
+  if (qed_read (l.img, l.b, buf, count, offset) == -1)
     r = glue_fail (err);
   __atomic_sub_fetch (&h->reads_in_progress, 1, __ATOMIC_RELAXED);
   origin_put (locked);
@@ -1245,15 +1483,15 @@ qed_filter_pwrite (nbdkit_next *next, void *handle,
 {
   bool locked;
   nbdkit_next *o = origin_get (next, &locked);
-  struct qed_below below = { .read = backend_read, .opaque = o };
+  struct layers l;
   /* FUA on a temporary overlay would only cost time. */
-  unsigned f = glue_write_flags (flags, overlay != NULL, zero_detect);
+  unsigned f = glue_write_flags (flags, persistent (), zero_detect);
   int r = 0;
 
+  layers_init (&l, handle, o, false);
   prefetch_guest_begin ();
   glue_note_write ();
-  if (qed_write (glue_image (), is_detached () ? NULL
-                 : o ? &below : &away_below, buf, count, offset, f) == -1)
+  if (qed_write (l.img, l.b, buf, count, offset, f) == -1)
     r = glue_fail (err);
   origin_put (locked);
   prefetch_guest_end ();
@@ -1267,13 +1505,13 @@ qed_filter_zero (nbdkit_next *next, void *handle,
 {
   bool locked;
   nbdkit_next *o = origin_get (next, &locked);
-  struct qed_below below = { .read = backend_read, .opaque = o };
-  unsigned f = glue_zero_flags (flags, overlay != NULL);
+  struct layers l;
+  unsigned f = glue_zero_flags (flags, persistent ());
   int r = 0;
 
+  layers_init (&l, handle, o, false);
   glue_note_write ();
-  if (qed_zero (glue_image (), is_detached () ? NULL
-                : o ? &below : &away_below, count, offset, f) == -1) {
+  if (qed_zero (l.img, l.b, count, offset, f) == -1) {
     r = glue_fail (err);
     /* ENOTSUP is only allowed as the answer to a fast zero. */
     if (!(flags & NBDKIT_FLAG_FAST_ZERO) &&
@@ -1290,13 +1528,13 @@ qed_filter_trim (nbdkit_next *next, void *handle,
 {
   bool locked;
   nbdkit_next *o = origin_get (next, &locked);
-  struct qed_below below = { .read = backend_read, .opaque = o };
+  struct layers l;
   int r = 0;
 
+  layers_init (&l, handle, o, false);
   glue_note_write ();
-  if (qed_trim (glue_image (), is_detached () ? NULL
-                : o ? &below : &away_below, count, offset,
-                glue_trim_flags (flags, overlay != NULL)) == -1)
+  if (qed_trim (l.img, l.b, count, offset,
+                glue_trim_flags (flags, persistent ())) == -1)
     r = glue_fail (err);
   origin_put (locked);
   return r;
@@ -1305,9 +1543,9 @@ qed_filter_trim (nbdkit_next *next, void *handle,
 static int
 qed_filter_flush (nbdkit_next *next, void *handle, uint32_t flags, int *err)
 {
-  if (overlay == NULL)
+  if (!persistent ())
     return 0;
-  if (qed_flush (glue_image ()) == -1)
+  if (qed_flush (handle_image (handle)) == -1)
     return glue_fail (err);
   return 0;
 }
@@ -1316,7 +1554,12 @@ static int
 qed_filter_cache (nbdkit_next *next, void *handle,
                   uint32_t count, uint64_t offset, uint32_t flags, int *err)
 {
-  struct qed_below below = { .prefetch = cor_prefetch, .opaque = next };
+  /* With qed-shared-cache, the range is copied into the shared cache
+   * (the export's own overlay keeps only writes). */
+  struct fetch_ctx f = {
+    .next = next, .img = sc_path () ? glue_image () : handle_image (handle),
+  };
+  struct qed_below below = { .prefetch = cor_prefetch, .opaque = &f };
 
   /* A hint: nothing to do without an origin (or with a connection
    * that has none of its own). */
@@ -1330,7 +1573,7 @@ qed_filter_cache (nbdkit_next *next, void *handle,
       return 0;
     return next->cache (next, count, offset, 0, err);
   }
-  if (qed_prefetch (glue_image (), &below, count, offset) == -1)
+  if (qed_prefetch (f.img, &below, count, offset) == -1)
     return glue_fail (err);
   return 0;
 }
@@ -1416,11 +1659,17 @@ qed_filter_extents (nbdkit_next *next, void *handle,
   bool locked;
   nbdkit_next *o = origin_get (next, &locked);
   struct extents_ctx x = { .next = o, .can_extents = o ? -1 : 0 };
+  /* With qed-shared-cache, an unallocated run of a per-export overlay
+   * is what the shared cache says of it (and the plugin beneath). */
+  struct sc_below sc = {
+    .unallocated = is_detached () ? NULL : below_extents, .opaque = &x,
+  };
   int r = 0;
 
   /* (Away, unallocated runs are reported as data.) */
-  if (glue_extents (glue_image (), count, offset, req_one, extents,
-                    is_detached () ? NULL : below_extents, &x) == -1)
+  if (glue_extents (handle_image (handle), count, offset, req_one, extents,
+                    sc_path () ? sc_extents : sc.unallocated,
+                    sc_path () ? (void *) &sc : (void *) &x) == -1)
     r = glue_fail (err);
   origin_put (locked);
   return r;
@@ -1436,6 +1685,8 @@ static struct nbdkit_filter filter = {
   .get_ready         = qed_filter_get_ready,
   .after_fork        = qed_filter_after_fork,
   .cleanup           = qed_filter_cleanup,
+  .list_exports      = qed_filter_list_exports,
+  .default_export    = qed_filter_default_export,
   .open              = qed_filter_open,
   .close             = qed_filter_close,
   .prepare           = qed_filter_prepare,

@@ -180,6 +180,23 @@ read -r _ compat autoclear < <(/usr/bin/python3 "$TOP/tests/freelist-tool.py" fl
 [ "$compat$autoclear" = 00 ] || fail "demote=true --run true: compat $compat autoclear $autoclear"
 qemu_check disk.qed
 
+# A golden image shared by many VMs: an overlay per export over one
+# shared cache; after the server stops, a QEMU chain down to golden.raw.
+mkdir images/overlays
+head -c 2M /dev/urandom > images/golden.raw
+truncate -s 6M images/golden.raw
+example 'nbdkit -U /run/nbdkit-qed/golden.sock --filter=qed file /var/lib/nbdkit-qed/golden.raw qed-overlay-dir=/var/lib/nbdkit-qed/overlays qed-shared-cache=/var/lib/nbdkit-qed/overlays/golden-cache.qed qed-backing-name=/var/lib/nbdkit-qed/golden.raw'
+nbdsh -u "nbd+unix:///vm1?socket=$tmp/run/golden.sock" -c 'h.pwrite(b"vm1" * 1000, 4096)'
+example "qemu-img convert -O qcow2 'nbd+unix:///vm1?socket=/run/nbdkit-qed/golden.sock' vm1.qcow2"
+stop_last
+example 'qemu-img info --backing-chain /var/lib/nbdkit-qed/overlays/vm1.qed' > chain.txt
+grep -q '^backing file: golden-cache.qed' chain.txt ||
+  { cat chain.txt; fail "vm1.qed does not name the shared cache"; }
+example 'qemu-img compare /var/lib/nbdkit-qed/overlays/vm1.qed vm1.qcow2' ||
+  fail "vm1.qed differs from what was served"
+qemu_check images/overlays/vm1.qed
+qemu_check images/overlays/golden-cache.qed
+
 # A directory of VM disks.
 mkdir images/vms
 qemu-img create -q -f qed images/vms/web.qed 1G
