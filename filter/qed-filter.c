@@ -555,6 +555,11 @@ struct qed_handle {
   char *exportname;             /* the plugin export of this connection */
   struct ovl *ovl;              /* qed-overlay-dir: its export's overlay */
   bool offline;                 /* the plugin could not be opened */
+  nbdkit_backend *backend;      /* the plugin, to open it again */
+  nbdkit_context *context;      /* this connection, for set_next */
+  /* The plugin's context, opened by hand in .open, until .prepare
+   * prepares it and associates it with the connection. */
+  nbdkit_next *unprepared;
   unsigned reads_in_progress;   /* atomic */
   /* Reads to go before the connection counts as reading one at a time
    * again, after it was seen with several in progress (atomic). */
@@ -576,51 +581,72 @@ handle_image (void *handle)
 
 static offline_back_fn origin_back;
 
+/* Serve this connection without the plugin, which could not be
+ * opened (or, as nbdkit 1.42's curl plugin does, opened but then could
+ * not tell its size), and open the plugin again in the background. */
+static void
+go_offline (struct qed_handle *h)
+{
+  /* Said once until the origin is back; each connection in debug. */
+  if (!__atomic_exchange_n (&away_said, true, __ATOMIC_RELAXED))
+    qed_warning ("the plugin cannot be opened: serving the overlay %s "
+                 "without its origin until it is back", overlay);
+  else
+    nbdkit_debug ("the plugin cannot be opened: serving the overlay %s "
+                  "without its origin until it is back", overlay);
+  h->offline = true;
+  offline_start (h->backend, h->exportname, origin_back);
+}
+
 static void *
 qed_filter_open (nbdkit_next_open *next, nbdkit_context *context,
                  int readonly, const char *exportname, int is_tls)
 {
   struct qed_handle *h;
-  bool offline = false;
+  nbdkit_backend *backend = nbdkit_context_get_backend (context);
 
-  if (ovl_dir ()) {
-    /* Every overlay sits over the plugin's default export; the name
-     * chooses the overlay.  No offline serving: a connection needs
-     * the origin. */
-    if (!ovl_check_name (exportname) || next (context, 1, "") == -1)
-      return NULL;
-  }
-  /* Always open the plugin read-only: it never receives a write. */
-  else if (next (context, 1, exportname) == -1) {
-    /* A persistent overlay is served without its origin (held
-     * clusters read, missing ones fail), and the plugin is opened
-     * again in the background (offline.c). */
-    if (overlay == NULL)
-      return NULL;
-    /* Said once until the origin is back; each connection in debug. */
-    if (!__atomic_exchange_n (&away_said, true, __ATOMIC_RELAXED))
-      qed_warning ("the plugin cannot be opened: serving the overlay %s "
-                   "without its origin until it is back", overlay);
-    else
-      nbdkit_debug ("the plugin cannot be opened: serving the overlay %s "
-                    "without its origin until it is back", overlay);
-    offline = true;
-  }
-  if (prefetch &&
-      prefetch_note_backend (nbdkit_context_get_backend (context),
-                             ovl_dir () ? "" : exportname) == -1)
-    return NULL;
   h = calloc (1, sizeof *h);
   if (h == NULL || (h->exportname = strdup (exportname)) == NULL) {
     nbdkit_error ("calloc: %m");
     free (h);
     return NULL;
   }
-  h->offline = offline;
-  if (offline)
-    offline_start (nbdkit_context_get_backend (context), exportname,
-                   origin_back);
+  h->backend = backend;
+  h->context = context;
+  if (ovl_dir ()) {
+    /* Every overlay sits over the plugin's default export; the name
+     * chooses the overlay.  No offline serving: a connection needs
+     * the origin. */
+    if (!ovl_check_name (exportname) || next (context, 1, "") == -1)
+      goto err;
+  }
+  else if (overlay == NULL) {
+    /* Always open the plugin read-only: it never receives a write. */
+    if (next (context, 1, exportname) == -1)
+      goto err;
+  }
+  else {
+    /* A persistent overlay is served without its origin (held
+     * clusters read, missing ones fail) while the plugin cannot be
+     * opened, or opened but not prepared (nbdkit 1.42 asks the size
+     * while preparing: the curl plugin's HEAD request), and the plugin
+     * is opened again in the background (offline.c).  So it is opened
+     * by hand here, prepared in .prepare and only then associated. */
+    h->unprepared = nbdkit_next_context_open (backend, 1, exportname, 0);
+    if (h->unprepared == NULL)
+      go_offline (h);
+  }
+  if (prefetch &&
+      prefetch_note_backend (backend, ovl_dir () ? "" : exportname) == -1)
+    goto err;
   return h;
+
+ err:
+  if (h->unprepared)
+    nbdkit_next_context_close (h->unprepared);
+  free (h->exportname);
+  free (h);
+  return NULL;
 }
 
 static void
@@ -630,6 +656,8 @@ qed_filter_close (void *handle)
 
   if (h->ovl)
     ovl_release (h->ovl, close_dir_overlay);
+  if (h->unprepared)
+    nbdkit_next_context_close (h->unprepared);
   free (h->exportname);
   free (h);
 }
@@ -972,24 +1000,44 @@ qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
     h->ovl = ovl_acquire (h->exportname, open_dir_overlay, &size);
     return h->ovl ? 0 : -1;
   }
-  if (h->offline) {
-    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&glue_open_lock);
-    if (glue_image () == NULL)
-      return prepare_offline (h);
-    if (export_name && strcmp (export_name, h->exportname) != 0) {
-      nbdkit_error ("qed-overlay: %s is served for the plugin's export "
-                    "\"%s\", not \"%s\"", overlay, export_name,
-                    h->exportname);
-      return -1;
+  if (h->unprepared) {
+    nbdkit_next *n = h->unprepared;
+
+    /* nbdkit 1.42 asks the plugin's size while preparing it, but does
+     * not fail for it: the size is asked here too. */
+    h->unprepared = NULL;
+    if (n->prepare (n) == -1) {
+      nbdkit_next_context_close (n);
+      go_offline (h);
     }
-    return 0;
+    else if (n->get_size (n) == -1) {
+      n->finalize (n);
+      nbdkit_next_context_close (n);
+      go_offline (h);
+    }
+    else {
+      nbdkit_context_set_next (h->context, n);
+      next = n;
+    }
+  }
+  if (!h->offline) {
+    /* Also required before the first next->pread on this connection. */
+    size = next->get_size (next);
+    if (size == -1)
+      return -1;
+    return prepare_image (next, h->exportname, size);
   }
 
-  /* Also required before the first next->pread on this connection. */
-  size = next->get_size (next);
-  if (size == -1)
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&glue_open_lock);
+  if (glue_image () == NULL)
+    return prepare_offline (h);
+  if (export_name && strcmp (export_name, h->exportname) != 0) {
+    nbdkit_error ("qed-overlay: %s is served for the plugin's export "
+                  "\"%s\", not \"%s\"", overlay, export_name,
+                  h->exportname);
     return -1;
-  return prepare_image (next, h->exportname, size);
+  }
+  return 0;
 }
 
 /* Open the one overlay (qed-overlay, a temporary one, or the shared

@@ -169,7 +169,8 @@ if nbdkit curl --version >/dev/null 2>&1; then
   cmp web1.raw orig.raw
   kill "$NGINX_PID"; wait "$NGINX_PID" || true
   rm -f web2.raw
-  nbdcopy "$(uri q)" web2.raw || fail "curl: refused with the server stopped"
+  nbdcopy "$(uri q)" web2.raw ||
+    { tail -n 30 "$tmp/q.log"; fail "curl: refused with the server stopped"; }
   cmp web2.raw orig.raw || fail "curl: different data with the server stopped"
   grep -q "the plugin cannot be opened: serving the overlay" q.log
   echo "curl: served with the HTTP server stopped"
