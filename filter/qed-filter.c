@@ -158,6 +158,9 @@ static int64_t export_size = -1;
 /* The origin's absence was logged (a warning, once until it is back). */
 static bool away_said;
 static char *export_name;
+/* The origin record of the one overlay (qed-overlay, or the shared
+ * cache): made at get_ready, freed at unload. */
+static struct origin *one_origin;
 
 /* A temporary overlay is created in its own private directory, made
  * in tmp_parent when the first connection needs it. */
@@ -192,6 +195,8 @@ qed_filter_unload (void)
   overlay = backing_name = tmp_parent = tmp_dir = NULL;
   ra_log_stats ();
   extcache_free ();
+  origin_free (one_origin);
+  one_origin = NULL;
   origin_unload ();
   ovl_unload ();
 }
@@ -377,6 +382,8 @@ qed_filter_get_ready (int thread_model)
   ready_done = true;
   origin_set_parallel (thread_model == NBDKIT_THREAD_MODEL_PARALLEL);
   offline_set_parallel (thread_model == NBDKIT_THREAD_MODEL_PARALLEL);
+  if (overlay && (one_origin = origin_new ()) == NULL)
+    return -1;
   if (ovl_dir () && ovl_get_ready () == -1)
     return -1;
   if (ovl_dir () && overlay == NULL)
@@ -572,6 +579,19 @@ handle_image (void *handle)
   struct qed_handle *h = handle;
 
   return h->ovl ? ovl_image (h->ovl) : glue_image ();
+}
+
+/* The origin record of the image a connection's fills go to: the
+ * shared cache's, the one overlay's, or none (a temporary overlay, or
+ * a per-export overlay without the shared cache). */
+static struct origin *
+handle_origin (void *handle)
+{
+  struct qed_handle *h = handle;
+
+  if (sc_path () || h->ovl == NULL)
+    return one_origin;
+  return NULL;
 }
 
 static offline_back_fn origin_back;
@@ -830,7 +850,7 @@ detach_poll (void)
     /* The record's mark is the commit point; the header write after it
      * is for other readers (a crash in between: done at the next
      * open). */
-    if (origin_detach (img) == 0 &&
+    if (origin_detach (one_origin, img) == 0 &&
         qed_detach_backing (img, 0) == 0) {
       __atomic_store_n (&detached, true, __ATOMIC_RELEASE);
       qed_notice ("qed-detach: %s holds every cluster of the disk: the "
@@ -857,7 +877,7 @@ static int
 verify_late (struct qed_image *img, nbdkit_next *next, int64_t size,
              const char *exportname)
 {
-  int r = origin_open (img, next, size, exportname);
+  int r = origin_open (one_origin, img, next, size, exportname);
 
   if (r == 2) {
     __atomic_store_n (&detached, true, __ATOMIC_RELEASE);
@@ -930,7 +950,7 @@ prepare_offline (struct qed_handle *h)
     qed_open_failed ("qed-overlay", overlay);
     return -1;
   }
-  r = origin_offline_open (i, h->exportname, &size);
+  r = origin_offline_open (one_origin, i, h->exportname, &size);
   if (r == -1) {
     qed_close (i);
     return -1;
@@ -1010,7 +1030,7 @@ prepare_image (nbdkit_next *next, const char *exportname, int64_t size)
     if (i == NULL)
       return -1;
     if (overlay)
-      r = origin_open (i, next, size, exportname);
+      r = origin_open (one_origin, i, next, size, exportname);
     if (r == 2) {
       /* Detached: a standalone image.  (Finish a header write that a
        * crash may have missed.) */
@@ -1026,7 +1046,7 @@ prepare_image (nbdkit_next *next, const char *exportname, int64_t size)
       i = open_overlay (size);
       if (i == NULL)
         return -1;
-      r = origin_open (i, next, size, exportname);
+      r = origin_open (one_origin, i, next, size, exportname);
     }
     if (r != 0) {
       qed_close (i);
@@ -1065,7 +1085,8 @@ prepare_image (nbdkit_next *next, const char *exportname, int64_t size)
     if (verify_late (img, next, size, exportname) == -1)
       return -1;
   }
-  else if (overlay && origin_check_export (overlay, exportname) == -1)
+  else if (overlay && origin_check_export (one_origin, overlay,
+                                          exportname) == -1)
     return -1;
   return 0;
 }
@@ -1182,7 +1203,7 @@ backend_read (void *opaque, void *buf, uint64_t count, uint64_t offset)
  */
 static int
 fetch_clusters_counted (nbdkit_next *next, struct qed_image *img,
-                        char *wbuf, uint64_t start,
+                        struct origin *org, char *wbuf, uint64_t start,
                         uint64_t end, uint64_t *nread, uint64_t *nholes)
 {
   uint64_t cs = qed_get_cluster_size (img);
@@ -1221,7 +1242,7 @@ fetch_clusters_counted (nbdkit_next *next, struct qed_image *img,
       *nread += t - s;
   }
   /* The origin guard samples some before they are stored. */
-  if (overlay && origin_note_fill (img, wbuf, start, end, size) == -1) {
+  if (org && origin_note_fill (org, img, wbuf, start, end, size) == -1) {
     errno = EIO;
     return -1;
   }
@@ -1245,13 +1266,15 @@ fetch_clusters_counted (nbdkit_next *next, struct qed_image *img,
 struct fetch_ctx {
   nbdkit_next *next;
   struct qed_image *img;
+  struct origin *org;           /* img's origin record (or NULL) */
 };
 
 static int
-fetch_clusters (nbdkit_next *next, struct qed_image *img, char *wbuf,
+fetch_clusters (const struct fetch_ctx *f, char *wbuf,
                 uint64_t start, uint64_t end)
 {
-  return fetch_clusters_counted (next, img, wbuf, start, end, NULL, NULL);
+  return fetch_clusters_counted (f->next, f->img, f->org, wbuf, start, end,
+                                 NULL, NULL);
 }
 
 /* qed-prefetch's fetch: the same, through its own context. */
@@ -1259,7 +1282,8 @@ static int
 prefetch_fetch (nbdkit_next *next, char *buf, uint64_t start, uint64_t end,
                 uint64_t *nread, uint64_t *nholes)
 {
-  return fetch_clusters_counted (next, glue_image (), buf, start, end,
+  return fetch_clusters_counted (next, glue_image (), one_origin, buf,
+                                 start, end,
                                  nread, nholes);
 }
 
@@ -1268,7 +1292,7 @@ fetch_into (void *opaque, char *wbuf, uint64_t start, uint64_t end)
 {
   struct fetch_ctx *f = opaque;
 
-  return fetch_clusters (f->next, f->img, wbuf, start, end);
+  return fetch_clusters (f, wbuf, start, end);
 }
 
 /* Copy-on-read: read [offset, offset+count) (an unallocated run) from
@@ -1278,13 +1302,10 @@ fetch_into (void *opaque, char *wbuf, uint64_t start, uint64_t end)
  * requests can be up to 4G: they go in chunks.
  */
 static int
-cor_fetch (nbdkit_next *next, struct qed_image *img, void *buf,
-           uint64_t count, uint64_t offset)
+cor_fetch (struct fetch_ctx *f, void *buf, uint64_t count, uint64_t offset)
 {
-  struct fetch_ctx f = { .next = next, .img = img };
-
-  return glue_cor_fetch (img, buf, count, offset,
-                         buf ? UINT64_MAX : CACHE_CHUNK, fetch_into, &f);
+  return glue_cor_fetch (f->img, buf, count, offset,
+                         buf ? UINT64_MAX : CACHE_CHUNK, fetch_into, f);
 }
 
 /* Fetch [start, fetch_end), the clusters of the read [offset,
@@ -1293,14 +1314,14 @@ cor_fetch (nbdkit_next *next, struct qed_image *img, void *buf,
  * fetches only what the client asked for.
  */
 static int
-fetch_ahead (nbdkit_next *next, struct qed_image *img, void *buf,
+fetch_ahead (const struct fetch_ctx *f, void *buf,
              uint64_t count, uint64_t offset,
              uint64_t start, uint64_t fetch_end)
 {
   CLEANUP_FREE char *bounce = malloc (fetch_end - start);
 
   if (bounce == NULL ||
-      fetch_clusters (next, img, bounce, start, fetch_end) == -1) {
+      fetch_clusters (f, bounce, start, fetch_end) == -1) {
     nbdkit_debug ("read-ahead of [%" PRIu64 ", %" PRIu64 ") failed: "
                   "reading only the request", start, fetch_end);
     return -1;
@@ -1311,8 +1332,7 @@ fetch_ahead (nbdkit_next *next, struct qed_image *img, void *buf,
 
 /* What a copy-on-read miss needs to know of its request. */
 struct cor_request {
-  nbdkit_next *next;
-  struct qed_image *img;        /* the connection's overlay */
+  struct fetch_ctx f;           /* the plugin, the image that fills */
   /* The connection had other reads in progress when this one came,
    * or lately: the client keeps several in flight itself, which hide
    * the plugin's latency already, and a read-ahead would make them
@@ -1324,8 +1344,7 @@ static int
 cor_read (void *opaque, void *buf, uint64_t count, uint64_t offset)
 {
   struct cor_request *req = opaque;
-  nbdkit_next *next = req->next;
-  struct qed_image *img = req->img;
+  struct qed_image *img = req->f.img;
   uint64_t cs = qed_get_cluster_size (img);
   uint64_t isize = qed_get_size (img);
   uint64_t start = ROUND_DOWN (offset, cs);
@@ -1349,11 +1368,11 @@ cor_read (void *opaque, void *buf, uint64_t count, uint64_t offset)
     return qed_read (img, &below, buf, count, offset);
   }
   if (fetch_end > end &&
-      fetch_ahead (next, img, buf, count, offset, start, fetch_end) == 0) {
+      fetch_ahead (&req->f, buf, count, offset, start, fetch_end) == 0) {
     ra_done (start, fetch_end, true);
     return 0;
   }
-  r = cor_fetch (next, img, buf, count, offset);
+  r = cor_fetch (&req->f, buf, count, offset);
   ra_done (start, fetch_end, fetch_end == end && r == 0);
   return r;
 }
@@ -1363,7 +1382,7 @@ cor_prefetch (void *opaque, uint64_t count, uint64_t offset)
 {
   struct fetch_ctx *f = opaque;
 
-  return cor_fetch (f->next, f->img, NULL, count, offset);
+  return cor_fetch (f, NULL, count, offset);
 }
 
 
@@ -1435,7 +1454,8 @@ layers_init (struct layers *l, void *handle, nbdkit_next *o, bool cor)
   if (shared)
     cor = copy_on_read;
   l->req = (struct cor_request) {
-    .next = o, .img = shared ? glue_image () : l->img,
+    .f = { .next = o, .img = shared ? glue_image () : l->img,
+           .org = handle_origin (handle) },
   };
   l->fetch = (struct qed_below) {
     .read = cor ? cor_read : backend_read,
@@ -1558,6 +1578,7 @@ qed_filter_cache (nbdkit_next *next, void *handle,
    * (the export's own overlay keeps only writes). */
   struct fetch_ctx f = {
     .next = next, .img = sc_path () ? glue_image () : handle_image (handle),
+    .org = handle_origin (handle),
   };
   struct qed_below below = { .prefetch = cor_prefetch, .opaque = &f };
 
