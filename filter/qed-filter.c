@@ -139,7 +139,6 @@ static uint64_t compact_limit = QED_DEFAULT_COMPACT_LIMIT;
 static bool freelist = true;
 static bool detach;
 static bool prefetch;
-static bool origin_keys;                /* qed-origin-id or -changed given */
 
 /* The overlay holds every cluster and no longer names its origin
  * (qed-detach): the plugin is never read again (atomic). */
@@ -265,11 +264,9 @@ qed_filter_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
   else if (strcmp (key, "qed-freelist") == 0)
     return glue_parse_bool (key, value, &freelist);
   else if (strcmp (key, "qed-origin-id") == 0) {
-    origin_keys = true;
     return origin_set_id (value);
   }
   else if (strcmp (key, "qed-origin-changed") == 0) {
-    origin_keys = true;
     return origin_set_changed (value);
   }
   else if (strcmp (key, "qed-detach") == 0)
@@ -350,8 +347,7 @@ qed_filter_config_complete (nbdkit_next_config_complete *next,
       : detach ? "qed-detach"
       : sc_path () ? NULL
       : prefetch ? "qed-prefetch (it fills qed-shared-cache)"
-      : origin_keys ? "qed-origin-id and qed-origin-changed (they guard "
-        "qed-shared-cache)" : NULL;
+      : NULL;
 
     if (no) {
       nbdkit_error ("qed-overlay-dir: cannot be combined with %s", no);
@@ -504,10 +500,12 @@ qed_filter_after_fork (nbdkit_backend *backend)
 
 /* Close a per-export overlay (its last connection ended). */
 static void
-close_dir_overlay (struct qed_image *img, const char *path)
+close_dir_overlay (struct qed_image *img, const char *path,
+                   struct origin *org)
 {
   if (qed_close (img) == -1)
     nbdkit_error ("qed-overlay-dir: closing %s failed", path);
+  origin_free (org);
 }
 
 static void
@@ -591,7 +589,7 @@ handle_origin (void *handle)
 
   if (sc_path () || h->ovl == NULL)
     return one_origin;
-  return NULL;
+  return ovl_origin (h->ovl);
 }
 
 static offline_back_fn origin_back;
@@ -768,23 +766,76 @@ open_overlay (int64_t size)
   return open_overlay_at (overlay, size);
 }
 
-/* qed-overlay-dir: open (or create) an export's overlay over the
- * plugin's default export, of *opaque bytes. */
+/* What open_dir_overlay needs of the connection that opens it. */
+struct dir_open {
+  nbdkit_next *next;            /* the plugin's default export */
+  int64_t size;                 /* its size */
+};
+
+/* qed-overlay-dir without qed-shared-cache: the origin guard of a
+ * per-export overlay, as qed-overlay's (the recorded export is always
+ * the plugin's default one).  Sets *org; returns the overlay to serve
+ * (perhaps a new one after qed-origin-changed=discard), or NULL
+ * (logged, i closed). */
 static struct qed_image *
-open_dir_overlay (const char *path, void *opaque)
+guard_dir_overlay (struct qed_image *i, const char *path,
+                   const struct dir_open *d, struct origin **org)
 {
-  int64_t size = *(int64_t *) opaque;
+  int r;
+
+  *org = origin_new ();
+  if (*org == NULL) {
+    qed_close (i);
+    return NULL;
+  }
+  r = origin_open (*org, i, d->next, d->size, "");
+  if (r == 1) {
+    /* qed-origin-changed=discard: this export's overlay is set aside
+     * as NAME.qed.stale and a new one started. */
+    if (origin_discard (i, path) == -1)
+      goto fail;
+    i = open_overlay_at (path, d->size);
+    if (i == NULL)
+      goto fail;
+    r = origin_open (*org, i, d->next, d->size, "");
+  }
+  if (r == 2) {
+    /* Detached (qed-detach): it holds every cluster, nothing falls
+     * through to the plugin. */
+    r = 0;
+  }
+  if (r == 0)
+    return i;
+  qed_close (i);
+ fail:
+  origin_free (*org);
+  *org = NULL;
+  return NULL;
+}
+
+/* qed-overlay-dir: open (or create) an export's overlay over the
+ * plugin's default export (*opaque, a struct dir_open). */
+static struct qed_image *
+open_dir_overlay (const char *path, void *opaque, struct origin **org)
+{
+  const struct dir_open *d = opaque;
+  int64_t size = d->size;
   uint64_t want = ROUND_UP ((uint64_t) size, 512);
   struct qed_image *i;
   const char *want_name = sc_backing () ? sc_backing () : backing_name;
   const char *name;
 
+  *org = NULL;
   if (sc_is (path)) {
     nbdkit_error ("qed-overlay-dir: %s is qed-shared-cache, not an "
                   "export's overlay", path);
     return NULL;
   }
   i = open_overlay_at (path, size);
+  /* The shared cache keeps the record of what is copied from the
+   * plugin; without it each overlay keeps its own. */
+  if (i && sc_path () == NULL)
+    i = guard_dir_overlay (i, path, d, org);
   if (i == NULL)
     return NULL;
   name = qed_get_backing_name (i);
@@ -794,6 +845,8 @@ open_dir_overlay (const char *path, void *opaque)
                   "(%" PRIu64 " rounded up to 512)", path,
                   qed_get_size (i), size, want);
     qed_close (i);
+    origin_free (*org);
+    *org = NULL;
     return NULL;
   }
   if (want_name && (name == NULL || strcmp (name, want_name) != 0)) {
@@ -803,6 +856,8 @@ open_dir_overlay (const char *path, void *opaque)
                   sc_backing () ? "qed-shared-cache" : "qed-backing-name",
                   want_name);
     qed_close (i);
+    origin_free (*org);
+    *org = NULL;
     return NULL;
   }
   return i;
@@ -980,16 +1035,18 @@ qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
   int64_t size;
 
   if (ovl_dir ()) {
+    struct dir_open d = { .next = next };
+
     if (h->ovl)
       return 0;
-    size = next->get_size (next);
+    size = d.size = next->get_size (next);
     if (size == -1)
       return -1;
     /* qed-shared-cache: the shared image first (the per-export
      * overlays' backing file), opened as qed-overlay's one. */
     if (overlay && prepare_image (next, "", size) == -1)
       return -1;
-    h->ovl = ovl_acquire (h->exportname, open_dir_overlay, &size);
+    h->ovl = ovl_acquire (h->exportname, open_dir_overlay, &d);
     return h->ovl ? 0 : -1;
   }
   if (h->offline) {
