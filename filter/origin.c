@@ -40,7 +40,8 @@
  * after the image is closed (origin_free).  Lock rule: o->lock guards
  * every field of o; each public function that takes an origin holds it
  * for its whole run, and takes the image's own locks (qed_map, header
- * writes) inside it, never the other way round.  Two origins never
+ * writes) inside it, never the other way round.  qed-detach's scan
+ * (origin_poll_detach) holds o->detach_lock, taken before o->lock.  Two origins never
  * lock each other.  The parameters (qed-origin-id, qed-origin-changed,
  * the thread model) are set before any client and only read after.
  */
@@ -99,6 +100,12 @@ struct origin {
   char rec_export[ORIGIN_NAMES_MAX + 1];
   struct sample samples[MAX_SAMPLES];
   unsigned nsamples;
+  /* qed-detach: the image stands alone (atomic; written under
+   * detach_lock), and every cluster before detach_cursor is in it
+   * (detach_lock, taken before lock). */
+  bool detached;
+  pthread_mutex_t detach_lock;
+  uint64_t detach_cursor;
 };
 
 struct origin *
@@ -111,6 +118,7 @@ origin_new (void)
     return NULL;
   }
   pthread_mutex_init (&o->lock, NULL);
+  pthread_mutex_init (&o->detach_lock, NULL);
   return o;
 }
 
@@ -119,6 +127,7 @@ origin_free (struct origin *o)
 {
   if (o) {
     pthread_mutex_destroy (&o->lock);
+    pthread_mutex_destroy (&o->detach_lock);
     free (o);
   }
 }
@@ -316,6 +325,8 @@ load_record (struct origin *o, struct qed_image *img)
   o->active = false;
   o->nsamples = 0;
   o->rec_detached = false;
+  __atomic_store_n (&o->detached, false, __ATOMIC_RELEASE);
+  o->detach_cursor = 0;
   o->rec_at = record_place (img);
   if (o->rec_at == 0 || !(h->compat_features & QED_CF_ORIGIN))
     return 0;
@@ -579,6 +590,7 @@ origin_open (struct origin *o, struct qed_image *img, nbdkit_next *next,
   if (r == -1)
     return -1;
   if (r == 1 && o->rec_detached) {
+    __atomic_store_n (&o->detached, true, __ATOMIC_RELEASE);
     nbdkit_debug ("qed-overlay: %s was detached from its origin "
                   "(qed-detach): it stands alone", path);
     return 2;
@@ -811,6 +823,7 @@ origin_offline_open (struct origin *o, struct qed_image *img,
     return 0;
   }
   if (o->rec_detached) {
+    __atomic_store_n (&o->detached, true, __ATOMIC_RELEASE);
     *size = qed_get_size (img);
     return 2;
   }
@@ -823,4 +836,48 @@ origin_offline_open (struct origin *o, struct qed_image *img,
   }
   *size = o->rec_size;
   return 0;
+}
+
+bool
+origin_is_detached (const struct origin *o)
+{
+  return o && __atomic_load_n (&o->detached, __ATOMIC_ACQUIRE);
+}
+
+/* qed-detach: once every cluster is in img, remove the origin from its
+ * header (one synced header write) and never read the plugin again.
+ * Cheap to call after every change: the scan goes on from where the
+ * last one stopped (clusters in the image stay there: with a backing
+ * file, zero and trim make zero clusters).  true if it detached now. */
+bool
+origin_poll_detach (struct origin *o, struct qed_image *img)
+{
+  uint64_t isize = qed_get_size (img);
+  bool done = false;
+
+  if (origin_is_detached (o))
+    return false;
+  /* Not a trylock: the fill that completes the image must see it. */
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->detach_lock);
+  if (origin_is_detached (o))
+    return false;               /* another thread did it meanwhile */
+  while (o->detach_cursor < isize) {
+    struct qed_map m;
+
+    if (qed_map (img, o->detach_cursor, isize - o->detach_cursor,
+                 &m) == -1 || m.type == QED_MAP_UNALLOCATED)
+      break;
+    o->detach_cursor += m.length;
+  }
+  if (o->detach_cursor >= isize) {
+    errno = 0;
+    /* The record's mark is the commit point; the header write after it
+     * is for other readers (a crash in between: done at the next
+     * open). */
+    if (origin_detach (o, img) == 0 && qed_detach_backing (img, 0) == 0) {
+      __atomic_store_n (&o->detached, true, __ATOMIC_RELEASE);
+      done = true;
+    }
+  }
+  return done;
 }

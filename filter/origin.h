@@ -81,5 +81,12 @@ extern int origin_discard (struct qed_image *img, const char *path);
 extern int origin_detach (struct origin *o, struct qed_image *img);
 /* At start-up: was this overlay detached?  (Read only.) */
 extern bool origin_probe_detached (struct qed_image *img);
+/* Does the image stand alone (detached now, or found detached by
+ * origin_open or origin_offline_open)?  false for o == NULL. */
+extern bool origin_is_detached (const struct origin *o);
+/* qed-detach, after a change to img: if img now holds every cluster,
+ * detach it (origin_detach, then the backing file is removed from its
+ * header).  true if it was detached by this call. */
+extern bool origin_poll_detach (struct origin *o, struct qed_image *img);
 
 #endif /* NBDKIT_QED_ORIGIN_H */

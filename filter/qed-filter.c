@@ -87,7 +87,9 @@
  *   (qed-overlay-dir: the per-export overlays, each connection's in
  *   h->ovl) and shared-cache.c (qed-shared-cache: served here as the
  *   one overlay is, beneath the per-export ones: struct layers).
- *   qed-detach is here (detach_poll): a scan and one header write.
+ *   qed-detach: detach_poll after each change, for the image that
+ *   keeps the record (the scan and the mark are origin.c's, per
+ *   struct origin: each per-export overlay detaches on its own).
  */
 
 #include <stdio.h>
@@ -140,12 +142,6 @@ static bool freelist = true;
 static bool detach;
 static bool prefetch;
 
-/* The overlay holds every cluster and no longer names its origin
- * (qed-detach): the plugin is never read again (atomic). */
-static bool detached;
-/* Every cluster before this offset is in the overlay (detach_lock). */
-static pthread_mutex_t detach_lock = PTHREAD_MUTEX_INITIALIZER;
-static uint64_t detach_cursor;
 
 /* The overlay's origin was checked against the plugin (origin.c), or
  * needs no check (temporary, detached).  An overlay opened while the
@@ -344,7 +340,7 @@ qed_filter_config_complete (nbdkit_next_config_complete *next,
   if (ovl_dir ()) {
     /* Without the shared cache, nothing keeps an origin record. */
     const char *no = overlay ? "qed-overlay"
-      : detach ? "qed-detach"
+      : detach && sc_path () ? "qed-detach and qed-shared-cache"
       : sc_path () ? NULL
       : prefetch ? "qed-prefetch (it fills qed-shared-cache)"
       : NULL;
@@ -801,8 +797,11 @@ guard_dir_overlay (struct qed_image *i, const char *path,
   }
   if (r == 2) {
     /* Detached (qed-detach): it holds every cluster, nothing falls
-     * through to the plugin. */
+     * through to the plugin.  (Finish a header write that a crash may
+     * have missed.) */
     r = 0;
+    if (qed_get_backing_name (i) && qed_detach_backing (i, 0) == -1)
+      r = -1;
   }
   if (r == 0)
     return i;
@@ -849,7 +848,8 @@ open_dir_overlay (const char *path, void *opaque, struct origin **org)
     *org = NULL;
     return NULL;
   }
-  if (want_name && (name == NULL || strcmp (name, want_name) != 0)) {
+  if (want_name && !origin_is_detached (*org) &&
+      (name == NULL || strcmp (name, want_name) != 0)) {
     nbdkit_error ("qed-overlay-dir: %s records %s%s%s as its backing file, "
                   "not %s=%s", path, name ? "\"" : "",
                   name ? name : "no name", name ? "\"" : "",
@@ -865,55 +865,15 @@ open_dir_overlay (const char *path, void *opaque, struct origin **org)
 
 static prefetch_fetch_fn prefetch_fetch;
 
-static bool
-is_detached (void)
-{
-  return __atomic_load_n (&detached, __ATOMIC_ACQUIRE);
-}
-
-/* qed-detach: once every cluster is in the overlay, remove the origin
- * from its header (one synced header write) and never read the plugin
- * again.  Cheap to call after every change: the scan goes on from
- * where the last one stopped (clusters in the overlay stay there: with
- * a backing file, zero and trim make zero clusters). */
+/* qed-detach: after a change to img (whose origin record is org),
+ * detach it if it now holds every cluster. */
 static void
-detach_poll (void)
+detach_poll (struct qed_image *img, struct origin *org)
 {
-  struct qed_image *img = glue_image ();
-  uint64_t isize;
-
-  if (!detach || img == NULL ||
-      __atomic_load_n (&detached, __ATOMIC_ACQUIRE))
-    return;
-  /* Not a trylock: the fill that completes the overlay must see it. */
-  pthread_mutex_lock (&detach_lock);
-  if (__atomic_load_n (&detached, __ATOMIC_ACQUIRE)) {
-    pthread_mutex_unlock (&detach_lock);
-    return;                     /* another thread did it meanwhile */
-  }
-  isize = qed_get_size (img);
-  while (detach_cursor < isize) {
-    struct qed_map m;
-
-    if (qed_map (img, detach_cursor, isize - detach_cursor, &m) == -1 ||
-        m.type == QED_MAP_UNALLOCATED)
-      break;
-    detach_cursor += m.length;
-  }
-  if (detach_cursor >= isize) {
-    errno = 0;
-    /* The record's mark is the commit point; the header write after it
-     * is for other readers (a crash in between: done at the next
-     * open). */
-    if (origin_detach (one_origin, img) == 0 &&
-        qed_detach_backing (img, 0) == 0) {
-      __atomic_store_n (&detached, true, __ATOMIC_RELEASE);
-      qed_notice ("qed-detach: %s holds every cluster of the disk: the "
-                    "origin is removed from its header; it is a "
-                    "standalone QED image now", overlay);
-    }
-  }
-  pthread_mutex_unlock (&detach_lock);
+  if (detach && img && org && origin_poll_detach (org, img))
+    qed_notice ("qed-detach: %s holds every cluster of the disk: the "
+                "origin is removed from its header; it is a standalone "
+                "QED image now", qed_get_filename (img));
 }
 
 /* The origin guard passed (or was not needed): fills may start. */
@@ -921,7 +881,7 @@ static void
 set_verified (struct qed_image *img)
 {
   __atomic_store_n (&verified, true, __ATOMIC_RELEASE);
-  if (prefetch && !is_detached ())
+  if (prefetch && !origin_is_detached (one_origin))
     prefetch_start (img, prefetch_fetch, overlay != NULL);
 }
 
@@ -934,10 +894,8 @@ verify_late (struct qed_image *img, nbdkit_next *next, int64_t size,
 {
   int r = origin_open (one_origin, img, next, size, exportname);
 
-  if (r == 2) {
-    __atomic_store_n (&detached, true, __ATOMIC_RELEASE);
-    r = 0;
-  }
+  if (r == 2)
+    r = 0;                      /* detached (origin_is_detached) */
   else if (r == 1) {
     nbdkit_error ("qed-overlay: %s: qed-origin-changed=discard cannot set "
                   "aside an overlay that is being served: restart nbdkit",
@@ -1018,10 +976,8 @@ prepare_offline (struct qed_handle *h)
     return -1;
   }
   glue_set_image (i);
-  if (r == 2) {
-    __atomic_store_n (&detached, true, __ATOMIC_RELEASE);
+  if (r == 2)                   /* detached: origin_is_detached */
     __atomic_store_n (&verified, true, __ATOMIC_RELEASE);
-  }
   return 0;
 }
 
@@ -1092,7 +1048,6 @@ prepare_image (nbdkit_next *next, const char *exportname, int64_t size)
       /* Detached: a standalone image.  (Finish a header write that a
        * crash may have missed.) */
       r = 0;
-      __atomic_store_n (&detached, true, __ATOMIC_RELEASE);
       if (qed_get_backing_name (i) && qed_detach_backing (i, 0) == -1)
         r = -1;
     }
@@ -1126,7 +1081,7 @@ prepare_image (nbdkit_next *next, const char *exportname, int64_t size)
       return -1;
     }
     glue_set_image (i);
-    detach_poll ();
+    detach_poll (i, one_origin);
     set_verified (i);
   }
   else if (qed_get_size (img) != want) {
@@ -1315,7 +1270,7 @@ fetch_clusters_counted (nbdkit_next *next, struct qed_image *img,
   }
   ra_note_stored (stored);
   glue_note_write ();
-  detach_poll ();
+  detach_poll (img, org);
   return 0;
 }
 
@@ -1519,7 +1474,8 @@ layers_init (struct layers *l, void *handle, nbdkit_next *o, bool cor)
     .opaque = cor ? (void *) &l->req : (void *) o,
   };
   /* A detached overlay holds every cluster: nothing falls through. */
-  l->fb = is_detached () ? NULL : o ? &l->fetch : &away_below;
+  l->fb = origin_is_detached (l->req.f.org) ? NULL
+    : o ? &l->fetch : &away_below;
   l->sc = (struct sc_below) { .below = l->fb };
   l->shared = (struct qed_below) { .read = sc_read, .opaque = &l->sc };
   l->b = shared ? &l->shared : l->fb;
@@ -1572,7 +1528,7 @@ qed_filter_pwrite (nbdkit_next *next, void *handle,
     r = glue_fail (err);
   origin_put (locked);
   prefetch_guest_end ();
-  detach_poll ();
+  detach_poll (l.req.f.img, l.req.f.org);
   return r;
 }
 
@@ -1641,7 +1597,7 @@ qed_filter_cache (nbdkit_next *next, void *handle,
 
   /* A hint: nothing to do without an origin (or with a connection
    * that has none of its own). */
-  if (is_detached () || next == NULL)
+  if (origin_is_detached (f.org) || next == NULL)
     return 0;
   if (!copy_on_read) {
     /* The overlay holds only writes: pass the hint on, if the plugin
@@ -1740,7 +1696,8 @@ qed_filter_extents (nbdkit_next *next, void *handle,
   /* With qed-shared-cache, an unallocated run of a per-export overlay
    * is what the shared cache says of it (and the plugin beneath). */
   struct sc_below sc = {
-    .unallocated = is_detached () ? NULL : below_extents, .opaque = &x,
+    .unallocated = origin_is_detached (handle_origin (handle)) ? NULL
+    : below_extents, .opaque = &x,
   };
   int r = 0;
 
