@@ -33,6 +33,17 @@
  * so that a torn write leaves the previous one.  A sample is written
  * (and synced) before the fill of its cluster, so that a cluster that
  * reached the overlay's disk is covered by a durable sample.
+ *
+ * Each image that keeps a record (qed-overlay's one overlay, the
+ * shared cache, each per-export overlay of qed-overlay-dir) has its
+ * own struct origin, made by its owner (origin_new) and freed by it
+ * after the image is closed (origin_free).  Lock rule: o->lock guards
+ * every field of o; each public function that takes an origin holds it
+ * for its whole run, and takes the image's own locks (qed_map, header
+ * writes) inside it, never the other way round.  qed-detach's scan
+ * (origin_poll_detach) holds o->detach_lock, taken before o->lock.  Two origins never
+ * lock each other.  The parameters (qed-origin-id, qed-origin-changed,
+ * the thread model) are set before any client and only read after.
  */
 
 #include <stdio.h>
@@ -74,20 +85,52 @@ struct sample {
   uint64_t fp;                  /* fingerprint of the origin's bytes */
 };
 
-/* The record in memory (lock). */
-static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
-static bool active;             /* a record is kept for this overlay */
-static uint64_t rec_at;         /* file offset of slot 0 */
-static uint64_t generation;
-static int cur_slot;            /* the slot holding the current record */
-static uint64_t rec_size;
-static uint32_t rec_cs;
-static bool rec_has_id;
-static bool rec_detached;
-static char rec_id[ORIGIN_NAMES_MAX + 1];
-static char rec_export[ORIGIN_NAMES_MAX + 1];
-static struct sample samples[MAX_SAMPLES];
-static unsigned nsamples;
+/* The record in memory of one image (lock). */
+struct origin {
+  pthread_mutex_t lock;
+  bool active;                  /* a record is kept for this overlay */
+  uint64_t rec_at;              /* file offset of slot 0 */
+  uint64_t generation;
+  int cur_slot;                 /* the slot holding the current record */
+  uint64_t rec_size;
+  uint32_t rec_cs;
+  bool rec_has_id;
+  bool rec_detached;
+  char rec_id[ORIGIN_NAMES_MAX + 1];
+  char rec_export[ORIGIN_NAMES_MAX + 1];
+  struct sample samples[MAX_SAMPLES];
+  unsigned nsamples;
+  /* qed-detach: the image stands alone (atomic; written under
+   * detach_lock), and every cluster before detach_cursor is in it
+   * (detach_lock, taken before lock). */
+  bool detached;
+  pthread_mutex_t detach_lock;
+  uint64_t detach_cursor;
+};
+
+struct origin *
+origin_new (void)
+{
+  struct origin *o = calloc (1, sizeof *o);
+
+  if (o == NULL) {
+    nbdkit_error ("calloc: %m");
+    return NULL;
+  }
+  pthread_mutex_init (&o->lock, NULL);
+  pthread_mutex_init (&o->detach_lock, NULL);
+  return o;
+}
+
+void
+origin_free (struct origin *o)
+{
+  if (o) {
+    pthread_mutex_destroy (&o->lock);
+    pthread_mutex_destroy (&o->detach_lock);
+    free (o);
+  }
+}
 
 int
 origin_set_id (const char *id)
@@ -165,35 +208,36 @@ priority (uint64_t cluster)
 }
 
 static void
-encode_slot (unsigned char *raw)
+encode_slot (const struct origin *o, unsigned char *raw)
 {
-  size_t il = rec_has_id ? strlen (rec_id) : 0, el = strlen (rec_export);
+  size_t il = o->rec_has_id ? strlen (o->rec_id) : 0;
+  size_t el = strlen (o->rec_export);
 
   memset (raw, 0, SLOT_BYTES);
   memcpy (raw, slot_magic, 8);
-  put_le64 (raw + 8, generation);
-  put_le64 (raw + 16, rec_size);
-  put_le32 (raw + 24, rec_cs);
-  raw[28] = nsamples & 0xff;
-  raw[29] = nsamples >> 8;
+  put_le64 (raw + 8, o->generation);
+  put_le64 (raw + 16, o->rec_size);
+  put_le32 (raw + 24, o->rec_cs);
+  raw[28] = o->nsamples & 0xff;
+  raw[29] = o->nsamples >> 8;
   raw[30] = il & 0xff;
   raw[31] = il >> 8;
   raw[32] = el & 0xff;
   raw[33] = el >> 8;
-  raw[34] = (rec_has_id ? FLAG_HAS_ID : 0) |
-    (rec_detached ? FLAG_DETACHED : 0);
-  for (unsigned i = 0; i < nsamples; ++i) {
-    put_le64 (raw + SAMPLES_AT + i * 16, samples[i].offset);
-    put_le64 (raw + SAMPLES_AT + i * 16 + 8, samples[i].fp);
+  raw[34] = (o->rec_has_id ? FLAG_HAS_ID : 0) |
+    (o->rec_detached ? FLAG_DETACHED : 0);
+  for (unsigned i = 0; i < o->nsamples; ++i) {
+    put_le64 (raw + SAMPLES_AT + i * 16, o->samples[i].offset);
+    put_le64 (raw + SAMPLES_AT + i * 16 + 8, o->samples[i].fp);
   }
-  memcpy (raw + NAMES_AT, rec_id, il);
-  memcpy (raw + NAMES_AT + il, rec_export, el);
+  memcpy (raw + NAMES_AT, o->rec_id, il);
+  memcpy (raw + NAMES_AT + il, o->rec_export, el);
   put_le32 (raw + CRC_AT, qed_crc32 (raw, CRC_AT));
 }
 
-/* Decode a slot into the globals; false if it is not a valid record. */
+/* Decode a slot into o; false if it is not a valid record. */
 static bool
-decode_slot (const unsigned char *raw, uint64_t *gen)
+decode_slot (struct origin *o, const unsigned char *raw, uint64_t *gen)
 {
   unsigned n = raw[28] | raw[29] << 8;
   unsigned il = raw[30] | raw[31] << 8, el = raw[32] | raw[33] << 8;
@@ -203,58 +247,59 @@ decode_slot (const unsigned char *raw, uint64_t *gen)
       n > MAX_SAMPLES || il + el > ORIGIN_NAMES_MAX)
     return false;
   *gen = get_le64 (raw + 8);
-  rec_size = get_le64 (raw + 16);
-  rec_cs = get_le32 (raw + 24);
-  nsamples = n;
-  rec_has_id = raw[34] & FLAG_HAS_ID;
-  rec_detached = raw[34] & FLAG_DETACHED;
+  o->rec_size = get_le64 (raw + 16);
+  o->rec_cs = get_le32 (raw + 24);
+  o->nsamples = n;
+  o->rec_has_id = raw[34] & FLAG_HAS_ID;
+  o->rec_detached = raw[34] & FLAG_DETACHED;
   for (unsigned i = 0; i < n; ++i) {
-    samples[i].offset = get_le64 (raw + SAMPLES_AT + i * 16);
-    samples[i].fp = get_le64 (raw + SAMPLES_AT + i * 16 + 8);
+    o->samples[i].offset = get_le64 (raw + SAMPLES_AT + i * 16);
+    o->samples[i].fp = get_le64 (raw + SAMPLES_AT + i * 16 + 8);
   }
-  memcpy (rec_id, raw + NAMES_AT, il);
-  rec_id[il] = '\0';
-  memcpy (rec_export, raw + NAMES_AT + il, el);
-  rec_export[el] = '\0';
+  memcpy (o->rec_id, raw + NAMES_AT, il);
+  o->rec_id[il] = '\0';
+  memcpy (o->rec_export, raw + NAMES_AT + il, el);
+  o->rec_export[el] = '\0';
   return true;
 }
 
-/* Write the record in memory to the other slot (synced).  lock held. */
+/* Write the record in memory to the other slot (synced).  o->lock
+ * held. */
 static int
-write_record (struct qed_image *img)
+write_record (struct origin *o, struct qed_image *img)
 {
   unsigned char raw[SLOT_BYTES];
-  int slot = !cur_slot;
+  int slot = !o->cur_slot;
 
-  generation++;
-  encode_slot (raw);
+  o->generation++;
+  encode_slot (o, raw);
   if (qed_header_area_write (img, raw, SLOT_BYTES,
-                             rec_at + slot * SLOT_BYTES) == -1) {
-    generation--;
+                             o->rec_at + slot * SLOT_BYTES) == -1) {
+    o->generation--;
     return -1;
   }
-  cur_slot = slot;
+  o->cur_slot = slot;
   return 0;
 }
 
 /* Read the record: 1 if there is a valid one, 0 if not, -1 on error. */
 static int
-read_record (struct qed_image *img)
+read_record (struct origin *o, struct qed_image *img)
 {
   unsigned char raw[2][SLOT_BYTES];
   uint64_t gen[2];
   bool ok[2];
   int best;
 
-  if (qed_header_area_read (img, raw, sizeof raw, rec_at) == -1)
+  if (qed_header_area_read (img, raw, sizeof raw, o->rec_at) == -1)
     return -1;
-  ok[1] = decode_slot (raw[1], &gen[1]);
-  ok[0] = decode_slot (raw[0], &gen[0]);
+  ok[1] = decode_slot (o, raw[1], &gen[1]);
+  ok[0] = decode_slot (o, raw[0], &gen[0]);
   if (!ok[0] && !ok[1])
     return 0;
   best = !ok[0] || (ok[1] && gen[1] > gen[0]);
-  decode_slot (raw[best], &generation);
-  cur_slot = best;
+  decode_slot (o, raw[best], &o->generation);
+  o->cur_slot = best;
   return 1;
 }
 
@@ -270,8 +315,27 @@ record_place (struct qed_image *img)
   return e - ORIGIN_RECORD_BYTES;
 }
 
+/* Forget what o knew and read img's record: 1 if there is a valid one,
+ * 0 if not, -1 on error.  o->lock held. */
+static int
+load_record (struct origin *o, struct qed_image *img)
+{
+  const struct qed_header *h = qed_get_header (img);
+
+  o->active = false;
+  o->nsamples = 0;
+  o->rec_detached = false;
+  __atomic_store_n (&o->detached, false, __ATOMIC_RELEASE);
+  o->detach_cursor = 0;
+  o->rec_at = record_place (img);
+  if (o->rec_at == 0 || !(h->compat_features & QED_CF_ORIGIN))
+    return 0;
+  return read_record (o, img);
+}
+
 struct verify_job {
   nbdkit_next *next;
+  const struct origin *o;
   uint64_t cs, size;
   unsigned n, next_i;           /* next_i: atomic */
   unsigned idx[MAX_SAMPLES];    /* which samples to check */
@@ -296,7 +360,7 @@ verify_worker (void *arg)
 
     if (k >= j->n || __atomic_load_n (&j->err, __ATOMIC_RELAXED))
       break;
-    off = samples[j->idx[k]].offset;
+    off = j->o->samples[j->idx[k]].offset;
     len = MIN (j->cs, j->size - off);
     if (j->next->pread (j->next, buf, len, off, 0, &err) == -1) {
       nbdkit_debug ("origin guard: reading the cluster at %" PRIu64
@@ -310,21 +374,23 @@ verify_worker (void *arg)
 }
 
 /* Read the sampled clusters the overlay still holds from the origin.
- * Fills j; -1 (error logged) if the origin cannot be read. */
+ * Fills j; -1 (error logged) if the origin cannot be read.  o->lock
+ * held. */
 static int
-verify_samples (struct qed_image *img, struct verify_job *j)
+verify_samples (struct origin *o, struct qed_image *img,
+                struct verify_job *j)
 {
   pthread_t th[VERIFY_THREADS];
   unsigned nt = 0;
 
   j->n = 0;
-  for (unsigned i = 0; i < nsamples; ++i) {
+  for (unsigned i = 0; i < o->nsamples; ++i) {
     struct qed_map m;
 
-    if (samples[i].offset >= j->size)
+    if (o->samples[i].offset >= j->size)
       continue;
     /* A cluster the overlay no longer holds cannot be stale. */
-    if (qed_map (img, samples[i].offset, 1, &m) == 0 &&
+    if (qed_map (img, o->samples[i].offset, 1, &m) == 0 &&
         m.type == QED_MAP_UNALLOCATED)
       continue;
     j->idx[j->n++] = i;
@@ -347,11 +413,11 @@ verify_samples (struct qed_image *img, struct verify_job *j)
 }
 
 static void
-set_names (const char *exportname)
+set_names (struct origin *o, const char *exportname)
 {
-  rec_has_id = origin_id != NULL;
-  snprintf (rec_id, sizeof rec_id, "%s", origin_id ? origin_id : "");
-  snprintf (rec_export, sizeof rec_export, "%s", exportname);
+  o->rec_has_id = origin_id != NULL;
+  snprintf (o->rec_id, sizeof o->rec_id, "%s", origin_id ? origin_id : "");
+  snprintf (o->rec_export, sizeof o->rec_export, "%s", exportname);
 }
 
 static int
@@ -368,146 +434,133 @@ check_names_fit (const char *exportname)
   return 0;
 }
 
-int
-origin_open (struct qed_image *img, nbdkit_next *next, int64_t size,
-             const char *exportname)
+static int
+export_mismatch (const char *path, const char *recorded,
+                 const char *exportname)
 {
-  const char *path = qed_get_filename (img);
-  uint64_t cs = qed_get_cluster_size (img);
-  struct verify_job j = { .next = next, .cs = cs, .size = size };
-  const struct qed_header *h = qed_get_header (img);
-  char what[1200];
+  nbdkit_error ("qed-overlay: %s was made for the plugin's export \"%s\", "
+                "not \"%s\": an overlay holds one export's disk (give "
+                "each export its own qed-overlay)", path, recorded,
+                exportname);
+  return -1;
+}
+
+/* The bit says there is a record, but neither slot checks out:
+ * something else wrote there, so the origin cannot be checked.  1 to
+ * discard, 0 to make a new record (keep), -1 refused. */
+static int
+open_damaged (const char *path)
+{
+  if (changed_mode == ORIGIN_DISCARD) {
+    qed_notice ("qed-overlay: %s: its origin record is damaged: "
+                "discarding the overlay (qed-origin-changed=discard)",
+                path);
+    return 1;
+  }
+  if (changed_mode != ORIGIN_KEEP) {
+    nbdkit_error ("qed-overlay: %s: its origin record is damaged, so the "
+                  "origin cannot be checked; use qed-origin-changed=keep "
+                  "to serve the overlay anyway and record the origin "
+                  "afresh, or qed-origin-changed=discard to keep it as "
+                  "%s.stale and start a new one", path, path);
+    return -1;
+  }
+  qed_warning ("qed-overlay: %s: its origin record is damaged: a new "
+               "one is made (qed-origin-changed=keep)", path);
+  return 0;
+}
+
+/* A new overlay, or one made before the record existed (what it holds
+ * already is not sampled): make its record.  One of another size is
+ * refused by the caller: no record for it.  o->lock held. */
+static int
+open_new (struct origin *o, struct qed_image *img, int64_t size,
+          const char *exportname)
+{
+  if (qed_get_size (img) != ROUND_UP ((uint64_t) size, 512))
+    return 0;
+  o->generation = 0;
+  o->cur_slot = 1;
+  o->rec_size = size;
+  o->rec_cs = qed_get_cluster_size (img);
+  set_names (o, exportname);
+  if (write_record (o, img) == -1 ||
+      qed_update_compat (img, QED_CF_ORIGIN, 0) == -1)
+    return -1;
+  nbdkit_debug ("qed-overlay: %s: origin record made (size %" PRIi64
+                ", export \"%s\"%s%s)", qed_get_filename (img), size,
+                exportname, origin_id ? ", id " : "",
+                origin_id ? origin_id : "");
+  o->active = true;
+  return 0;
+}
+
+/* Compare the origin with the record: what (empty if nothing) says
+ * what changed.  The sample is read even when the id differs, so that
+ * keep can record the new origin's fingerprints too.  -1 if the origin
+ * cannot be read.  o->lock held. */
+static int
+compare (struct origin *o, struct qed_image *img, struct verify_job *j,
+         char *what, size_t what_len)
+{
   unsigned changed = 0, first = 0;
-  int r;
 
-  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&lock);
-  active = false;
-  nsamples = 0;
-  rec_detached = false;
-  rec_at = record_place (img);
-  r = rec_at && h->compat_features & QED_CF_ORIGIN ? read_record (img) : 0;
-  if (r == -1)
-    return -1;
-  if (r == 1 && rec_detached) {
-    nbdkit_debug ("qed-overlay: %s was detached from its origin "
-                  "(qed-detach): it stands alone", path);
-    return 2;
-  }
-  if (check_names_fit (exportname) == -1)
-    return -1;
-  if (rec_at == 0) {
-    qed_warning ("qed-overlay: %s: no room for the origin record in the "
-                  "header clusters (a long backing file name): the origin "
-                  "is not checked", path);
-    return 0;
-  }
-  if (r == 0 && rec_at && h->compat_features & QED_CF_ORIGIN) {
-    /* The bit says there is a record, but neither slot checks out:
-     * something else wrote there.  The origin cannot be checked. */
-    if (changed_mode == ORIGIN_DISCARD) {
-      qed_notice ("qed-overlay: %s: its origin record is damaged: "
-                    "discarding the overlay (qed-origin-changed=discard)",
-                    path);
-      return 1;
-    }
-    if (changed_mode != ORIGIN_KEEP) {
-      nbdkit_error ("qed-overlay: %s: its origin record is damaged, so the "
-                    "origin cannot be checked; use qed-origin-changed=keep "
-                    "to serve the overlay anyway and record the origin "
-                    "afresh, or qed-origin-changed=discard to keep it as "
-                    "%s.stale and start a new one", path, path);
+  if (j->size == o->rec_size && o->rec_cs == j->cs && o->nsamples > 0) {
+    if (verify_samples (o, img, j) == -1)
       return -1;
-    }
-    qed_warning ("qed-overlay: %s: its origin record is damaged: a new "
-                  "one is made (qed-origin-changed=keep)", path);
-  }
-  if (r == 0) {
-    /* A new overlay, or one made before the record existed (what it
-     * holds already is not sampled).  One of another size is refused
-     * by the caller: no record for it. */
-    if (qed_get_size (img) != ROUND_UP ((uint64_t) size, 512))
-      return 0;
-    generation = 0;
-    cur_slot = 1;
-    rec_size = size;
-    rec_cs = cs;
-    set_names (exportname);
-    if (write_record (img) == -1 ||
-        qed_update_compat (img, QED_CF_ORIGIN, 0) == -1)
-      return -1;
-    nbdkit_debug ("qed-overlay: %s: origin record made (size %" PRIi64
-                  ", export \"%s\"%s%s)", path, size, exportname,
-                  origin_id ? ", id " : "", origin_id ? origin_id : "");
-    active = true;
-    return 0;
-  }
-
-  /* The export is the overlay's identity, not a change of the origin. */
-  if (strcmp (rec_export, exportname) != 0) {
-    nbdkit_error ("qed-overlay: %s was made for the plugin's export \"%s\", "
-                  "not \"%s\": an overlay holds one export's disk (give "
-                  "each export its own qed-overlay)", path, rec_export,
-                  exportname);
-    return -1;
-  }
-
-  /* The sample is read even when the id differs, so that keep can
-   * record the new origin's fingerprints too. */
-  if ((uint64_t) size == rec_size && rec_cs == cs && nsamples > 0) {
-    if (verify_samples (img, &j) == -1)
-      return -1;
-    for (unsigned k = 0; k < j.n; ++k)
-      if (j.fp[k] != samples[j.idx[k]].fp) {
+    for (unsigned k = 0; k < j->n; ++k)
+      if (j->fp[k] != o->samples[j->idx[k]].fp) {
         if (changed == 0 ||
-            samples[j.idx[k]].offset < samples[j.idx[first]].offset)
+            o->samples[j->idx[k]].offset < o->samples[j->idx[first]].offset)
           first = k;
         changed++;
       }
   }
   what[0] = '\0';
-  if (origin_id && rec_has_id && strcmp (origin_id, rec_id) != 0)
-    snprintf (what, sizeof what, "qed-origin-id is \"%s\" but the overlay "
-              "was made for \"%s\"", origin_id, rec_id);
-  else if ((uint64_t) size != rec_size)
-    snprintf (what, sizeof what, "it is an overlay of a %" PRIu64 "-byte "
-              "disk, but the plugin's disk is %" PRIi64 " bytes",
-              rec_size, size);
+  if (origin_id && o->rec_has_id && strcmp (origin_id, o->rec_id) != 0)
+    snprintf (what, what_len, "qed-origin-id is \"%s\" but the overlay "
+              "was made for \"%s\"", origin_id, o->rec_id);
+  else if (j->size != o->rec_size)
+    snprintf (what, what_len, "it is an overlay of a %" PRIu64 "-byte "
+              "disk, but the plugin's disk is %" PRIu64 " bytes",
+              o->rec_size, j->size);
   else if (changed)
-    snprintf (what, sizeof what, "the origin's cluster at guest offset %"
+    snprintf (what, what_len, "the origin's cluster at guest offset %"
               PRIu64 " changed (%u of the %u sampled clusters differ)",
-              samples[j.idx[first]].offset, changed, j.n);
+              o->samples[j->idx[first]].offset, changed, j->n);
   else
     nbdkit_debug ("qed-overlay: %s: origin unchanged (%u sampled clusters "
-                  "checked)", path, j.n);
+                  "checked)", qed_get_filename (img), j->n);
+  return 0;
+}
 
-  if (what[0] == '\0') {
-    active = true;
-    if (origin_id && !rec_has_id) {
-      /* The first open that names an id records it. */
-      set_names (exportname);
-      if (write_record (img) == -1)
-        return -1;
-    }
-    return 0;
-  }
+/* The origin changed (what): act as qed-origin-changed says.  0 to
+ * serve (keep), 1 to discard, -1 refused.  o->lock held. */
+static int
+open_changed (struct origin *o, struct qed_image *img,
+              const struct verify_job *j, const char *exportname,
+              const char *what)
+{
+  const char *path = qed_get_filename (img);
+
   if (changed_mode == ORIGIN_DISCARD) {
     qed_notice ("qed-overlay: %s: the origin changed (%s): discarding "
-                  "the overlay (qed-origin-changed=discard)", path, what);
+                "the overlay (qed-origin-changed=discard)", path, what);
     return 1;
   }
-  if (changed_mode == ORIGIN_KEEP && (uint64_t) size == rec_size) {
-    for (unsigned k = 0; k < j.n; ++k)
-      samples[j.idx[k]].fp = j.fp[k];
-    set_names (exportname);
-    if (write_record (img) == -1)
+  if (changed_mode == ORIGIN_KEEP && j->size == o->rec_size) {
+    for (unsigned k = 0; k < j->n; ++k)
+      o->samples[j->idx[k]].fp = j->fp[k];
+    set_names (o, exportname);
+    if (write_record (o, img) == -1)
       return -1;
     qed_warning ("qed-overlay: %s: the origin changed (%s): serving the "
-                  "overlay as it is and recording the new origin "
-                  "(qed-origin-changed=keep)", path, what);
-    active = true;
+                 "overlay as it is and recording the new origin "
+                 "(qed-origin-changed=keep)", path, what);
+    o->active = true;
     return 0;
   }
-  if ((uint64_t) size != rec_size)
+  if (j->size != o->rec_size)
     nbdkit_error ("qed-overlay: %s: the origin is not the one the overlay "
                   "was made for: %s; serve the origin it was made for, or "
                   "use qed-origin-changed=discard (the overlay is kept as "
@@ -522,32 +575,80 @@ origin_open (struct qed_image *img, nbdkit_next *next, int64_t size,
 }
 
 int
-origin_check_export (const char *path, const char *exportname)
+origin_open (struct origin *o, struct qed_image *img, nbdkit_next *next,
+             int64_t size, const char *exportname)
 {
-  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&lock);
-  if (active && strcmp (rec_export, exportname) != 0) {
-    nbdkit_error ("qed-overlay: %s was made for the plugin's export \"%s\", "
-                  "not \"%s\": an overlay holds one export's disk (give "
-                  "each export its own qed-overlay)", path, rec_export,
-                  exportname);
+  const char *path = qed_get_filename (img);
+  struct verify_job j = { .next = next, .o = o, .size = size,
+                          .cs = qed_get_cluster_size (img) };
+  bool damaged;
+  char what[1200];
+  int r;
+
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+  r = load_record (o, img);
+  if (r == -1)
     return -1;
+  if (r == 1 && o->rec_detached) {
+    __atomic_store_n (&o->detached, true, __ATOMIC_RELEASE);
+    nbdkit_debug ("qed-overlay: %s was detached from its origin "
+                  "(qed-detach): it stands alone", path);
+    return 2;
+  }
+  if (check_names_fit (exportname) == -1)
+    return -1;
+  if (o->rec_at == 0) {
+    qed_warning ("qed-overlay: %s: no room for the origin record in the "
+                 "header clusters (a long backing file name): the origin "
+                 "is not checked", path);
+    return 0;
+  }
+  damaged = r == 0 && qed_get_header (img)->compat_features & QED_CF_ORIGIN;
+  if (damaged && (r = open_damaged (path)) != 0)
+    return r;
+  if (r == 0)
+    return open_new (o, img, size, exportname);
+
+  /* The export is the overlay's identity, not a change of the origin. */
+  if (strcmp (o->rec_export, exportname) != 0)
+    return export_mismatch (path, o->rec_export, exportname);
+  if (compare (o, img, &j, what, sizeof what) == -1)
+    return -1;
+  if (what[0] != '\0')
+    return open_changed (o, img, &j, exportname, what);
+  o->active = true;
+  if (origin_id && !o->rec_has_id) {
+    /* The first open that names an id records it. */
+    set_names (o, exportname);
+    if (write_record (o, img) == -1)
+      return -1;
   }
   return 0;
 }
 
+int
+origin_check_export (struct origin *o, const char *path,
+                     const char *exportname)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+  if (o->active && strcmp (o->rec_export, exportname) != 0)
+    return export_mismatch (path, o->rec_export, exportname);
+  return 0;
+}
+
 /* Insert cluster c (fingerprint fp) into the sample if its priority
- * is low enough.  true if the sample changed.  lock held. */
+ * is low enough.  true if the sample changed.  o->lock held. */
 static bool
-sample_offer (uint64_t off, uint64_t c, uint64_t cs, const char *data,
-              uint64_t len)
+sample_offer (struct origin *o, uint64_t off, uint64_t c, uint64_t cs,
+              const char *data, uint64_t len)
 {
   uint64_t p = priority (c), worst = 0;
   unsigned w = 0;
 
-  for (unsigned i = 0; i < nsamples; ++i) {
-    uint64_t q = priority (samples[i].offset / cs);
-    if (samples[i].offset == off) {
-      samples[i].fp = fingerprint (data, len);
+  for (unsigned i = 0; i < o->nsamples; ++i) {
+    uint64_t q = priority (o->samples[i].offset / cs);
+    if (o->samples[i].offset == off) {
+      o->samples[i].fp = fingerprint (data, len);
       return true;
     }
     if (q >= worst) {
@@ -555,45 +656,52 @@ sample_offer (uint64_t off, uint64_t c, uint64_t cs, const char *data,
       w = i;
     }
   }
-  if (nsamples < MAX_SAMPLES)
-    w = nsamples++;
+  if (o->nsamples < MAX_SAMPLES)
+    w = o->nsamples++;
   else if (p >= worst)
     return false;
-  samples[w].offset = off;
-  samples[w].fp = fingerprint (data, len);
+  o->samples[w].offset = off;
+  o->samples[w].fp = fingerprint (data, len);
   return true;
 }
 
+/* Could cluster c enter the full sample?  A quick "no" for most
+ * clusters: only worth a map lookup if lower than some sample. */
+static bool
+sample_may_take (const struct origin *o, uint64_t c, uint64_t cs)
+{
+  uint64_t worst = 0;
+
+  if (o->nsamples < MAX_SAMPLES ||
+      priority (c) < priority (o->samples[0].offset / cs))
+    return true;
+  for (unsigned i = 0; i < o->nsamples; ++i)
+    worst = MAX (worst, priority (o->samples[i].offset / cs));
+  return priority (c) < worst;
+}
+
 int
-origin_note_fill (struct qed_image *img, const char *buf,
+origin_note_fill (struct origin *o, struct qed_image *img, const char *buf,
                   uint64_t start, uint64_t end, int64_t size)
 {
   uint64_t cs = qed_get_cluster_size (img);
   bool dirty = false;
 
-  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&lock);
-  if (!active || rec_cs != cs)
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+  if (!o->active || o->rec_cs != cs)
     return 0;
   for (uint64_t off = start; off < end && off < (uint64_t) size; off += cs) {
     uint64_t c = off / cs, len = MIN (cs, (uint64_t) size - off);
     struct qed_map m;
 
-    if (nsamples == MAX_SAMPLES &&
-        priority (c) >= priority (samples[0].offset / cs)) {
-      /* A quick "no" for most clusters once the sample is full: only
-       * worth the full scan if lower than some sample. */
-      uint64_t worst = 0;
-      for (unsigned i = 0; i < nsamples; ++i)
-        worst = MAX (worst, priority (samples[i].offset / cs));
-      if (priority (c) >= worst)
-        continue;
-    }
+    if (!sample_may_take (o, c, cs))
+      continue;
     /* A cluster the guest wrote first keeps the guest's data. */
     if (qed_map (img, off, 1, &m) == 0 && m.type != QED_MAP_UNALLOCATED)
       continue;
-    dirty |= sample_offer (off, c, cs, buf + (off - start), len);
+    dirty |= sample_offer (o, off, c, cs, buf + (off - start), len);
   }
-  if (dirty && write_record (img) == -1)
+  if (dirty && write_record (o, img) == -1)
     return -1;
   return 0;
 }
@@ -666,47 +774,47 @@ origin_discard (struct qed_image *img, const char *path)
   return r;
 }
 
+
 int
-origin_detach (struct qed_image *img)
+origin_detach (struct origin *o, struct qed_image *img)
 {
-  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&lock);
-  if (!active) {
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+  if (!o->active) {
     nbdkit_debug ("qed-detach: %s has no origin record: not detached",
                   qed_get_filename (img));
     return -1;
   }
-  rec_detached = true;
-  if (write_record (img) == -1) {
-    rec_detached = false;
+  o->rec_detached = true;
+  if (write_record (o, img) == -1) {
+    o->rec_detached = false;
     return -1;
   }
-  active = false;
+  o->active = false;
   return 0;
 }
 
 bool
 origin_probe_detached (struct qed_image *img)
 {
-  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&lock);
-  rec_detached = false;
-  rec_at = record_place (img);
-  return rec_at && qed_get_header (img)->compat_features & QED_CF_ORIGIN &&
-    read_record (img) == 1 && rec_detached;
+  struct origin *o = origin_new ();
+  bool r;
+
+  if (o == NULL)
+    return false;
+  r = load_record (o, img) == 1 && o->rec_detached;
+  origin_free (o);
+  return r;
 }
 
 int
-origin_offline_open (struct qed_image *img, const char *exportname,
-                     int64_t *size)
+origin_offline_open (struct origin *o, struct qed_image *img,
+                     const char *exportname, int64_t *size)
 {
   const char *path = qed_get_filename (img);
-  const struct qed_header *h = qed_get_header (img);
   int r;
 
-  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&lock);
-  active = false;
-  rec_detached = false;
-  rec_at = record_place (img);
-  r = rec_at && h->compat_features & QED_CF_ORIGIN ? read_record (img) : 0;
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+  r = load_record (o, img);
   if (r == -1)
     return -1;
   if (r == 0) {
@@ -714,22 +822,62 @@ origin_offline_open (struct qed_image *img, const char *exportname,
     *size = qed_get_size (img);
     return 0;
   }
-  if (rec_detached) {
+  if (o->rec_detached) {
+    __atomic_store_n (&o->detached, true, __ATOMIC_RELEASE);
     *size = qed_get_size (img);
     return 2;
   }
-  if (strcmp (rec_export, exportname) != 0) {
-    nbdkit_error ("qed-overlay: %s was made for the plugin's export \"%s\", "
-                  "not \"%s\": an overlay holds one export's disk (give "
-                  "each export its own qed-overlay)", path, rec_export,
-                  exportname);
-    return -1;
-  }
-  if (ROUND_UP (rec_size, 512) != qed_get_size (img)) {
+  if (strcmp (o->rec_export, exportname) != 0)
+    return export_mismatch (path, o->rec_export, exportname);
+  if (ROUND_UP (o->rec_size, 512) != qed_get_size (img)) {
     nbdkit_error ("qed-overlay: %s: its origin record (%" PRIu64 " bytes) "
-                  "does not match its size", path, rec_size);
+                  "does not match its size", path, o->rec_size);
     return -1;
   }
-  *size = rec_size;
+  *size = o->rec_size;
   return 0;
+}
+
+bool
+origin_is_detached (const struct origin *o)
+{
+  return o && __atomic_load_n (&o->detached, __ATOMIC_ACQUIRE);
+}
+
+/* qed-detach: once every cluster is in img, remove the origin from its
+ * header (one synced header write) and never read the plugin again.
+ * Cheap to call after every change: the scan goes on from where the
+ * last one stopped (clusters in the image stay there: with a backing
+ * file, zero and trim make zero clusters).  true if it detached now. */
+bool
+origin_poll_detach (struct origin *o, struct qed_image *img)
+{
+  uint64_t isize = qed_get_size (img);
+  bool done = false;
+
+  if (origin_is_detached (o))
+    return false;
+  /* Not a trylock: the fill that completes the image must see it. */
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->detach_lock);
+  if (origin_is_detached (o))
+    return false;               /* another thread did it meanwhile */
+  while (o->detach_cursor < isize) {
+    struct qed_map m;
+
+    if (qed_map (img, o->detach_cursor, isize - o->detach_cursor,
+                 &m) == -1 || m.type == QED_MAP_UNALLOCATED)
+      break;
+    o->detach_cursor += m.length;
+  }
+  if (o->detach_cursor >= isize) {
+    errno = 0;
+    /* The record's mark is the commit point; the header write after it
+     * is for other readers (a crash in between: done at the next
+     * open). */
+    if (origin_detach (o, img) == 0 && qed_detach_backing (img, 0) == 0) {
+      __atomic_store_n (&o->detached, true, __ATOMIC_RELEASE);
+      done = true;
+    }
+  }
+  return done;
 }

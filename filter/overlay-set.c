@@ -51,6 +51,7 @@ struct ovl {
   enum ovl_state state;
   unsigned refs;                /* connections using it */
   struct qed_image *img;        /* OPEN and CLOSING */
+  struct origin *origin;        /* its origin record, or NULL (opaque) */
   struct ovl *next;
 };
 
@@ -187,6 +188,7 @@ ovl_acquire (const char *exportname, ovl_open_fn *open, void *opaque)
 {
   const char *name = file_name (exportname);
   struct qed_image *img;
+  struct origin *origin = NULL;
   struct ovl *o;
 
   if (!ovl_check_name (exportname))
@@ -227,13 +229,14 @@ ovl_acquire (const char *exportname, ovl_open_fn *open, void *opaque)
   set_count++;
   pthread_mutex_unlock (&set_lock);
 
-  img = open (o->path, opaque);
+  img = open (o->path, opaque, &origin);
 
   pthread_mutex_lock (&set_lock);
   if (img == NULL)
     unlink_entry (o);
   else {
     o->img = img;
+    o->origin = origin;
     o->state = OVL_OPEN;
   }
   pthread_cond_broadcast (&set_cond);
@@ -259,6 +262,12 @@ ovl_path (const struct ovl *o)
   return o->path;
 }
 
+struct origin *
+ovl_origin (const struct ovl *o)
+{
+  return o->origin;
+}
+
 /* A connection is done with its overlay: the last one closes it. */
 void
 ovl_release (struct ovl *o, ovl_close_fn *close)
@@ -271,7 +280,7 @@ ovl_release (struct ovl *o, ovl_close_fn *close)
   o->state = OVL_CLOSING;
   pthread_mutex_unlock (&set_lock);
 
-  close (o->img, o->path);
+  close (o->img, o->path, o->origin);
   nbdkit_debug ("qed-overlay-dir: %s closed (no connection left)", o->path);
 
   pthread_mutex_lock (&set_lock);
@@ -292,7 +301,7 @@ ovl_close_all (ovl_close_fn *close)
     set = o->next;
     set_count--;
     if (o->img)
-      close (o->img, o->path);
+      close (o->img, o->path, o->origin);
     free_entry (o);
   }
   pthread_mutex_unlock (&set_lock);

@@ -87,7 +87,9 @@
  *   (qed-overlay-dir: the per-export overlays, each connection's in
  *   h->ovl) and shared-cache.c (qed-shared-cache: served here as the
  *   one overlay is, beneath the per-export ones: struct layers).
- *   qed-detach is here (detach_poll): a scan and one header write.
+ *   qed-detach: detach_poll after each change, for the image that
+ *   keeps the record (the scan and the mark are origin.c's, per
+ *   struct origin: each per-export overlay detaches on its own).
  */
 
 #include <stdio.h>
@@ -139,14 +141,7 @@ static uint64_t compact_limit = QED_DEFAULT_COMPACT_LIMIT;
 static bool freelist = true;
 static bool detach;
 static bool prefetch;
-static bool origin_keys;                /* qed-origin-id or -changed given */
 
-/* The overlay holds every cluster and no longer names its origin
- * (qed-detach): the plugin is never read again (atomic). */
-static bool detached;
-/* Every cluster before this offset is in the overlay (detach_lock). */
-static pthread_mutex_t detach_lock = PTHREAD_MUTEX_INITIALIZER;
-static uint64_t detach_cursor;
 
 /* The overlay's origin was checked against the plugin (origin.c), or
  * needs no check (temporary, detached).  An overlay opened while the
@@ -158,6 +153,9 @@ static int64_t export_size = -1;
 /* The origin's absence was logged (a warning, once until it is back). */
 static bool away_said;
 static char *export_name;
+/* The origin record of the one overlay (qed-overlay, or the shared
+ * cache): made at get_ready, freed at unload. */
+static struct origin *one_origin;
 
 /* A temporary overlay is created in its own private directory, made
  * in tmp_parent when the first connection needs it. */
@@ -192,6 +190,8 @@ qed_filter_unload (void)
   overlay = backing_name = tmp_parent = tmp_dir = NULL;
   ra_log_stats ();
   extcache_free ();
+  origin_free (one_origin);
+  one_origin = NULL;
   origin_unload ();
   ovl_unload ();
 }
@@ -260,11 +260,9 @@ qed_filter_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
   else if (strcmp (key, "qed-freelist") == 0)
     return glue_parse_bool (key, value, &freelist);
   else if (strcmp (key, "qed-origin-id") == 0) {
-    origin_keys = true;
     return origin_set_id (value);
   }
   else if (strcmp (key, "qed-origin-changed") == 0) {
-    origin_keys = true;
     return origin_set_changed (value);
   }
   else if (strcmp (key, "qed-detach") == 0)
@@ -342,11 +340,10 @@ qed_filter_config_complete (nbdkit_next_config_complete *next,
   if (ovl_dir ()) {
     /* Without the shared cache, nothing keeps an origin record. */
     const char *no = overlay ? "qed-overlay"
-      : detach ? "qed-detach"
+      : detach && sc_path () ? "qed-detach and qed-shared-cache"
       : sc_path () ? NULL
       : prefetch ? "qed-prefetch (it fills qed-shared-cache)"
-      : origin_keys ? "qed-origin-id and qed-origin-changed (they guard "
-        "qed-shared-cache)" : NULL;
+      : NULL;
 
     if (no) {
       nbdkit_error ("qed-overlay-dir: cannot be combined with %s", no);
@@ -377,6 +374,8 @@ qed_filter_get_ready (int thread_model)
   ready_done = true;
   origin_set_parallel (thread_model == NBDKIT_THREAD_MODEL_PARALLEL);
   offline_set_parallel (thread_model == NBDKIT_THREAD_MODEL_PARALLEL);
+  if (overlay && (one_origin = origin_new ()) == NULL)
+    return -1;
   if (ovl_dir () && ovl_get_ready () == -1)
     return -1;
   if (ovl_dir () && overlay == NULL)
@@ -497,10 +496,12 @@ qed_filter_after_fork (nbdkit_backend *backend)
 
 /* Close a per-export overlay (its last connection ended). */
 static void
-close_dir_overlay (struct qed_image *img, const char *path)
+close_dir_overlay (struct qed_image *img, const char *path,
+                   struct origin *org)
 {
   if (qed_close (img) == -1)
     nbdkit_error ("qed-overlay-dir: closing %s failed", path);
+  origin_free (org);
 }
 
 static void
@@ -577,6 +578,19 @@ handle_image (void *handle)
   struct qed_handle *h = handle;
 
   return h->ovl ? ovl_image (h->ovl) : glue_image ();
+}
+
+/* The origin record of the image a connection's fills go to: the
+ * shared cache's, the one overlay's, or none (a temporary overlay, or
+ * a per-export overlay without the shared cache). */
+static struct origin *
+handle_origin (void *handle)
+{
+  struct qed_handle *h = handle;
+
+  if (sc_path () || h->ovl == NULL)
+    return one_origin;
+  return ovl_origin (h->ovl);
 }
 
 static offline_back_fn origin_back;
@@ -776,23 +790,79 @@ open_overlay (int64_t size)
   return open_overlay_at (overlay, size);
 }
 
-/* qed-overlay-dir: open (or create) an export's overlay over the
- * plugin's default export, of *opaque bytes. */
+/* What open_dir_overlay needs of the connection that opens it. */
+struct dir_open {
+  nbdkit_next *next;            /* the plugin's default export */
+  int64_t size;                 /* its size */
+};
+
+/* qed-overlay-dir without qed-shared-cache: the origin guard of a
+ * per-export overlay, as qed-overlay's (the recorded export is always
+ * the plugin's default one).  Sets *org; returns the overlay to serve
+ * (perhaps a new one after qed-origin-changed=discard), or NULL
+ * (logged, i closed). */
 static struct qed_image *
-open_dir_overlay (const char *path, void *opaque)
+guard_dir_overlay (struct qed_image *i, const char *path,
+                   const struct dir_open *d, struct origin **org)
 {
-  int64_t size = *(int64_t *) opaque;
+  int r;
+
+  *org = origin_new ();
+  if (*org == NULL) {
+    qed_close (i);
+    return NULL;
+  }
+  r = origin_open (*org, i, d->next, d->size, "");
+  if (r == 1) {
+    /* qed-origin-changed=discard: this export's overlay is set aside
+     * as NAME.qed.stale and a new one started. */
+    if (origin_discard (i, path) == -1)
+      goto fail;
+    i = open_overlay_at (path, d->size);
+    if (i == NULL)
+      goto fail;
+    r = origin_open (*org, i, d->next, d->size, "");
+  }
+  if (r == 2) {
+    /* Detached (qed-detach): it holds every cluster, nothing falls
+     * through to the plugin.  (Finish a header write that a crash may
+     * have missed.) */
+    r = 0;
+    if (qed_get_backing_name (i) && qed_detach_backing (i, 0) == -1)
+      r = -1;
+  }
+  if (r == 0)
+    return i;
+  qed_close (i);
+ fail:
+  origin_free (*org);
+  *org = NULL;
+  return NULL;
+}
+
+/* qed-overlay-dir: open (or create) an export's overlay over the
+ * plugin's default export (*opaque, a struct dir_open). */
+static struct qed_image *
+open_dir_overlay (const char *path, void *opaque, struct origin **org)
+{
+  const struct dir_open *d = opaque;
+  int64_t size = d->size;
   uint64_t want = ROUND_UP ((uint64_t) size, 512);
   struct qed_image *i;
   const char *want_name = sc_backing () ? sc_backing () : backing_name;
   const char *name;
 
+  *org = NULL;
   if (sc_is (path)) {
     nbdkit_error ("qed-overlay-dir: %s is qed-shared-cache, not an "
                   "export's overlay", path);
     return NULL;
   }
   i = open_overlay_at (path, size);
+  /* The shared cache keeps the record of what is copied from the
+   * plugin; without it each overlay keeps its own. */
+  if (i && sc_path () == NULL)
+    i = guard_dir_overlay (i, path, d, org);
   if (i == NULL)
     return NULL;
   name = qed_get_backing_name (i);
@@ -802,15 +872,20 @@ open_dir_overlay (const char *path, void *opaque)
                   "(%" PRIu64 " rounded up to 512)", path,
                   qed_get_size (i), size, want);
     qed_close (i);
+    origin_free (*org);
+    *org = NULL;
     return NULL;
   }
-  if (want_name && (name == NULL || strcmp (name, want_name) != 0)) {
+  if (want_name && !origin_is_detached (*org) &&
+      (name == NULL || strcmp (name, want_name) != 0)) {
     nbdkit_error ("qed-overlay-dir: %s records %s%s%s as its backing file, "
                   "not %s=%s", path, name ? "\"" : "",
                   name ? name : "no name", name ? "\"" : "",
                   sc_backing () ? "qed-shared-cache" : "qed-backing-name",
                   want_name);
     qed_close (i);
+    origin_free (*org);
+    *org = NULL;
     return NULL;
   }
   return i;
@@ -818,55 +893,15 @@ open_dir_overlay (const char *path, void *opaque)
 
 static prefetch_fetch_fn prefetch_fetch;
 
-static bool
-is_detached (void)
-{
-  return __atomic_load_n (&detached, __ATOMIC_ACQUIRE);
-}
-
-/* qed-detach: once every cluster is in the overlay, remove the origin
- * from its header (one synced header write) and never read the plugin
- * again.  Cheap to call after every change: the scan goes on from
- * where the last one stopped (clusters in the overlay stay there: with
- * a backing file, zero and trim make zero clusters). */
+/* qed-detach: after a change to img (whose origin record is org),
+ * detach it if it now holds every cluster. */
 static void
-detach_poll (void)
+detach_poll (struct qed_image *img, struct origin *org)
 {
-  struct qed_image *img = glue_image ();
-  uint64_t isize;
-
-  if (!detach || img == NULL ||
-      __atomic_load_n (&detached, __ATOMIC_ACQUIRE))
-    return;
-  /* Not a trylock: the fill that completes the overlay must see it. */
-  pthread_mutex_lock (&detach_lock);
-  if (__atomic_load_n (&detached, __ATOMIC_ACQUIRE)) {
-    pthread_mutex_unlock (&detach_lock);
-    return;                     /* another thread did it meanwhile */
-  }
-  isize = qed_get_size (img);
-  while (detach_cursor < isize) {
-    struct qed_map m;
-
-    if (qed_map (img, detach_cursor, isize - detach_cursor, &m) == -1 ||
-        m.type == QED_MAP_UNALLOCATED)
-      break;
-    detach_cursor += m.length;
-  }
-  if (detach_cursor >= isize) {
-    errno = 0;
-    /* The record's mark is the commit point; the header write after it
-     * is for other readers (a crash in between: done at the next
-     * open). */
-    if (origin_detach (img) == 0 &&
-        qed_detach_backing (img, 0) == 0) {
-      __atomic_store_n (&detached, true, __ATOMIC_RELEASE);
-      qed_notice ("qed-detach: %s holds every cluster of the disk: the "
-                    "origin is removed from its header; it is a "
-                    "standalone QED image now", overlay);
-    }
-  }
-  pthread_mutex_unlock (&detach_lock);
+  if (detach && img && org && origin_poll_detach (org, img))
+    qed_notice ("qed-detach: %s holds every cluster of the disk: the "
+                "origin is removed from its header; it is a standalone "
+                "QED image now", qed_get_filename (img));
 }
 
 /* The origin guard passed (or was not needed): fills may start. */
@@ -874,7 +909,7 @@ static void
 set_verified (struct qed_image *img)
 {
   __atomic_store_n (&verified, true, __ATOMIC_RELEASE);
-  if (prefetch && !is_detached ())
+  if (prefetch && !origin_is_detached (one_origin))
     prefetch_start (img, prefetch_fetch, overlay != NULL);
 }
 
@@ -885,12 +920,10 @@ static int
 verify_late (struct qed_image *img, nbdkit_next *next, int64_t size,
              const char *exportname)
 {
-  int r = origin_open (img, next, size, exportname);
+  int r = origin_open (one_origin, img, next, size, exportname);
 
-  if (r == 2) {
-    __atomic_store_n (&detached, true, __ATOMIC_RELEASE);
-    r = 0;
-  }
+  if (r == 2)
+    r = 0;                      /* detached (origin_is_detached) */
   else if (r == 1) {
     nbdkit_error ("qed-overlay: %s: qed-origin-changed=discard cannot set "
                   "aside an overlay that is being served: restart nbdkit",
@@ -958,7 +991,7 @@ prepare_offline (struct qed_handle *h)
     qed_open_failed ("qed-overlay", overlay);
     return -1;
   }
-  r = origin_offline_open (i, h->exportname, &size);
+  r = origin_offline_open (one_origin, i, h->exportname, &size);
   if (r == -1) {
     qed_close (i);
     return -1;
@@ -971,10 +1004,8 @@ prepare_offline (struct qed_handle *h)
     return -1;
   }
   glue_set_image (i);
-  if (r == 2) {
-    __atomic_store_n (&detached, true, __ATOMIC_RELEASE);
+  if (r == 2)                   /* detached: origin_is_detached */
     __atomic_store_n (&verified, true, __ATOMIC_RELEASE);
-  }
   return 0;
 }
 
@@ -988,16 +1019,18 @@ qed_filter_prepare (nbdkit_next *next, void *handle, int readonly)
   int64_t size;
 
   if (ovl_dir ()) {
+    struct dir_open d = { .next = next };
+
     if (h->ovl)
       return 0;
-    size = next->get_size (next);
+    size = d.size = next->get_size (next);
     if (size == -1)
       return -1;
     /* qed-shared-cache: the shared image first (the per-export
      * overlays' backing file), opened as qed-overlay's one. */
     if (overlay && prepare_image (next, "", size) == -1)
       return -1;
-    h->ovl = ovl_acquire (h->exportname, open_dir_overlay, &size);
+    h->ovl = ovl_acquire (h->exportname, open_dir_overlay, &d);
     return h->ovl ? 0 : -1;
   }
   if (h->unprepared) {
@@ -1058,12 +1091,11 @@ prepare_image (nbdkit_next *next, const char *exportname, int64_t size)
     if (i == NULL)
       return -1;
     if (overlay)
-      r = origin_open (i, next, size, exportname);
+      r = origin_open (one_origin, i, next, size, exportname);
     if (r == 2) {
       /* Detached: a standalone image.  (Finish a header write that a
        * crash may have missed.) */
       r = 0;
-      __atomic_store_n (&detached, true, __ATOMIC_RELEASE);
       if (qed_get_backing_name (i) && qed_detach_backing (i, 0) == -1)
         r = -1;
     }
@@ -1074,7 +1106,7 @@ prepare_image (nbdkit_next *next, const char *exportname, int64_t size)
       i = open_overlay (size);
       if (i == NULL)
         return -1;
-      r = origin_open (i, next, size, exportname);
+      r = origin_open (one_origin, i, next, size, exportname);
     }
     if (r != 0) {
       qed_close (i);
@@ -1097,7 +1129,7 @@ prepare_image (nbdkit_next *next, const char *exportname, int64_t size)
       return -1;
     }
     glue_set_image (i);
-    detach_poll ();
+    detach_poll (i, one_origin);
     set_verified (i);
   }
   else if (qed_get_size (img) != want) {
@@ -1113,7 +1145,8 @@ prepare_image (nbdkit_next *next, const char *exportname, int64_t size)
     if (verify_late (img, next, size, exportname) == -1)
       return -1;
   }
-  else if (overlay && origin_check_export (overlay, exportname) == -1)
+  else if (overlay && origin_check_export (one_origin, overlay,
+                                          exportname) == -1)
     return -1;
   return 0;
 }
@@ -1230,7 +1263,7 @@ backend_read (void *opaque, void *buf, uint64_t count, uint64_t offset)
  */
 static int
 fetch_clusters_counted (nbdkit_next *next, struct qed_image *img,
-                        char *wbuf, uint64_t start,
+                        struct origin *org, char *wbuf, uint64_t start,
                         uint64_t end, uint64_t *nread, uint64_t *nholes)
 {
   uint64_t cs = qed_get_cluster_size (img);
@@ -1269,7 +1302,7 @@ fetch_clusters_counted (nbdkit_next *next, struct qed_image *img,
       *nread += t - s;
   }
   /* The origin guard samples some before they are stored. */
-  if (overlay && origin_note_fill (img, wbuf, start, end, size) == -1) {
+  if (org && origin_note_fill (org, img, wbuf, start, end, size) == -1) {
     errno = EIO;
     return -1;
   }
@@ -1285,7 +1318,7 @@ fetch_clusters_counted (nbdkit_next *next, struct qed_image *img,
   }
   ra_note_stored (stored);
   glue_note_write ();
-  detach_poll ();
+  detach_poll (img, org);
   return 0;
 }
 
@@ -1293,13 +1326,15 @@ fetch_clusters_counted (nbdkit_next *next, struct qed_image *img,
 struct fetch_ctx {
   nbdkit_next *next;
   struct qed_image *img;
+  struct origin *org;           /* img's origin record (or NULL) */
 };
 
 static int
-fetch_clusters (nbdkit_next *next, struct qed_image *img, char *wbuf,
+fetch_clusters (const struct fetch_ctx *f, char *wbuf,
                 uint64_t start, uint64_t end)
 {
-  return fetch_clusters_counted (next, img, wbuf, start, end, NULL, NULL);
+  return fetch_clusters_counted (f->next, f->img, f->org, wbuf, start, end,
+                                 NULL, NULL);
 }
 
 /* qed-prefetch's fetch: the same, through its own context. */
@@ -1307,7 +1342,8 @@ static int
 prefetch_fetch (nbdkit_next *next, char *buf, uint64_t start, uint64_t end,
                 uint64_t *nread, uint64_t *nholes)
 {
-  return fetch_clusters_counted (next, glue_image (), buf, start, end,
+  return fetch_clusters_counted (next, glue_image (), one_origin, buf,
+                                 start, end,
                                  nread, nholes);
 }
 
@@ -1316,7 +1352,7 @@ fetch_into (void *opaque, char *wbuf, uint64_t start, uint64_t end)
 {
   struct fetch_ctx *f = opaque;
 
-  return fetch_clusters (f->next, f->img, wbuf, start, end);
+  return fetch_clusters (f, wbuf, start, end);
 }
 
 /* Copy-on-read: read [offset, offset+count) (an unallocated run) from
@@ -1326,13 +1362,10 @@ fetch_into (void *opaque, char *wbuf, uint64_t start, uint64_t end)
  * requests can be up to 4G: they go in chunks.
  */
 static int
-cor_fetch (nbdkit_next *next, struct qed_image *img, void *buf,
-           uint64_t count, uint64_t offset)
+cor_fetch (struct fetch_ctx *f, void *buf, uint64_t count, uint64_t offset)
 {
-  struct fetch_ctx f = { .next = next, .img = img };
-
-  return glue_cor_fetch (img, buf, count, offset,
-                         buf ? UINT64_MAX : CACHE_CHUNK, fetch_into, &f);
+  return glue_cor_fetch (f->img, buf, count, offset,
+                         buf ? UINT64_MAX : CACHE_CHUNK, fetch_into, f);
 }
 
 /* Fetch [start, fetch_end), the clusters of the read [offset,
@@ -1341,14 +1374,14 @@ cor_fetch (nbdkit_next *next, struct qed_image *img, void *buf,
  * fetches only what the client asked for.
  */
 static int
-fetch_ahead (nbdkit_next *next, struct qed_image *img, void *buf,
+fetch_ahead (const struct fetch_ctx *f, void *buf,
              uint64_t count, uint64_t offset,
              uint64_t start, uint64_t fetch_end)
 {
   CLEANUP_FREE char *bounce = malloc (fetch_end - start);
 
   if (bounce == NULL ||
-      fetch_clusters (next, img, bounce, start, fetch_end) == -1) {
+      fetch_clusters (f, bounce, start, fetch_end) == -1) {
     nbdkit_debug ("read-ahead of [%" PRIu64 ", %" PRIu64 ") failed: "
                   "reading only the request", start, fetch_end);
     return -1;
@@ -1359,8 +1392,7 @@ fetch_ahead (nbdkit_next *next, struct qed_image *img, void *buf,
 
 /* What a copy-on-read miss needs to know of its request. */
 struct cor_request {
-  nbdkit_next *next;
-  struct qed_image *img;        /* the connection's overlay */
+  struct fetch_ctx f;           /* the plugin, the image that fills */
   /* The connection had other reads in progress when this one came,
    * or lately: the client keeps several in flight itself, which hide
    * the plugin's latency already, and a read-ahead would make them
@@ -1372,8 +1404,7 @@ static int
 cor_read (void *opaque, void *buf, uint64_t count, uint64_t offset)
 {
   struct cor_request *req = opaque;
-  nbdkit_next *next = req->next;
-  struct qed_image *img = req->img;
+  struct qed_image *img = req->f.img;
   uint64_t cs = qed_get_cluster_size (img);
   uint64_t isize = qed_get_size (img);
   uint64_t start = ROUND_DOWN (offset, cs);
@@ -1397,11 +1428,11 @@ cor_read (void *opaque, void *buf, uint64_t count, uint64_t offset)
     return qed_read (img, &below, buf, count, offset);
   }
   if (fetch_end > end &&
-      fetch_ahead (next, img, buf, count, offset, start, fetch_end) == 0) {
+      fetch_ahead (&req->f, buf, count, offset, start, fetch_end) == 0) {
     ra_done (start, fetch_end, true);
     return 0;
   }
-  r = cor_fetch (next, img, buf, count, offset);
+  r = cor_fetch (&req->f, buf, count, offset);
   ra_done (start, fetch_end, fetch_end == end && r == 0);
   return r;
 }
@@ -1411,7 +1442,7 @@ cor_prefetch (void *opaque, uint64_t count, uint64_t offset)
 {
   struct fetch_ctx *f = opaque;
 
-  return cor_fetch (f->next, f->img, NULL, count, offset);
+  return cor_fetch (f, NULL, count, offset);
 }
 
 
@@ -1483,14 +1514,16 @@ layers_init (struct layers *l, void *handle, nbdkit_next *o, bool cor)
   if (shared)
     cor = copy_on_read;
   l->req = (struct cor_request) {
-    .next = o, .img = shared ? glue_image () : l->img,
+    .f = { .next = o, .img = shared ? glue_image () : l->img,
+           .org = handle_origin (handle) },
   };
   l->fetch = (struct qed_below) {
     .read = cor ? cor_read : backend_read,
     .opaque = cor ? (void *) &l->req : (void *) o,
   };
   /* A detached overlay holds every cluster: nothing falls through. */
-  l->fb = is_detached () ? NULL : o ? &l->fetch : &away_below;
+  l->fb = origin_is_detached (l->req.f.org) ? NULL
+    : o ? &l->fetch : &away_below;
   l->sc = (struct sc_below) { .below = l->fb };
   l->shared = (struct qed_below) { .read = sc_read, .opaque = &l->sc };
   l->b = shared ? &l->shared : l->fb;
@@ -1543,7 +1576,7 @@ qed_filter_pwrite (nbdkit_next *next, void *handle,
     r = glue_fail (err);
   origin_put (locked);
   prefetch_guest_end ();
-  detach_poll ();
+  detach_poll (l.req.f.img, l.req.f.org);
   return r;
 }
 
@@ -1606,12 +1639,13 @@ qed_filter_cache (nbdkit_next *next, void *handle,
    * (the export's own overlay keeps only writes). */
   struct fetch_ctx f = {
     .next = next, .img = sc_path () ? glue_image () : handle_image (handle),
+    .org = handle_origin (handle),
   };
   struct qed_below below = { .prefetch = cor_prefetch, .opaque = &f };
 
   /* A hint: nothing to do without an origin (or with a connection
    * that has none of its own). */
-  if (is_detached () || next == NULL)
+  if (origin_is_detached (f.org) || next == NULL)
     return 0;
   if (!copy_on_read) {
     /* The overlay holds only writes: pass the hint on, if the plugin
@@ -1710,7 +1744,8 @@ qed_filter_extents (nbdkit_next *next, void *handle,
   /* With qed-shared-cache, an unallocated run of a per-export overlay
    * is what the shared cache says of it (and the plugin beneath). */
   struct sc_below sc = {
-    .unallocated = is_detached () ? NULL : below_extents, .opaque = &x,
+    .unallocated = origin_is_detached (handle_origin (handle)) ? NULL
+    : below_extents, .opaque = &x,
   };
   int r = 0;
 

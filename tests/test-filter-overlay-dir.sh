@@ -114,8 +114,9 @@ stop_nbdkit s
 # Bad combinations and directories.
 expect_fail "both" "cannot be combined with qed-overlay" \
   --filter="$FILTER" file base.raw qed-overlay-dir=ov qed-overlay=x.qed
-expect_fail "detach" "cannot be combined with qed-detach" \
-  --filter="$FILTER" file base.raw qed-overlay-dir=ov qed-detach=true
+expect_fail "detach" "cannot be combined with qed-detach and qed-shared-cache" \
+  --filter="$FILTER" file base.raw qed-overlay-dir=ov qed-shared-cache=ov/sc.qed \
+  qed-detach=true
 expect_fail "missing dir" "qed-overlay-dir: .*nodir" \
   --filter="$FILTER" file base.raw qed-overlay-dir=nodir
 expect_fail "not a dir" "is not a directory" \
