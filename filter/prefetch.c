@@ -206,114 +206,152 @@ close_context (nbdkit_next **next, bool prepared)
   }
 }
 
+/* The state of one warming pass (prefetch_thread). */
+struct warm {
+  struct qed_image *img;
+  uint64_t cs, isize;
+  uint64_t offset;              /* where to look next, in disk order */
+  uint64_t fetched, holes, unflushed;
+  double t0;
+  struct qed_progress progress;
+  unsigned backoff;             /* seconds, while the origin fails */
+  bool failing;
+  nbdkit_next *next;            /* our own plugin context */
+  bool prepared;
+  char *buf;
+};
+
+/* Pause after a failure of the origin, saying so once per outage. */
+static void
+origin_failed (struct warm *w, const char *what, uint64_t at)
+{
+  if (!w->failing) {
+    if (what)
+      qed_warning ("qed-prefetch: the origin failed at %" PRIu64
+                   ": paused, retrying in %u s", at, w->backoff);
+    else
+      qed_warning ("qed-prefetch: cannot open the plugin: paused, "
+                   "retrying in %u s", w->backoff);
+  }
+  w->failing = true;
+  /* The context may be dead (a lost connection): a new one. */
+  close_context (&w->next, w->prepared);
+  pause_for (w->backoff);
+  w->backoff = MIN (w->backoff * 2, (unsigned) BACKOFF_MAX);
+}
+
+/* Our plugin context, opened (again) if needed: false after a pause. */
+static bool
+have_context (struct warm *w)
+{
+  if (w->next)
+    return true;
+  w->next = nbdkit_next_context_open (backend, 1, export, 1);
+  w->prepared = w->next && w->next->prepare (w->next) != -1;
+  if (w->prepared && w->next->get_size (w->next) != -1)
+    return true;
+  origin_failed (w, NULL, 0);
+  return false;
+}
+
+/* The next run [*start, *end) the overlay lacks, at most a chunk:
+ * 1, or 0 after moving w->offset past what it holds (or a pause). */
+static int
+next_missing_run (struct warm *w, uint64_t *start, uint64_t *end)
+{
+  struct qed_map m;
+  uint64_t e;
+
+  if (qed_map (w->img, w->offset, w->isize - w->offset, &m) == -1) {
+    pause_for (w->backoff);
+    return 0;
+  }
+  if (m.type != QED_MAP_UNALLOCATED) {
+    w->offset += m.length;
+    return 0;
+  }
+  *start = w->offset;
+  e = MIN (m.length, MAX ((uint64_t) CHUNK, w->cs));
+  e = MIN (*start + e, w->isize);
+  if (e < w->isize)
+    e = MAX (ROUND_DOWN (e, w->cs), *start + w->cs);
+  *end = e;
+  return 1;
+}
+
+/* Count a fetched run, flush now and then, show progress, keep the
+ * rate. */
+static void
+fetched_run (struct warm *w, uint64_t end, uint64_t r, uint64_t h)
+{
+  if (w->failing)
+    qed_notice ("qed-prefetch: the origin is back: resuming at %"
+                PRIu64, w->offset);
+  w->failing = false;
+  w->backoff = 1;
+  w->fetched += r;
+  w->holes += h;
+  w->unflushed += r + h;
+  w->offset = end;
+  /* Bound what a crash makes us fetch again. */
+  if (persistent && w->unflushed >= FLUSH_EVERY && qed_flush (w->img) == 0)
+    w->unflushed = 0;
+  /* The common progress line (at most every 2 s), under
+   * -D qed.verbose=1: bytes of the disk gone through. */
+  if (qed_verbose_enabled ())
+    qed_progress_step (&w->progress, "copying missing clusters", w->offset,
+                       w->isize);
+  if (rate) {
+    /* Hold the average at the rate. */
+    double ahead = (double) w->fetched / rate - (now () - w->t0);
+    if (ahead > 0)
+      pause_for (ahead);
+  }
+}
+
 static void *
 prefetch_thread (void *arg)
 {
-  struct qed_image *img = image;
-  uint64_t cs = qed_get_cluster_size (img), isize = qed_get_size (img);
-  uint64_t offset = 0, fetched = 0, holes = 0, unflushed = 0;
-  double t0 = now ();
-  struct qed_progress progress;
-  unsigned backoff = 1;
-  nbdkit_next *next = NULL;
-  bool prepared = false, failing = false;
-  CLEANUP_FREE char *buf = malloc (MAX ((uint64_t) CHUNK, cs));
+  struct warm w = { .img = image, .t0 = now (), .backoff = 1 };
+  CLEANUP_FREE char *buf = NULL;
 
+  w.cs = qed_get_cluster_size (w.img);
+  w.isize = qed_get_size (w.img);
+  w.buf = buf = malloc (MAX ((uint64_t) CHUNK, w.cs));
   if (buf == NULL) {
     nbdkit_error ("qed-prefetch: malloc: %m");
     return NULL;
   }
   nbdkit_debug ("qed-prefetch: started: warming %s (%" PRIu64 " bytes)",
-                qed_get_filename (img), isize);
-  qed_progress_start (&progress, qed_get_filename (img), "prefetch");
-  while (offset < isize && !is_stopping ()) {
-    struct qed_map m;
-    uint64_t start, end, chunk, r = 0, h = 0;
-    int err = 0;
+                qed_get_filename (w.img), w.isize);
+  qed_progress_start (&w.progress, qed_get_filename (w.img), "prefetch");
+  while (w.offset < w.isize && !is_stopping ()) {
+    uint64_t start, end, r = 0, h = 0;
+    int err;
 
-    if (next == NULL) {
-      next = nbdkit_next_context_open (backend, 1, export, 1);
-      prepared = next && next->prepare (next) != -1;
-      if (!prepared || next->get_size (next) == -1) {
-        close_context (&next, prepared);
-        if (!failing)
-          qed_warning ("qed-prefetch: cannot open the plugin: paused, "
-                        "retrying in %u s", backoff);
-        failing = true;
-        pause_for (backoff);
-        backoff = MIN (backoff * 2, (unsigned) BACKOFF_MAX);
-        continue;
-      }
-    }
-
-    /* The next run the overlay lacks, in disk order. */
-    if (qed_map (img, offset, isize - offset, &m) == -1) {
-      pause_for (backoff);
+    if (!have_context (&w) || !next_missing_run (&w, &start, &end))
       continue;
-    }
-    if (m.type != QED_MAP_UNALLOCATED) {
-      offset += m.length;
-      continue;
-    }
-    start = offset;
-    chunk = MAX ((uint64_t) CHUNK, cs);
-    end = MIN (m.length, chunk);
-    end = MIN (start + end, isize);
-    if (end < isize)
-      end = MAX (ROUND_DOWN (end, cs), start + cs);
-
     yield_to_guests ();
     if (!ra_claim (start, end)) {
       /* A guest is fetching some of it: let it, then look again. */
       ra_wait_in_flight (start, end);
       continue;
     }
-    err = fetch_fn (next, buf, start, end, &r, &h);
+    err = fetch_fn (w.next, w.buf, start, end, &r, &h);
     ra_done (start, end, true);
-    if (err == -1) {
-      if (!failing)
-        qed_warning ("qed-prefetch: the origin failed at %" PRIu64
-                    ": paused, retrying in %u s", start, backoff);
-      failing = true;
-      /* The context may be dead (a lost connection): a new one. */
-      close_context (&next, prepared);
-      pause_for (backoff);
-      backoff = MIN (backoff * 2, (unsigned) BACKOFF_MAX);
-      continue;
-    }
-    if (failing)
-      qed_notice ("qed-prefetch: the origin is back: resuming at %"
-                    PRIu64, start);
-    failing = false;
-    backoff = 1;
-    fetched += r;
-    holes += h;
-    unflushed += r + h;
-    offset = end;
-    if (persistent && unflushed >= FLUSH_EVERY) {
-      /* Bound what a crash makes us fetch again. */
-      if (qed_flush (img) == 0)
-        unflushed = 0;
-    }
-    /* The common progress line (at most every 2 s), under
-     * -D qed.verbose=1: bytes of the disk gone through. */
-    if (qed_verbose_enabled ())
-      qed_progress_step (&progress, "copying missing clusters", offset, isize);
-    if (rate) {
-      /* Hold the average at the rate. */
-      double ahead = (double) fetched / rate - (now () - t0);
-      if (ahead > 0)
-        pause_for (ahead);
-    }
+    if (err == -1)
+      origin_failed (&w, "fetch", start);
+    else
+      fetched_run (&w, end, r, h);
   }
-  if (offset >= isize) {
+  if (w.offset >= w.isize) {
     if (persistent)
-      qed_flush (img);
+      qed_flush (w.img);
     qed_notice ("qed-prefetch: done: %" PRIu64 " bytes fetched, %" PRIu64
-                  " bytes found as holes, in %.1f s", fetched, holes,
-                  now () - t0);
+                " bytes found as holes, in %.1f s", w.fetched, w.holes,
+                now () - w.t0);
   }
-  close_context (&next, prepared);
+  close_context (&w.next, w.prepared);
   return NULL;
 }
 

@@ -361,6 +361,108 @@ qed_filter_config_complete (nbdkit_next_config_complete *next,
  * written), a new one must be creatable.  The size check must wait
  * for the plugin's size, at the first connection.
  */
+/* A temporary overlay: check where its directory will be made (only
+ * when a client needs it). */
+static int
+ready_tmp_parent (void)
+{
+  const char *t = getenv ("TMPDIR");
+
+  tmp_parent = nbdkit_absolute_path (t && *t ? t : "/var/tmp");
+  if (tmp_parent == NULL)
+    return -1;
+  if (access (tmp_parent, W_OK | X_OK) == -1) {
+    nbdkit_error ("%s: cannot create a temporary overlay there: %m",
+                  tmp_parent);
+    return -1;
+  }
+  return 0;
+}
+
+/* qed-backing-name only names the origin for other readers of the
+ * overlay: a name that does not exist is just noted. */
+static void
+note_backing_name (void)
+{
+  CLEANUP_FREE char *dir = dir_of (overlay);
+  CLEANUP_FREE char *path = NULL;
+
+  if (dir && asprintf (&path, "%s/%s", dir, backing_name) >= 0 &&
+      access (backing_name[0] == '/' ? backing_name : path, F_OK) == -1)
+    nbdkit_debug ("note: qed-backing-name %s does not exist (relative "
+                  "names are relative to the overlay's directory %s)",
+                  backing_name, dir);
+}
+
+/* An existing overlay (fd): it must be a QED image whose backing name
+ * is qed-backing-name's, unless it was detached. */
+static int
+ready_existing_overlay (int fd)
+{
+  struct qed_open_options oo = { .readonly = true, .skip_check = true,
+                                 .l2_cache_bytes = 65536,
+                                 .locking = locking,
+                                 .use_fd = true, .fd = fd };
+  struct qed_image *probe = qed_open (overlay, &oo);
+  const char *name;
+  uint32_t cs;
+  int r = 0;
+
+  if (probe == NULL) {
+    nbdkit_error ("qed-overlay: %s exists but cannot be used as a QED "
+                  "overlay (see the message above)", overlay);
+    return -1;
+  }
+  name = qed_get_backing_name (probe);
+  cs = qed_get_cluster_size (probe);
+  if (backing_name && name == NULL && origin_probe_detached (probe))
+    /* Detached by qed-detach earlier: it stands alone now. */
+    nbdkit_debug ("existing overlay %s was detached from its origin "
+                  "(qed-detach): serving it as it is", overlay);
+  else if (backing_name && (name == NULL || strcmp (name, backing_name))) {
+    /* Silently serving an overlay that claims another base would make
+     * the next reader (qemu-img, the plugin) see a different disk. */
+    nbdkit_error ("qed-overlay: %s records %s%s%s as its backing file, "
+                  "not qed-backing-name=%s (change it with: qemu-img "
+                  "rebase -u -f qed -F raw -b NAME %s%s)",
+                  overlay, name ? "\"" : "", name ? name : "no name",
+                  name ? "\"" : "", backing_name, overlay,
+                  qed_get_header (probe)->compat_features & QED_CF_ORIGIN
+                  ? ", after removing the origin record, which QEMU "
+                  "refuses to rebase over: nbdkit qed OVERLAY demote=true "
+                  "--run true" : "");
+    r = -1;
+  }
+  else {
+    nbdkit_debug ("existing overlay %s: size %" PRIu64 ", cluster size %"
+                  PRIu32 ", backing file %s", overlay,
+                  qed_get_size (probe), cs, name ? name : "(none)");
+    if (cluster_size && cluster_size != cs)
+      nbdkit_debug ("qed-cluster-size=%" PRIu32 " ignored: the existing "
+                    "overlay has %" PRIu32 "-byte clusters",
+                    cluster_size, cs);
+  }
+  qed_close (probe);
+  return r;
+}
+
+/* A missing overlay: check that its directory lets us create it. */
+static int
+ready_new_overlay (void)
+{
+  CLEANUP_FREE char *dir = dir_of (overlay);
+
+  if (dir == NULL) {
+    nbdkit_error ("strdup: %m");
+    return -1;
+  }
+  if (access (dir, W_OK | X_OK) == -1) {
+    nbdkit_error ("qed-overlay: cannot create %s: %s: %m", overlay, dir);
+    return -1;
+  }
+  return 0;
+}
+
 static int
 qed_filter_get_ready (int thread_model)
 {
@@ -385,95 +487,14 @@ qed_filter_get_ready (int thread_model)
                   "deleted at exit)");
     return -1;
   }
-  if (backing_name && overlay) {
-    /* Only other readers of the overlay open it: just a hint. */
-    CLEANUP_FREE char *dir = dir_of (overlay);
-    CLEANUP_FREE char *path = NULL;
-
-    if (dir && asprintf (&path, "%s/%s", dir, backing_name) >= 0 &&
-        access (backing_name[0] == '/' ? backing_name : path, F_OK) == -1)
-      nbdkit_debug ("note: qed-backing-name %s does not exist (relative "
-                    "names are relative to the overlay's directory %s)",
-                    backing_name, dir);
-  }
-  if (overlay == NULL) {
-    const char *t = getenv ("TMPDIR");
-
-    /* Its directory is made only when a client needs it. */
-    tmp_parent = nbdkit_absolute_path (t && *t ? t : "/var/tmp");
-    if (tmp_parent == NULL)
-      return -1;
-    if (access (tmp_parent, W_OK | X_OK) == -1) {
-      nbdkit_error ("%s: cannot create a temporary overlay there: %m",
-                    tmp_parent);
-      return -1;
-    }
-    return 0;
-  }
-
+  if (overlay == NULL)
+    return ready_tmp_parent ();
+  if (backing_name)
+    note_backing_name ();
   fd = qed_open_overlay_fd (overlay, true, &missing);
-  if (fd >= 0) {
-    struct qed_open_options oo = { .readonly = true, .skip_check = true,
-                                   .l2_cache_bytes = 65536,
-                                   .locking = locking,
-                                   .use_fd = true, .fd = fd };
-    struct qed_image *probe = qed_open (overlay, &oo);
-    const char *name;
-    uint32_t cs;
-    int r = 0;
-
-    if (probe == NULL) {
-      nbdkit_error ("qed-overlay: %s exists but cannot be used as a QED "
-                    "overlay (see the message above)", overlay);
-      return -1;
-    }
-    name = qed_get_backing_name (probe);
-    cs = qed_get_cluster_size (probe);
-    if (backing_name && name == NULL && origin_probe_detached (probe))
-      /* Detached by qed-detach earlier: it stands alone now. */
-      nbdkit_debug ("existing overlay %s was detached from its origin "
-                    "(qed-detach): serving it as it is", overlay);
-    else if (backing_name && (name == NULL || strcmp (name, backing_name))) {
-      /* Silently serving an overlay that claims another base would make
-       * the next reader (qemu-img, the plugin) see a different disk. */
-      nbdkit_error ("qed-overlay: %s records %s%s%s as its backing file, "
-                    "not qed-backing-name=%s (change it with: qemu-img "
-                    "rebase -u -f qed -F raw -b NAME %s%s)",
-                    overlay, name ? "\"" : "", name ? name : "no name",
-                    name ? "\"" : "", backing_name, overlay,
-                    qed_get_header (probe)->compat_features & QED_CF_ORIGIN
-                    ? ", after removing the origin record, which QEMU "
-                    "refuses to rebase over: nbdkit qed OVERLAY demote=true "
-                    "--run 'nbdinfo --size \"$uri\"'" : "");
-      r = -1;
-    }
-    else {
-      nbdkit_debug ("existing overlay %s: size %" PRIu64 ", cluster size %"
-                    PRIu32 ", backing file %s", overlay,
-                    qed_get_size (probe), cs, name ? name : "(none)");
-      if (cluster_size && cluster_size != cs)
-        nbdkit_debug ("qed-cluster-size=%" PRIu32 " ignored: the existing "
-                      "overlay has %" PRIu32 "-byte clusters",
-                      cluster_size, cs);
-    }
-    qed_close (probe);
-    return r;
-  }
-  else if (!missing)
-    return -1;
-  else {
-    CLEANUP_FREE char *dir = dir_of (overlay);
-
-    if (dir == NULL) {
-      nbdkit_error ("strdup: %m");
-      return -1;
-    }
-    if (access (dir, W_OK | X_OK) == -1) {
-      nbdkit_error ("qed-overlay: cannot create %s: %s: %m", overlay, dir);
-      return -1;
-    }
-    return 0;
-  }
+  if (fd >= 0)
+    return ready_existing_overlay (fd);
+  return missing ? ready_new_overlay () : -1;
 }
 
 static int
