@@ -89,7 +89,8 @@
  *   one overlay is, beneath the per-export ones: struct layers).
  *   qed-detach: detach_poll after each change, for the image that
  *   keeps the record (the scan and the mark are origin.c's, per
- *   struct origin: each per-export overlay detaches on its own).
+ *   struct origin: each per-export overlay detaches on its own; with
+ *   qed-shared-cache the shared cache does, as the one overlay).
  */
 
 #include <stdio.h>
@@ -340,7 +341,6 @@ qed_filter_config_complete (nbdkit_next_config_complete *next,
   if (ovl_dir ()) {
     /* Without the shared cache, nothing keeps an origin record. */
     const char *no = overlay ? "qed-overlay"
-      : detach && sc_path () ? "qed-detach and qed-shared-cache"
       : sc_path () ? NULL
       : prefetch ? "qed-prefetch (it fills qed-shared-cache)"
       : NULL;
