@@ -5,7 +5,12 @@
  * every cluster it lacks, in disk order, through a backend context of
  * its own (nbdkit_next_context_open, shared: it outlives connections),
  * so that the overlay becomes complete without a client reading every
- * byte.  The design rules:
+ * byte.  With qed-overlay-dir and no shared cache, each open per-export
+ * overlay has such a thread (prefetch_new, stopped by prefetch_free
+ * before the overlay closes); the guest activity below is counted over
+ * all of them, and the fetches in flight are the filter's (by offset:
+ * a thread may wait for another export's fetch of the same range, then
+ * looks again).  The design rules:
  *
  * - It is an ordinary copy-on-read fill (the filter's fetch: extents
  *   holes become zero clusters without a read, all-zero data zero
@@ -68,15 +73,28 @@
 
 static uint64_t rate;           /* bytes/s, 0 = unlimited */
 
+/* The backend and export every warming thread opens its context
+ * with (set once, in .open). */
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t cond = PTHREAD_COND_INITIALIZER;
 static nbdkit_backend *backend;
 static char *export;
-static bool started, stopping;
-static pthread_t thread;
-static struct qed_image *image;
-static prefetch_fetch_fn *fetch_fn;
-static bool persistent;         /* flush now and then (else temporary) */
+
+/* One warming thread and the image it warms. */
+struct prefetch {
+  pthread_mutex_t lock;
+  pthread_cond_t cond;
+  bool stopping;
+  pthread_t thread;
+  struct qed_image *image;
+  prefetch_fetch_fn *fetch_fn;
+  void *opaque;
+  bool persistent;              /* flush now and then (else temporary) */
+};
+
+/* prefetch_start's (the one overlay, or the shared cache). */
+static struct prefetch *one;
+static bool one_started;
+static unsigned running;        /* atomic: threads that may run */
 
 static unsigned guest_active;   /* atomic */
 static uint64_t guest_last_ns;  /* atomic: when a guest request began or ended */
@@ -132,7 +150,7 @@ now_ns (void)
 void
 prefetch_guest_begin (void)
 {
-  if (!__atomic_load_n (&started, __ATOMIC_RELAXED))
+  if (__atomic_load_n (&running, __ATOMIC_RELAXED) == 0)
     return;
   __atomic_add_fetch (&guest_active, 1, __ATOMIC_RELAXED);
   __atomic_store_n (&guest_last_ns, now_ns (), __ATOMIC_RELAXED);
@@ -141,7 +159,7 @@ prefetch_guest_begin (void)
 void
 prefetch_guest_end (void)
 {
-  if (!__atomic_load_n (&started, __ATOMIC_RELAXED))
+  if (__atomic_load_n (&running, __ATOMIC_RELAXED) == 0)
     return;
   __atomic_sub_fetch (&guest_active, 1, __ATOMIC_RELAXED);
   __atomic_store_n (&guest_last_ns, now_ns (), __ATOMIC_RELAXED);
@@ -149,7 +167,7 @@ prefetch_guest_end (void)
 
 /* Sleep up to seconds, or until stopping.  true if stopping. */
 static bool
-pause_for (double seconds)
+pause_for (struct prefetch *p, double seconds)
 {
   struct timespec ts;
   double t;
@@ -158,18 +176,18 @@ pause_for (double seconds)
   t = ts.tv_sec + ts.tv_nsec / 1e9 + seconds;
   ts.tv_sec = (time_t) t;
   ts.tv_nsec = (long) ((t - ts.tv_sec) * 1e9);
-  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&lock);
-  while (!stopping)
-    if (pthread_cond_timedwait (&cond, &lock, &ts) == ETIMEDOUT)
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&p->lock);
+  while (!p->stopping)
+    if (pthread_cond_timedwait (&p->cond, &p->lock, &ts) == ETIMEDOUT)
       break;
-  return stopping;
+  return p->stopping;
 }
 
 static bool
-is_stopping (void)
+is_stopping (struct prefetch *p)
 {
-  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&lock);
-  return stopping;
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&p->lock);
+  return p->stopping;
 }
 
 /* Guests first: wait until no guest request is in progress and none
@@ -177,7 +195,7 @@ is_stopping (void)
  * that keeps the disk busy then sees at most one chunk in every
  * GUEST_WAIT_MS beside its requests. */
 static void
-yield_to_guests (void)
+yield_to_guests (struct prefetch *p)
 {
   uint64_t t0 = now_ns ();
 
@@ -185,7 +203,7 @@ yield_to_guests (void)
     uint64_t t = now_ns ();
     struct timespec ts = { .tv_nsec = 500000 };
 
-    if (t - t0 >= GUEST_WAIT_MS * UINT64_C(1000000) || is_stopping ())
+    if (t - t0 >= GUEST_WAIT_MS * UINT64_C(1000000) || is_stopping (p))
       return;
     if (__atomic_load_n (&guest_active, __ATOMIC_RELAXED) == 0 &&
         t - __atomic_load_n (&guest_last_ns, __ATOMIC_RELAXED) >=
@@ -208,6 +226,7 @@ close_context (nbdkit_next **next, bool prepared)
 
 /* The state of one warming pass (prefetch_thread). */
 struct warm {
+  struct prefetch *p;
   struct qed_image *img;
   uint64_t cs, isize;
   uint64_t offset;              /* where to look next, in disk order */
@@ -236,7 +255,7 @@ origin_failed (struct warm *w, const char *what, uint64_t at)
   w->failing = true;
   /* The context may be dead (a lost connection): a new one. */
   close_context (&w->next, w->prepared);
-  pause_for (w->backoff);
+  pause_for (w->p, w->backoff);
   w->backoff = MIN (w->backoff * 2, (unsigned) BACKOFF_MAX);
 }
 
@@ -263,7 +282,7 @@ next_missing_run (struct warm *w, uint64_t *start, uint64_t *end)
   uint64_t e;
 
   if (qed_map (w->img, w->offset, w->isize - w->offset, &m) == -1) {
-    pause_for (w->backoff);
+    pause_for (w->p, w->backoff);
     return 0;
   }
   if (m.type != QED_MAP_UNALLOCATED) {
@@ -294,7 +313,7 @@ fetched_run (struct warm *w, uint64_t end, uint64_t r, uint64_t h)
   w->unflushed += r + h;
   w->offset = end;
   /* Bound what a crash makes us fetch again. */
-  if (persistent && w->unflushed >= FLUSH_EVERY && qed_flush (w->img) == 0)
+  if (w->p->persistent && w->unflushed >= FLUSH_EVERY && qed_flush (w->img) == 0)
     w->unflushed = 0;
   /* The common progress line (at most every 2 s), under
    * -D qed.verbose=1: bytes of the disk gone through. */
@@ -305,14 +324,15 @@ fetched_run (struct warm *w, uint64_t end, uint64_t r, uint64_t h)
     /* Hold the average at the rate. */
     double ahead = (double) w->fetched / rate - (now () - w->t0);
     if (ahead > 0)
-      pause_for (ahead);
+      pause_for (w->p, ahead);
   }
 }
 
 static void *
 prefetch_thread (void *arg)
 {
-  struct warm w = { .img = image, .t0 = now (), .backoff = 1 };
+  struct prefetch *p = arg;
+  struct warm w = { .p = p, .img = p->image, .t0 = now (), .backoff = 1 };
   CLEANUP_FREE char *buf = NULL;
 
   w.cs = qed_get_cluster_size (w.img);
@@ -325,19 +345,19 @@ prefetch_thread (void *arg)
   nbdkit_debug ("qed-prefetch: started: warming %s (%" PRIu64 " bytes)",
                 qed_get_filename (w.img), w.isize);
   qed_progress_start (&w.progress, qed_get_filename (w.img), "prefetch");
-  while (w.offset < w.isize && !is_stopping ()) {
+  while (w.offset < w.isize && !is_stopping (p)) {
     uint64_t start, end, r = 0, h = 0;
     int err;
 
     if (!have_context (&w) || !next_missing_run (&w, &start, &end))
       continue;
-    yield_to_guests ();
+    yield_to_guests (p);
     if (!ra_claim (start, end)) {
       /* A guest is fetching some of it: let it, then look again. */
       ra_wait_in_flight (start, end);
       continue;
     }
-    err = fetch_fn (w.next, w.buf, start, end, &r, &h);
+    err = p->fetch_fn (w.next, w.img, p->opaque, w.buf, start, end, &r, &h);
     ra_done (start, end, true);
     if (err == -1)
       origin_failed (&w, "fetch", start);
@@ -345,7 +365,7 @@ prefetch_thread (void *arg)
       fetched_run (&w, end, r, h);
   }
   if (w.offset >= w.isize) {
-    if (persistent)
+    if (p->persistent)
       qed_flush (w.img);
     qed_notice ("qed-prefetch: done: %" PRIu64 " bytes fetched, %" PRIu64
                 " bytes found as holes, in %.1f s", w.fetched, w.holes,
@@ -355,41 +375,96 @@ prefetch_thread (void *arg)
   return NULL;
 }
 
+struct prefetch *
+prefetch_new (struct qed_image *img, prefetch_fetch_fn *fetch, void *opaque,
+              bool flush)
+{
+  struct prefetch *p;
+  int e;
+
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&lock);
+    if (backend == NULL)
+      return NULL;
+  }
+  p = calloc (1, sizeof *p);
+  if (p == NULL) {
+    nbdkit_error ("qed-prefetch: calloc: %m");
+    return NULL;
+  }
+  pthread_mutex_init (&p->lock, NULL);
+  pthread_cond_init (&p->cond, NULL);
+  p->image = img;
+  p->fetch_fn = fetch;
+  p->opaque = opaque;
+  p->persistent = flush;
+  __atomic_add_fetch (&running, 1, __ATOMIC_RELAXED);
+  e = pthread_create (&p->thread, NULL, prefetch_thread, p);
+  if (e != 0) {
+    __atomic_sub_fetch (&running, 1, __ATOMIC_RELAXED);
+    pthread_cond_destroy (&p->cond);
+    pthread_mutex_destroy (&p->lock);
+    free (p);
+    errno = e;
+    nbdkit_error ("qed-prefetch: cannot start its thread: %m");
+    return NULL;
+  }
+  return p;
+}
+
+void
+prefetch_free (struct prefetch *p)
+{
+  if (p == NULL)
+    return;
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&p->lock);
+    p->stopping = true;
+    pthread_cond_broadcast (&p->cond);
+  }
+  pthread_join (p->thread, NULL);
+  __atomic_sub_fetch (&running, 1, __ATOMIC_RELAXED);
+  pthread_cond_destroy (&p->cond);
+  pthread_mutex_destroy (&p->lock);
+  free (p);
+}
+
 void
 prefetch_start (struct qed_image *img, prefetch_fetch_fn *fetch,
                 bool flush)
 {
-  int e;
+  struct prefetch *p;
 
-  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&lock);
-  if (started || backend == NULL)
-    return;
-  image = img;
-  fetch_fn = fetch;
-  persistent = flush;
-  e = pthread_create (&thread, NULL, prefetch_thread, NULL);
-  if (e != 0) {
-    errno = e;
-    nbdkit_error ("qed-prefetch: cannot start its thread: %m");
-    return;
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&lock);
+    if (one_started || backend == NULL)
+      return;
+    one_started = true;
   }
-  __atomic_store_n (&started, true, __ATOMIC_RELAXED);
+  p = prefetch_new (img, fetch, NULL, flush);
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&lock);
+  one = p;
 }
 
 void
 prefetch_stop (void)
 {
-  bool join;
+  struct prefetch *p;
 
   {
     ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&lock);
-    stopping = true;
-    pthread_cond_broadcast (&cond);
-    join = started;
-    __atomic_store_n (&started, false, __ATOMIC_RELAXED);
+    p = one;
+    one = NULL;
   }
-  if (join)
-    pthread_join (thread, NULL);
+  prefetch_free (p);
+}
+
+void
+prefetch_unload (void)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&lock);
   free (export);
   export = NULL;
+  backend = NULL;
+  one_started = false;
 }

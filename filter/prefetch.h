@@ -13,11 +13,12 @@
 
 #include "qed.h"
 
-/* Copy the clusters [start, end) from next into the overlay (buf
- * holds end - start bytes), adding to *read and *holes the bytes read
- * from the plugin and those its extents call holes.  -1 if the plugin
- * failed: nothing was stored. */
-typedef int prefetch_fetch_fn (nbdkit_next *next, char *buf,
+/* Copy the clusters [start, end) from next into img (buf holds
+ * end - start bytes; opaque is prefetch_new's), adding to *read and
+ * *holes the bytes read from the plugin and those its extents call
+ * holes.  -1 if the plugin failed: nothing was stored. */
+typedef int prefetch_fetch_fn (nbdkit_next *next, struct qed_image *img,
+                               void *opaque, char *buf,
                                uint64_t start, uint64_t end,
                                uint64_t *read, uint64_t *holes);
 
@@ -35,8 +36,22 @@ extern int prefetch_note_backend (nbdkit_backend *backend,
 extern void prefetch_start (struct qed_image *img, prefetch_fetch_fn *fetch,
                             bool flush);
 
-/* At cleanup: stop the thread and close its context. */
+/* At cleanup: stop that thread and close its context. */
 extern void prefetch_stop (void);
+
+/* One more warming thread, for img (qed-overlay-dir without the
+ * shared cache: one per open overlay): NULL if it could not start
+ * (logged) or no context can be opened. */
+struct prefetch;
+extern struct prefetch *prefetch_new (struct qed_image *img,
+                                      prefetch_fetch_fn *fetch,
+                                      void *opaque, bool flush);
+
+/* Stop it (before img is closed) and free it.  NULL is fine. */
+extern void prefetch_free (struct prefetch *p);
+
+/* At unload, after every thread stopped. */
+extern void prefetch_unload (void);
 
 /* Guest requests (they go first): around every data request. */
 extern void prefetch_guest_begin (void);

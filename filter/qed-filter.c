@@ -89,7 +89,8 @@
  *   one overlay is, beneath the per-export ones: struct layers).
  *   qed-detach: detach_poll after each change, for the image that
  *   keeps the record (the scan and the mark are origin.c's, per
- *   struct origin: each per-export overlay detaches on its own).
+ *   struct origin: each per-export overlay detaches on its own; with
+ *   qed-shared-cache the shared cache does, as the one overlay).
  */
 
 #include <stdio.h>
@@ -338,15 +339,8 @@ qed_filter_config_complete (nbdkit_next_config_complete *next,
     return -1;
   }
   if (ovl_dir ()) {
-    /* Without the shared cache, nothing keeps an origin record. */
-    const char *no = overlay ? "qed-overlay"
-      : detach && sc_path () ? "qed-detach and qed-shared-cache"
-      : sc_path () ? NULL
-      : prefetch ? "qed-prefetch (it fills qed-shared-cache)"
-      : NULL;
-
-    if (no) {
-      nbdkit_error ("qed-overlay-dir: cannot be combined with %s", no);
+    if (overlay) {
+      nbdkit_error ("qed-overlay-dir: cannot be combined with qed-overlay");
       return -1;
     }
   }
@@ -515,11 +509,68 @@ qed_filter_after_fork (nbdkit_backend *backend)
   return glue_after_fork (fd, IDLE_CLEAN);
 }
 
+static prefetch_fetch_fn prefetch_fetch;
+
+/* qed-prefetch with qed-overlay-dir and no shared cache: a warming
+ * thread for each open overlay, started when it opens (once its
+ * origin guard passed), stopped before it closes. */
+struct dir_warm {
+  struct qed_image *img;
+  struct prefetch *p;
+  struct dir_warm *next;
+};
+static pthread_mutex_t dir_warm_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct dir_warm *dir_warms;
+
+static void
+dir_warm_start (struct qed_image *img, struct origin *org)
+{
+  struct dir_warm *w;
+
+  if (!prefetch || origin_is_detached (org))
+    return;
+  w = malloc (sizeof *w);
+  if (w == NULL) {
+    nbdkit_error ("malloc: %m");
+    return;
+  }
+  w->img = img;
+  w->p = prefetch_new (img, prefetch_fetch, org, true);
+  if (w->p == NULL) {
+    free (w);
+    return;
+  }
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&dir_warm_lock);
+  w->next = dir_warms;
+  dir_warms = w;
+}
+
+static void
+dir_warm_stop (struct qed_image *img)
+{
+  struct dir_warm **pp, *w = NULL;
+
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&dir_warm_lock);
+    for (pp = &dir_warms; *pp; pp = &(*pp)->next)
+      if ((*pp)->img == img) {
+        w = *pp;
+        *pp = w->next;
+        break;
+      }
+  }
+  if (w) {
+    prefetch_free (w->p);
+    free (w);
+  }
+}
+
 /* Close a per-export overlay (its last connection ended). */
 static void
 close_dir_overlay (struct qed_image *img, const char *path,
                    struct origin *org)
 {
+  dir_warm_stop (img);          /* it uses the overlay */
   if (qed_close (img) == -1)
     nbdkit_error ("qed-overlay-dir: closing %s failed", path);
   origin_free (org);
@@ -533,6 +584,7 @@ qed_filter_cleanup (nbdkit_backend *backend)
   prefetch_stop ();             /* it uses the overlay and the plugin */
   offline_stop ();
   ovl_close_all (close_dir_overlay);
+  prefetch_unload ();
   img = glue_cleanup ();
   free (export_name);
   export_name = NULL;
@@ -909,10 +961,11 @@ open_dir_overlay (const char *path, void *opaque, struct origin **org)
     *org = NULL;
     return NULL;
   }
+  /* Without the shared cache, qed-prefetch warms each overlay. */
+  if (sc_path () == NULL)
+    dir_warm_start (i, *org);
   return i;
 }
-
-static prefetch_fetch_fn prefetch_fetch;
 
 /* qed-detach: after a change to img (whose origin record is org),
  * detach it if it now holds every cluster. */
@@ -1360,12 +1413,14 @@ fetch_clusters (const struct fetch_ctx *f, char *wbuf,
 
 /* qed-prefetch's fetch: the same, through its own context. */
 static int
-prefetch_fetch (nbdkit_next *next, char *buf, uint64_t start, uint64_t end,
+prefetch_fetch (nbdkit_next *next, struct qed_image *img, void *opaque,
+                char *buf, uint64_t start, uint64_t end,
                 uint64_t *nread, uint64_t *nholes)
 {
-  return fetch_clusters_counted (next, glue_image (), one_origin, buf,
-                                 start, end,
-                                 nread, nholes);
+  /* opaque: a per-export overlay's origin record, or NULL for the one
+   * image's (one_origin). */
+  return fetch_clusters_counted (next, img, opaque ? opaque : one_origin,
+                                 buf, start, end, nread, nholes);
 }
 
 static int

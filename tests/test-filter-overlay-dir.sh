@@ -114,9 +114,7 @@ stop_nbdkit s
 # Bad combinations and directories.
 expect_fail "both" "cannot be combined with qed-overlay" \
   --filter="$FILTER" file base.raw qed-overlay-dir=ov qed-overlay=x.qed
-expect_fail "detach" "cannot be combined with qed-detach and qed-shared-cache" \
-  --filter="$FILTER" file base.raw qed-overlay-dir=ov qed-shared-cache=ov/sc.qed \
-  qed-detach=true
+# (qed-detach with qed-shared-cache is served: test-filter-shared-cache-detach.sh.)
 expect_fail "missing dir" "qed-overlay-dir: .*nodir" \
   --filter="$FILTER" file base.raw qed-overlay-dir=nodir
 expect_fail "not a dir" "is not a directory" \
