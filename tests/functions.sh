@@ -264,3 +264,12 @@ small_fs () {
   cleanup_fn "umount -l '$1'"
 }
 fill_fs () { dd if=/dev/zero of="$1/filler" bs=64k status=none 2>/dev/null || true; }
+# make_gapped_base: base.raw, 8 MiB of 3 MiB random data, a 2 MiB hole
+# (zero clusters from the plugin's extents) and 3 MiB random data, and
+# its copy orig.raw (the detach tests change base.raw later).
+make_gapped_base () {
+  head -c $((3 << 20)) /dev/urandom > base.raw
+  truncate -s $((5 << 20)) base.raw
+  head -c $((3 << 20)) /dev/urandom >> base.raw
+  cp base.raw orig.raw
+}

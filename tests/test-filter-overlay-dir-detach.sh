@@ -14,10 +14,7 @@ requires nbdsh --version
 cd "$tmp"
 
 M=$((1024*1024))
-head -c $((3*M)) /dev/urandom > base.raw
-truncate -s $((5*M)) base.raw
-head -c $((3*M)) /dev/urandom >> base.raw
-cp base.raw orig.raw
+make_gapped_base
 mkdir ov
 
 features () { od -An -tu8 -j16 -N8 "$1" | tr -d ' '; }
